@@ -1,0 +1,63 @@
+"""Pick the compute device once, the same way everywhere (CLI, widgets, training).
+
+`auto` prefers CUDA, then Apple MPS, then CPU. On CUDA we run half precision and channels-last;
+everything else in the code path is shared with the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn a user's choice into a usable `torch.device`, with a clear error when it is not there."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name not in DEVICE_CHOICES:
+        raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' requested but this torch has no CUDA GPU available "
+            f"(torch {torch.__version__}); use device='auto' or 'cpu', or install a CUDA build of torch"
+        )
+    if name == "mps" and not _mps_available():
+        raise ValueError(
+            "device 'mps' requested but Apple MPS is not available; use 'auto' or 'cpu'"
+        )
+    return torch.device(name)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (tensor cores), float32 elsewhere (CPU half is slow, MPS half is flaky)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def prepare_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a network to its device in eval mode, with the dtype/memory format of that device."""
+    module = module.to(device=device, dtype=inference_dtype(device)).eval()
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def describe(device: torch.device) -> str:
+    """Human-readable name for the UI and logs, e.g. 'cuda (NVIDIA A100)' or 'cpu (2 threads)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type

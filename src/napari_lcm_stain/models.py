@@ -1,0 +1,281 @@
+"""The compact networks: a VAE with a thin decoder, a conditional latent U-Net, and Pix2Pix.
+
+Design rules (measured on a 2-core CPU, see docs/architecture.md):
+- no normalisation that pools over space (GroupNorm/InstanceNorm/attention): a network whose output
+  at a pixel depends only on a local window gives identical results tiled or whole;
+- the full-resolution stage is nearly free: the decoder works at 1/4 resolution and reaches full
+  resolution through pixel shuffles;
+- the qOBM condition enters the latent U-Net by pixel-unshuffle (a free, lossless re-arrangement),
+  not through a second VAE encoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each pixel (tile-invariant, unlike GroupNorm)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block; optional FiLM from a time embedding."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int = 0):
+        super().__init__()
+        self.norm1 = ChannelNorm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = ChannelNorm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None and emb is not None:
+            scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+# --------------------------------------------------------------------------------------------- VAE
+
+
+class VAE(nn.Module):
+    """DAPI autoencoder with a 4x downsampling latent; the decoder is deliberately thin."""
+
+    def __init__(self, latent_channels: int = 4, enc_channels: int = 32, dec_channels: int = 32):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.factor = 4
+        c, d = enc_channels, dec_channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, c // 2, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c // 2, c, 3, stride=2, padding=1),
+            ResBlock(c, c),
+            nn.Conv2d(c, c, 3, stride=2, padding=1),
+            ResBlock(c, c),
+            ChannelNorm(c),
+            nn.SiLU(),
+            nn.Conv2d(c, 2 * latent_channels, 1),
+        )
+        self.decoder = Decoder(latent_channels, d)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True):
+        mean, logvar = self.encode(x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return self.decode(z), mean, logvar
+
+
+class Decoder(nn.Module):
+    """Latent (1/4 res) -> image. Work at 1/4 res, two pixel-shuffle steps to full resolution."""
+
+    def __init__(self, latent_channels: int = 4, channels: int = 32):
+        super().__init__()
+        c = channels
+        self.stem = nn.Conv2d(latent_channels, c, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(c, c), ResBlock(c, c))
+        self.up1 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * 16, 3, padding=1), nn.PixelShuffle(2))
+        self.mid_res = nn.Sequential(nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1), nn.SiLU())
+        self.up2 = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(z))
+        return self.up2(self.mid_res(self.up1(h)))
+
+
+# ------------------------------------------------------------------------------ conditional U-Net
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion timesteps (0..999)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class LatentUNet(nn.Module):
+    """Predicts v for the DAPI latent, conditioned on qOBM by pixel-unshuffle + concatenation."""
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        factor: int = 4,
+        channels: tuple[int, ...] = (24, 48, 96, 160),
+        emb_dim: int = 128,
+    ):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.factor = factor
+        self.channels = tuple(channels)
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(
+            nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.unshuffle = nn.PixelUnshuffle(factor)
+        self.stem = nn.Conv2d(latent_channels + factor * factor, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        for i, c in enumerate(channels):
+            self.down_blocks.append(ResBlock(channels[max(i - 1, 0)] if i else c, c, emb_dim))
+            if i < len(channels) - 1:
+                self.downsamples.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid = ResBlock(channels[-1], channels[-1], emb_dim)
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in range(len(channels) - 2, -1, -1):
+            self.upsamples.append(nn.Conv2d(channels[i + 1], channels[i], 3, padding=1))
+            self.up_blocks.append(ResBlock(2 * channels[i], channels[i], emb_dim))
+        self.out = nn.Sequential(
+            ChannelNorm(channels[0]),
+            nn.SiLU(),
+            nn.Conv2d(channels[0], latent_channels, 3, padding=1),
+        )
+
+    @property
+    def multiple(self) -> int:
+        """Pixel tile sides must be multiples of this."""
+        return self.factor * 2 ** (len(self.channels) - 1)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(z.shape[0])
+        emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(z.dtype))
+        h = self.stem(torch.cat([z, self.unshuffle(cond)], dim=1))
+        skips = []
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, emb)
+            if i < len(self.downsamples):
+                skips.append(h)
+                h = self.downsamples[i](h)
+        h = self.mid(h, emb)
+        for up, block in zip(self.upsamples, self.up_blocks):
+            h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+# -------------------------------------------------------------------------------------- Pix2Pix
+
+
+class Pix2PixGenerator(nn.Module):
+    """Isola et al. U-Net generator (4x4 stride-2 convs, skip connections), width-scaled.
+
+    BatchNorm is used in eval mode at inference, i.e. a fixed per-channel affine: tile-invariant.
+    """
+
+    def __init__(self, ngf: int = 16, depth: int = 6, max_mult: int = 8):
+        super().__init__()
+        self.depth = depth
+        chans = [min(ngf * 2**i, ngf * max_mult) for i in range(depth)]
+        self.chans = chans
+        self.downs = nn.ModuleList()
+        cin = 1
+        for i, c in enumerate(chans):
+            layers: list[nn.Module] = [] if i == 0 else [nn.LeakyReLU(0.2)]
+            layers.append(
+                nn.Conv2d(cin, c, 4, stride=2, padding=1, bias=(i == 0 or i == depth - 1))
+            )
+            if 0 < i < depth - 1:
+                layers.append(nn.BatchNorm2d(c))
+            self.downs.append(nn.Sequential(*layers))
+            cin = c
+        self.ups = nn.ModuleList()
+        for i in range(depth - 1, 0, -1):
+            cin_up = chans[i] if i == depth - 1 else 2 * chans[i]
+            self.ups.append(
+                nn.Sequential(
+                    nn.ReLU(),
+                    nn.ConvTranspose2d(cin_up, chans[i - 1], 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(chans[i - 1]),
+                )
+            )
+        self.final = nn.Sequential(
+            nn.ReLU(), nn.ConvTranspose2d(2 * chans[0], 1, 4, stride=2, padding=1)
+        )
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = x
+        for down in self.downs:
+            h = down(h)
+            skips.append(h)
+        skips.pop()
+        for up in self.ups:
+            h = torch.cat([up(h), skips.pop()], dim=1)
+        # tanh output mapped to the 0-1 DAPI range
+        return 0.5 * (torch.tanh(self.final(h)) + 1.0)
+
+
+class PatchDiscriminator(nn.Module):
+    """70x70 PatchGAN on (qOBM, DAPI) pairs, width-scaled."""
+
+    def __init__(self, ndf: int = 32):
+        super().__init__()
+        c = ndf
+        self.net = nn.Sequential(
+            nn.Conv2d(2, c, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(2 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(4 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 8 * c, 4, 1, 1, bias=False),
+            nn.BatchNorm2d(8 * c),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(8 * c, 1, 4, 1, 1),
+        )
+
+    def forward(self, qobm: torch.Tensor, dapi: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([qobm, dapi], dim=1))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+ARCHITECTURES = {"VAE": VAE, "LatentUNet": LatentUNet, "Pix2PixGenerator": Pix2PixGenerator}
+
+
+def build(arch: dict) -> nn.Module:
+    """Instantiate a network from the `{"class": ..., "kwargs": {...}}` stored in a checkpoint config."""
+    cls_name = arch.get("class")
+    if cls_name not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {cls_name!r} in checkpoint config; expected one of "
+            f"{sorted(ARCHITECTURES)} (was the checkpoint made by a newer napari-lcm-stain?)"
+        )
+    kwargs = dict(arch.get("kwargs", {}))
+    if "channels" in kwargs:
+        kwargs["channels"] = tuple(kwargs["channels"])
+    return ARCHITECTURES[cls_name](**kwargs)

@@ -1,0 +1,199 @@
+"""Turning trained networks into predictors: teacher DDIM, LCM 1-4 steps, Pix2Pix.
+
+All scheduler math (noise schedule, DDIM updates, LCM boundary scalings, timestep grids) comes from
+diffusers, built from ONE scheduler config stored in the checkpoint. We only choose the noise: the
+engine draws it once per image canvas so overlapping tiles agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+
+from . import checkpoints as ckpt
+from .device import inference_dtype, prepare_module, resolve_device
+from .models import build
+
+# v-prediction with zero-terminal-SNR betas and trailing spacing: epsilon-prediction with SD's
+# betas failed in a CPU-budget feasibility run (see docs/model-card.md).
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+DEFAULT_STEPS = {"lcm": 1, "teacher": 50, "pix2pix": 1}
+MAX_LCM_STEPS = 8
+
+
+def train_scheduler(config: dict | None = None) -> DDPMScheduler:
+    return DDPMScheduler.from_config(config or SCHEDULER_CONFIG)
+
+
+def lcm_scheduler(config: dict | None = None) -> LCMScheduler:
+    return LCMScheduler.from_config(config or SCHEDULER_CONFIG)
+
+
+def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
+    return DDIMScheduler.from_config(config or SCHEDULER_CONFIG)
+
+
+class Predictor:
+    """What the tiling engine calls: normalised qOBM tile(s) in, DAPI in 0-1 out.
+
+    See docs/architecture.md for the contract (multiple, pixel_size, noise_shape, normalize, call).
+    """
+
+    name = "model"
+    multiple = 1
+    latent_factor = 1
+    noise_channels = 0
+    n_noise = 0
+
+    def __init__(self, config: dict, device: torch.device):
+        self.config = config
+        self.device = device
+        self.dtype = inference_dtype(device)
+        norm = config.get("normalization", {})
+        self.in_mean = float(norm.get("qobm_mean", 0.0))
+        self.in_std = float(norm.get("qobm_std", 1.0))
+        self.pixel_size = float(config.get("pixel_size", 0.414))
+        self.receptive_field = int(config.get("receptive_field", 64))
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """The training normalisation of the phase image (stored in the checkpoint)."""
+        y = (np.asarray(x, dtype=np.float32) - self.in_mean) / self.in_std
+        return np.clip(y, -10.0, 10.0, out=y)
+
+    def noise_shape(self, h: int, w: int) -> tuple[int, ...] | None:
+        if not self.n_noise:
+            return None
+        f = self.latent_factor
+        return (self.n_noise, self.noise_channels, h // f, w // f)
+
+    def __call__(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            x = x.to(self.device, self.dtype)
+            if noise is not None:
+                noise = noise.to(self.device, self.dtype)
+            y = self._forward(x, noise)
+            return y.float().clamp_(0.0, 1.0).cpu()
+
+    def _forward(self, x, noise):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LatentPredictor(Predictor):
+    """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps)."""
+
+    def __init__(self, unet, decoder, config: dict, device, mode: str, steps: int):
+        super().__init__(config, device)
+        self.unet = prepare_module(unet, device)
+        self.decoder = prepare_module(decoder, device)
+        self.mode = mode
+        self.steps = int(steps)
+        self.latent_scale = float(config["latent_scale"])
+        self.latent_factor = unet.factor
+        self.noise_channels = unet.latent_channels
+        self.multiple = unet.multiple
+        sched_cfg = config.get("scheduler", SCHEDULER_CONFIG)
+        if mode == "lcm":
+            self.scheduler = lcm_scheduler(sched_cfg)
+            self.n_noise = self.steps
+        else:
+            self.scheduler = ddim_scheduler(sched_cfg)
+            self.n_noise = 1
+        self.scheduler.set_timesteps(self.steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.name = f"LCM-{self.steps}" if mode == "lcm" else f"teacher DDIM-{self.steps}"
+
+    def _forward(self, x, noise):
+        if noise is None:
+            raise ValueError("latent models need a noise tensor (the engine draws it per canvas)")
+        sched = self.scheduler
+        sched.set_timesteps(self.steps)
+        z = noise[:, 0]
+        for i, t in enumerate(self.timesteps):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            v = self.unet(z, tt, x)
+            if self.mode == "lcm":
+                denoised = sched.step(v, t, z).denoised
+                if i + 1 < len(self.timesteps):
+                    nxt = torch.tensor([self.timesteps[i + 1]])
+                    z = sched.add_noise(denoised, noise[:, i + 1], nxt)
+                else:
+                    z = denoised
+            else:
+                out = sched.step(v, t, z, eta=0.0)
+                last = i + 1 == len(self.timesteps)
+                z = out.pred_original_sample if last else out.prev_sample
+        return self.decoder(z / self.latent_scale)
+
+
+class PixelPredictor(Predictor):
+    """Pix2Pix generator: one pass at full resolution, no noise."""
+
+    name = "Pix2Pix"
+
+    def __init__(self, generator, config: dict, device):
+        super().__init__(config, device)
+        self.generator = prepare_module(generator, device)
+        self.multiple = generator.multiple
+
+    def _forward(self, x, noise):
+        return self.generator(x)
+
+
+def predictor_from_checkpoint(
+    checkpoint: ckpt.Checkpoint, steps: int | None = None, device="auto", mode: str | None = None
+) -> Predictor:
+    """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix')."""
+    dev = resolve_device(device)
+    cfg = checkpoint.config
+    kind = mode or cfg.get("kind")
+    if kind == "pix2pix":
+        gen = build(cfg["architecture"]["generator"])
+        ckpt.load_into(gen, checkpoint.sub("generator"), "Pix2Pix generator")
+        return PixelPredictor(gen, cfg, dev)
+    if kind in ("lcm", "teacher"):
+        unet = build(cfg["architecture"]["unet"])
+        vae = build(cfg["architecture"]["vae"])
+        ckpt.load_into(unet, checkpoint.sub("unet"), "latent U-Net")
+        ckpt.load_into(vae.decoder, checkpoint.sub("decoder"), "VAE decoder")
+        n = steps or DEFAULT_STEPS[kind]
+        if kind == "lcm" and not 1 <= n <= MAX_LCM_STEPS:
+            raise ValueError(f"LCM steps must be 1-{MAX_LCM_STEPS} (1 is the default), got {n}")
+        if kind == "teacher" and not 1 <= n <= 1000:
+            raise ValueError(f"teacher DDIM steps must be 1-1000, got {n}")
+        return LatentPredictor(unet, vae.decoder, cfg, dev, "lcm" if kind == "lcm" else "ddim", n)
+    raise ckpt.CheckpointError(
+        f"checkpoint kind {kind!r} is not a stain model (expected 'lcm', 'teacher' or 'pix2pix')"
+    )
+
+
+def load_predictor(model="lcm", steps: int | None = None, device="auto") -> Predictor:
+    """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, str) and model.lower() in ckpt.PACKAGED:
+        return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device)
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix != ".safetensors" and not path.exists():
+            raise ValueError(
+                f"unknown model {str(model)!r}: use 'lcm', 'pix2pix', 'teacher' or a path to a "
+                ".safetensors checkpoint"
+            )
+        return predictor_from_checkpoint(ckpt.load_checkpoint(path), steps, device)
+    raise TypeError(
+        f"model must be a name, a checkpoint path or a Predictor, not {type(model).__name__}"
+    )

@@ -1,0 +1,553 @@
+"""Training: VAE -> conditional latent teacher (v-prediction) -> LCM distillation -> Pix2Pix.
+
+Every stage is reproducible from a seed, saves a checkpoint when done (so a rerun resumes at the
+next stage), and logs losses to `<out>/<stage>_loss.csv` and progress to `<out>/train.log`.
+Fine-tuning (`iter_finetune`) adapts the 1-step model to a user's paired images without a teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints as ckpt
+from ._version import __version__
+from .device import resolve_device
+from .models import VAE, LatentUNet, PatchDiscriminator, Pix2PixGenerator, count_parameters
+from .sampling import SCHEDULER_CONFIG, lcm_scheduler, train_scheduler
+
+STAGES = ("vae", "teacher", "lcm", "pix2pix")
+
+
+@dataclass
+class TrainPreset:
+    """Everything that defines a training run (stored in every checkpoint's provenance)."""
+
+    name: str
+    data_presets: tuple[str, ...] = ("brain-20x", "tumour-dense-20x")
+    n_fields: int = 96
+    field_size: int = 256
+    crop: int = 128
+    batch: int = 12
+    vae_steps: int = 1500
+    teacher_steps: int = 3000
+    lcm_steps: int = 1200
+    pix2pix_steps: int = 2400
+    lr: float = 5e-4
+    anchor_weight: float = 1.0
+    ema_teacher: float = 0.999
+    ema_target: float = 0.95
+    huber_c: float = 1e-3
+    unet_channels: tuple[int, ...] = (24, 48, 96, 160)
+    vae_channels: int = 32
+    pix2pix_ngf: int = 16
+    pix2pix_depth: int = 6
+    latent_channels: int = 4
+    threads: int = 2
+    log_every: int = 50
+    data_seed_offset: int = 0
+
+
+PRESETS = {
+    "default": TrainPreset(name="default"),
+    "tiny": TrainPreset(
+        name="tiny",
+        n_fields=4,
+        field_size=64,
+        crop=64,
+        batch=4,
+        vae_steps=30,
+        teacher_steps=30,
+        lcm_steps=20,
+        pix2pix_steps=20,
+        unet_channels=(8, 16, 16, 16),
+        vae_channels=8,
+        pix2pix_ngf=8,
+        log_every=10,
+    ),
+}
+
+
+def get_train_preset(name: str) -> TrainPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairedData:
+    """Full training fields in memory: normalised qOBM, DAPI (0-1), and optional latents."""
+
+    qobm: np.ndarray  # (N, H, W) float32, normalised
+    dapi: np.ndarray  # (N, H, W) float32
+    pixel_size: float
+    qobm_mean: float
+    qobm_std: float
+    latents: np.ndarray | None = None  # (N, C, H/4, W/4), scaled
+
+    def batch(self, rng: np.random.Generator, n: int, crop: int, factor: int = 4):
+        """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and latents."""
+        N, H, W = self.qobm.shape
+        crop = min(crop, H - H % factor, W - W % factor)
+        q, d, z = [], [], []
+        for _ in range(n):
+            i = rng.integers(N)
+            y = rng.integers(0, (H - crop) // factor + 1) * factor
+            x = rng.integers(0, (W - crop) // factor + 1) * factor
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+
+            def aug(a, k=k, flip=flip):
+                a = np.rot90(a, k, axes=(-2, -1))
+                return np.ascontiguousarray(a[..., ::-1] if flip else a)
+
+            q.append(aug(self.qobm[i, y : y + crop, x : x + crop]))
+            d.append(aug(self.dapi[i, y : y + crop, x : x + crop]))
+            if self.latents is not None:
+                f = factor
+                z.append(
+                    aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
+                )
+        qt = torch.from_numpy(np.stack(q))[:, None]
+        dt = torch.from_numpy(np.stack(d))[:, None]
+        zt = torch.from_numpy(np.stack(z)) if z else None
+        return qt, dt, zt
+
+
+def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
+    """Simulate the training fields (seeded; disjoint from the evaluation benchmark's seeds)."""
+    from .simulate import simulate_pair
+
+    qs, ds, px = [], [], []
+    for i in range(preset.n_fields):
+        name = preset.data_presets[i % len(preset.data_presets)]
+        s = simulate_pair(name, size=preset.field_size, seed=seed * 100_000 + i)
+        qs.append(s.qobm.astype(np.float32))
+        ds.append(s.dapi.astype(np.float32))
+        px.append(s.pixel_size)
+    q = np.stack(qs)
+    mean, std = float(q.mean()), float(q.std() + 1e-6)
+    return PairedData(
+        qobm=np.clip((q - mean) / std, -10, 10).astype(np.float32),
+        dapi=np.stack(ds),
+        pixel_size=float(np.median(px)),
+        qobm_mean=mean,
+        qobm_std=std,
+    )
+
+
+# ---------------------------------------------------------------------------------- utilities
+
+
+class Logger:
+    def __init__(self, out: Path, stage: str, quiet: bool = False):
+        self.out, self.stage, self.quiet = out, stage, quiet
+        self.csv = out / f"{stage}_loss.csv"
+        self.csv.write_text("step,loss,seconds\n")
+        self.t0 = time.time()
+
+    def log(self, step: int, total: int, loss: float) -> None:
+        dt = time.time() - self.t0
+        with open(self.csv, "a") as f:
+            f.write(f"{step},{loss:.6g},{dt:.1f}\n")
+        msg = f"[{self.stage}] step {step}/{total} loss {loss:.5f} ({dt:.0f}s)"
+        with open(self.out / "train.log", "a") as f:
+            f.write(msg + "\n")
+        if not self.quiet:
+            print(msg, flush=True)
+
+
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pt, ps in zip(target.parameters(), source.parameters()):
+            pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
+
+
+def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 50):
+    f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1)))
+    for g in opt.param_groups:
+        g["lr"] = base * max(f, 0.02)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def arch(module_cls, **kwargs) -> dict:
+    return {"class": module_cls.__name__, "kwargs": kwargs}
+
+
+def x0_from_v(sched, z_t, v, t):
+    a = sched.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z_t - (1 - a).sqrt() * v
+
+
+def eps_from_v(sched, z_t, v, t):
+    a = sched.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1)
+    return (1 - a).sqrt() * z_t + a.sqrt() * v
+
+
+# -------------------------------------------------------------------------------------- stages
+
+
+def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False) -> VAE:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    vae = VAE(p.latent_channels, p.vae_channels, p.vae_channels)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    log = Logger(out, "vae", quiet)
+    for step in range(p.vae_steps):
+        cosine_lr(opt, 1e-3, step, p.vae_steps)
+        _, d, _ = data.batch(rng, p.batch, p.crop)
+        rec, mean, logvar = vae(d)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        # L1 keeps edges sharp; the gradient term keeps chromatin texture; tiny KL keeps z smooth.
+        gx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
+        gy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+        loss = (
+            F.l1_loss(rec, d)
+            + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
+            + 1e-5 * kl
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % p.log_every == 0 or step == p.vae_steps - 1:
+            log.log(step, p.vae_steps, loss.item())
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, dapi: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(dapi), 8):
+        mean, _ = vae.encode(torch.from_numpy(dapi[i : i + 8])[:, None])
+        out.append(mean.numpy())
+    return np.concatenate(out)
+
+
+def make_unet(p: TrainPreset) -> LatentUNet:
+    return LatentUNet(p.latent_channels, 4, p.unet_channels)
+
+
+def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
+    torch.manual_seed(seed + 2)
+    rng = np.random.default_rng(seed + 3)
+    sched = train_scheduler()
+    unet = make_unet(p)
+    ema = copy.deepcopy(unet).eval()
+    opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=1e-4)
+    log = Logger(out, "teacher", quiet)
+    for step in range(p.teacher_steps):
+        cosine_lr(opt, p.lr, step, p.teacher_steps)
+        q, _, z0 = data.batch(rng, p.batch, p.crop)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, 1000, (z0.shape[0],))
+        z_t = sched.add_noise(z0, noise, t)
+        target = sched.get_velocity(z0, noise, t)
+        loss = F.mse_loss(unet(z_t, t, q), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, unet, p.ema_teacher if step > 200 else 0.0)
+        if step % p.log_every == 0 or step == p.teacher_steps - 1:
+            log.log(step, p.teacher_steps, float(loss))
+    return ema
+
+
+def lcm_solver_grid(num_train: int = 1000, n: int = 50) -> tuple[np.ndarray, int]:
+    """The skipping-step DDIM grid [k-1, 2k-1, …, 999] and skip k (Luo et al.; diffusers example)."""
+    k = num_train // n
+    return np.arange(1, n + 1) * k - 1, k
+
+
+def distill_lcm(
+    data: PairedData,
+    teacher,
+    p: TrainPreset,
+    seed: int,
+    out: Path,
+    quiet=False,
+    anchor_weight: float | None = None,
+):
+    """Latent consistency distillation with a skipping-step DDIM solver and an EMA target.
+
+    `anchor_weight` adds an L1 term pulling the student's one-step estimate to the true latent
+    (possible because our data are paired); 0 gives plain LCD.
+    """
+    anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
+    torch.manual_seed(seed + 4)
+    rng = np.random.default_rng(seed + 5)
+    sched = train_scheduler()
+    lcm = lcm_scheduler()
+    grid, k = lcm_solver_grid()
+    teacher = teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    target = copy.deepcopy(teacher).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
+    log = Logger(out, "lcm", quiet)
+    c = p.huber_c
+
+    def consistency(net, z, t, q):
+        c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+        x0 = x0_from_v(sched, z, net(z, t, q), t)
+        return c_skip.view(-1, 1, 1, 1) * z + c_out.view(-1, 1, 1, 1) * x0
+
+    for step in range(p.lcm_steps):
+        cosine_lr(opt, p.lr * 0.2, step, p.lcm_steps, warmup=20)
+        q, _, z0 = data.batch(rng, p.batch, p.crop)
+        idx = rng.integers(0, len(grid), size=z0.shape[0])
+        start_t = torch.from_numpy(grid[idx]).long()
+        t = torch.clamp(start_t - k, min=0)
+        noise = torch.randn_like(z0)
+        z_start = sched.add_noise(z0, noise, start_t)
+        pred = consistency(student, z_start, start_t, q)
+        with torch.no_grad():
+            v = teacher(z_start, start_t, q)
+            x0_t = x0_from_v(sched, z_start, v, start_t)
+            eps_t = eps_from_v(sched, z_start, v, start_t)
+            a_prev = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            z_prev = a_prev.sqrt() * x0_t + (1 - a_prev).sqrt() * eps_t
+            tgt = consistency(target, z_prev, t, q)
+        loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
+        if anchor_weight:
+            loss = loss + anchor_weight * F.l1_loss(pred, z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema_update(target, student, p.ema_target)
+        if step % p.log_every == 0 or step == p.lcm_steps - 1:
+            log.log(step, p.lcm_steps, float(loss))
+    return target
+
+
+def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
+    torch.manual_seed(seed + 6)
+    rng = np.random.default_rng(seed + 7)
+    gen = Pix2PixGenerator(p.pix2pix_ngf, p.pix2pix_depth)
+    disc = PatchDiscriminator(2 * p.pix2pix_ngf)
+    og = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    od = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    bce = torch.nn.BCEWithLogitsLoss()
+    log = Logger(out, "pix2pix", quiet)
+    crop = max(gen.multiple, p.crop - p.crop % gen.multiple)
+    for step in range(p.pix2pix_steps):
+        q, d, _ = data.batch(rng, p.batch, crop)
+        fake = gen(q)
+        real_logit, fake_logit = disc(q, d), disc(q, fake.detach())
+        loss_d = 0.5 * (
+            bce(real_logit, torch.ones_like(real_logit))
+            + bce(fake_logit, torch.zeros_like(fake_logit))
+        )
+        od.zero_grad(set_to_none=True)
+        loss_d.backward()
+        od.step()
+        g_logit = disc(q, fake)
+        loss_g = bce(g_logit, torch.ones_like(g_logit)) + 100.0 * F.l1_loss(fake, d)
+        og.zero_grad(set_to_none=True)
+        loss_g.backward()
+        og.step()
+        if step % p.log_every == 0 or step == p.pix2pix_steps - 1:
+            log.log(step, p.pix2pix_steps, float(loss_g))
+    return gen.eval()
+
+
+# ------------------------------------------------------------------------------------- recipe
+
+
+def _base_config(p: TrainPreset, data: PairedData, seed: int, kind: str) -> dict:
+    return {
+        "kind": kind,
+        "normalization": {
+            "type": "fixed",
+            "qobm_mean": data.qobm_mean,
+            "qobm_std": data.qobm_std,
+            "clip": 10.0,
+            "output": "DAPI 0-1",
+        },
+        "pixel_size": data.pixel_size,
+        "version": __version__,
+        "provenance": {
+            "commit": git_commit(),
+            "preset": asdict(p),
+            "seed": seed,
+            "data_presets": list(p.data_presets),
+            "command": f"lcm-stain train --preset {p.name} --seed {seed}",
+        },
+    }
+
+
+def _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings) -> dict:
+    cfg = _base_config(p, data, seed, kind)
+    cfg.update(
+        architecture={
+            "unet": arch(
+                LatentUNet,
+                latent_channels=p.latent_channels,
+                factor=4,
+                channels=list(p.unet_channels),
+            ),
+            "vae": arch(
+                VAE,
+                latent_channels=p.latent_channels,
+                enc_channels=p.vae_channels,
+                dec_channels=p.vae_channels,
+            ),
+        },
+        scheduler=dict(SCHEDULER_CONFIG),
+        latent_scale=latent_scale,
+        multiple=unet.multiple,
+        receptive_field=64,
+        parameters={
+            "unet": count_parameters(unet),
+            "decoder": count_parameters(vae.decoder),
+            "encoder": count_parameters(vae.encoder),
+        },
+    )
+    cfg["provenance"]["stage_seconds"] = timings
+    return cfg
+
+
+def run_recipe(
+    preset="default",
+    out=Path("runs/default"),
+    seed=0,
+    stages=None,
+    resume=True,
+    device="auto",
+    package=False,
+    quiet=False,
+) -> dict[str, Path]:
+    """Run VAE -> teacher -> LCM -> Pix2Pix into `out`, skipping stages already saved (resume)."""
+    p = get_train_preset(preset) if isinstance(preset, str) else preset
+    stages = list(stages or STAGES)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        print(f"note: training runs on the CPU path in this version (requested {dev})")
+    torch.set_num_threads(p.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if (resume and timings_file.exists()) else {}
+
+    def done(name):
+        return resume and (out / f"{name}.safetensors").exists()
+
+    def save_timing(name, t0):
+        timings[name] = round(time.time() - t0, 1)
+        ckpt.atomic_write_bytes(timings_file, json.dumps(timings, indent=2).encode())
+
+    t0 = time.time()
+    data = make_training_data(p, seed)
+    save_timing("data", t0)
+    paths = {}
+
+    if "vae" in stages and not done("vae"):
+        t0 = time.time()
+        vae = train_vae(data, p, seed, out, quiet)
+        save_timing("vae", t0)
+        ckpt.save_checkpoint(
+            out / "vae.safetensors",
+            {"vae": vae},
+            {
+                **_base_config(p, data, seed, "vae"),
+                "architecture": {
+                    "vae": arch(
+                        VAE,
+                        latent_channels=p.latent_channels,
+                        enc_channels=p.vae_channels,
+                        dec_channels=p.vae_channels,
+                    )
+                },
+            },
+        )
+    vae = VAE(p.latent_channels, p.vae_channels, p.vae_channels)
+    ckpt.load_into(vae, ckpt.load_checkpoint(out / "vae.safetensors").sub("vae"), "VAE")
+    vae.eval()
+    raw = encode_latents(vae, data.dapi)
+    latent_scale = float(1.0 / (raw.std() + 1e-6))
+    data.latents = (raw * latent_scale).astype(np.float32)
+
+    def latent_ckpt(name, unet, kind):
+        cfg = _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings)
+        return ckpt.save_checkpoint(
+            out / f"{name}.safetensors",
+            {"unet": unet, "decoder": vae.decoder, "encoder": vae.encoder},
+            cfg,
+        )
+
+    if "teacher" in stages and not done("teacher"):
+        t0 = time.time()
+        teacher = train_teacher(data, p, seed, out, quiet)
+        save_timing("teacher", t0)
+        latent_ckpt("teacher", teacher, "teacher")
+    paths["teacher"] = out / "teacher.safetensors"
+
+    if "lcm" in stages and not done("lcm"):
+        teacher = make_unet(p)
+        ckpt.load_into(
+            teacher, ckpt.load_checkpoint(out / "teacher.safetensors").sub("unet"), "teacher"
+        )
+        t0 = time.time()
+        student = distill_lcm(data, teacher, p, seed, out, quiet)
+        save_timing("lcm", t0)
+        latent_ckpt("lcm", student, "lcm")
+    paths["lcm"] = out / "lcm.safetensors"
+
+    if "pix2pix" in stages and not done("pix2pix"):
+        t0 = time.time()
+        gen = train_pix2pix(data, p, seed, out, quiet)
+        save_timing("pix2pix", t0)
+        cfg = _base_config(p, data, seed, "pix2pix")
+        cfg.update(
+            architecture={
+                "generator": arch(Pix2PixGenerator, ngf=p.pix2pix_ngf, depth=p.pix2pix_depth)
+            },
+            multiple=gen.multiple,
+            receptive_field=64,
+            parameters={"generator": count_parameters(gen)},
+        )
+        cfg["provenance"]["stage_seconds"] = timings
+        ckpt.save_checkpoint(out / "pix2pix.safetensors", {"generator": gen}, cfg)
+    paths["pix2pix"] = out / "pix2pix.safetensors"
+
+    if package:
+        package_weights(out)
+    return paths
+
+
+def package_weights(run_dir: Path) -> None:
+    """Copy a finished run's stain models into the package and record their hashes."""
+    ckpt.WEIGHTS_DIR.mkdir(exist_ok=True)
+    for name in ("lcm", "teacher", "pix2pix"):
+        for ext in (".safetensors", ".json"):
+            src = Path(run_dir) / f"{name}{ext}"
+            if not src.exists():
+                raise FileNotFoundError(f"{src} missing: run all training stages before --package")
+            ckpt.atomic_write_bytes(ckpt.WEIGHTS_DIR / f"{name}{ext}", src.read_bytes())
+    ckpt.record_packaged_hashes()
