@@ -1,0 +1,383 @@
+"""`stain()` / `iter_stain()`: validate any array a lab has, then stain it plane by plane, tile by tile.
+
+Every user path (napari widget, CLI, Python) goes through `iter_stain`, so input checks, pixel-size
+handling, seeding and the uncertainty estimate behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import tiling
+from ._version import __version__
+
+#: Relative pixel-size mismatch below which we do not rescale (1 %).
+PIXEL_SIZE_TOLERANCE = 0.01
+MAX_NDIM = 5
+
+
+@dataclass
+class StainResult:
+    """What `iter_stain` returns: mean stain, per-pixel std (samples > 1) and provenance."""
+
+    mean: np.ndarray
+    std: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _is_lazy(a) -> bool:
+    """dask / zarr / other array-likes that we index plane by plane instead of loading."""
+    return (
+        not isinstance(a, np.ndarray)
+        and hasattr(a, "shape")
+        and hasattr(a, "dtype")
+        and hasattr(a, "__getitem__")
+    )
+
+
+def validate_image(image):
+    """Return an indexable array with a usable dtype and shape, or raise ValueError/TypeError."""
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"stain() needs an image array, got {type(image).__name__} {image!r}: read files with "
+            "napari_lcm_stain.io.read_image(path) or use `lcm-stain stain FILE -o OUT`"
+        )
+    if image is None:
+        raise TypeError("stain() needs an image array, got None")
+    arr = image if _is_lazy(image) else np.asarray(image)
+    try:
+        dtype = np.dtype(arr.dtype)
+    except TypeError as e:
+        raise TypeError(f"unsupported array dtype {arr.dtype!r}: pass a numeric array") from e
+    if dtype.kind == "c":
+        raise TypeError(
+            f"complex input ({dtype}) is not a phase image: pass np.angle(field) or the real phase"
+        )
+    if dtype.kind not in "biuf":
+        raise TypeError(
+            f"image dtype {dtype} is not numeric: pass a bool, integer or float array "
+            "(e.g. arr.astype(np.float32))"
+        )
+    shape = tuple(int(s) for s in arr.shape)
+    if len(shape) == 0:
+        raise ValueError("image is a scalar: pass a 2-D (Y, X) array or a stack (..., Y, X)")
+    if len(shape) == 1:
+        raise ValueError(f"image is 1-D {shape}: reshape it to 2-D, e.g. arr[None, :] for one row")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(
+            f"image has {len(shape)} dimensions {shape}: at most {MAX_NDIM} (T, Z, C, Y, X) are "
+            "supported; squeeze or split the extra axes"
+        )
+    if 0 in shape:
+        raise ValueError(f"image is empty (shape {shape}): nothing to stain")
+    if len(shape) == 3 and shape[-1] in (3, 4):
+        raise ValueError(
+            f"image of shape {shape} looks like RGB/RGBA (last axis {shape[-1]}): qOBM phase is "
+            "one channel; convert it first (e.g. skimage.color.rgb2gray(img) or img[..., 0])"
+        )
+    return arr
+
+
+def _check_params(tile, overlap, samples, seed, pixel_size, steps):
+    for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0), ("samples", samples, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
+    ):
+        raise ValueError(f"steps must be a positive integer or None (model default), got {steps!r}")
+    if pixel_size is not None:
+        try:
+            ps = float(pixel_size)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"pixel_size must be a number (µm/px) or None, got {pixel_size!r}"
+            ) from e
+        if not math.isfinite(ps) or ps <= 0:
+            raise ValueError(f"pixel_size must be a positive number of µm/px, got {pixel_size!r}")
+        return ps
+    return None
+
+
+def _is_predictor(obj) -> bool:
+    return callable(obj) and all(hasattr(obj, a) for a in ("multiple", "noise_shape", "normalize"))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_packaged(name: str, steps, device: str):
+    from .sampling import load_predictor
+
+    return load_predictor(name, steps=steps, device=device)
+
+
+def get_predictor(model="lcm", steps=None, device="auto"):
+    """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a path."""
+    if _is_predictor(model):
+        return model
+    if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
+        return _cached_packaged(model.lower(), steps, str(device))
+    if isinstance(model, (str, os.PathLike)):
+        from .sampling import load_predictor
+
+        return load_predictor(model, steps=steps, device=device)
+    raise TypeError(
+        f"model must be 'lcm', 'pix2pix', 'teacher', a checkpoint path or a loaded Predictor, "
+        f"not {type(model).__name__}"
+    )
+
+
+def _fix_nonfinite(plane: np.ndarray, where: str, notes: list[str]) -> np.ndarray:
+    """Replace NaN/Inf by the plane's finite median (in our own copy); all-NaN is an error."""
+    if plane.dtype.kind != "f":
+        return plane
+    finite = np.isfinite(plane)
+    if finite.all():
+        return plane
+    if not finite.any():
+        raise ValueError(
+            f"{where} has no finite pixels (all NaN/Inf): nothing to stain; drop or mask that plane"
+        )
+    med = float(np.median(plane[finite]))
+    n_bad = int(plane.size - np.count_nonzero(finite))
+    plane = plane.copy()
+    plane[~finite] = med
+    msg = f"{where}: replaced {n_bad} NaN/Inf pixels by the plane's finite median {med:.4g}"
+    notes.append(msg)
+    warnings.warn(msg, stacklevel=3)
+    return plane
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with anti-aliasing when shrinking (skimage), kept float32."""
+    from skimage.transform import resize
+
+    if tuple(a.shape) == tuple(shape):
+        return a
+    shrink = shape[0] < a.shape[0] or shape[1] < a.shape[1]
+    return resize(
+        a, shape, order=1, mode="reflect", anti_aliasing=shrink, preserve_range=True
+    ).astype(np.float32, copy=False)
+
+
+def _scheduler_context(scheduler):
+    """(compute function, closer) for a dask scheduler name, address or distributed Client."""
+    if scheduler in ("threads", "sync", "synchronous", "processes", "single-threaded"):
+        return (lambda arr: arr.compute(scheduler=scheduler)), (lambda: None)
+    try:
+        from distributed import Client
+    except ImportError as e:  # pragma: no cover - distributed is in the test/all extras
+        raise ValueError(
+            "--scheduler needs dask.distributed: pip install 'napari-lcm-stain[all]'"
+        ) from e
+    if isinstance(scheduler, Client):
+        return (lambda arr: scheduler.compute(arr).result()), (lambda: None)
+    if not isinstance(scheduler, str):
+        raise TypeError(
+            f"scheduler must be an address string or a distributed.Client, not {scheduler!r}"
+        )
+    try:
+        client = Client(scheduler, timeout="20s")
+    except OSError as e:
+        raise ValueError(f"cannot reach dask scheduler at {scheduler!r}: {e}") from e
+    return (lambda arr: client.compute(arr).result()), client.close
+
+
+def iter_stain(
+    image,
+    model="lcm",
+    steps: int | None = None,
+    tile: int = 512,
+    overlap: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    pixel_size: float | None = None,
+    samples: int = 1,
+    *,
+    batch: int = 2,
+    out=None,
+    out_std=None,
+    scheduler=None,
+    loader: Callable[[], object] | None = None,
+) -> Iterator[tuple[int, int]]:
+    """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
+
+    `image`: numpy, dask or zarr, 2-D (Y, X) or up to 5-D with leading plane axes (never modified).
+    `model`: 'lcm' | 'pix2pix' | 'teacher' | checkpoint path | loaded Predictor (reused as is).
+    `steps`: sampling steps; None = the model's default (LCM 1, teacher 50).
+    `pixel_size`: input µm/px; if it differs from the model's training pixel size by > 1 %, each
+    plane is resized to the training pixel size, stained, and resized back.
+    `samples`: K > 1 draws K noise canvases (seeds seed..seed+K-1) -> mean and per-pixel std.
+    `out` / `out_std`: optional pre-allocated outputs with the input's shape (tifffile memmap,
+    zarr) that planes are written into as they finish, so big stacks never sit in memory twice.
+    `scheduler`: dask scheduler name, address or Client: each plane runs as a dask graph;
+    `loader` (picklable, zero-arg) lets workers build the predictor instead of receiving it.
+    """
+    t_start = time.perf_counter()
+    arr = validate_image(image)
+    px = _check_params(tile, overlap, samples, seed, pixel_size, steps)
+    pred = get_predictor(model, steps, device)
+    shape = tuple(int(s) for s in arr.shape)
+    lead, (h, w) = shape[:-2], shape[-2:]
+    n_planes = int(np.prod(lead)) if lead else 1
+    notes: list[str] = []
+
+    model_px = getattr(pred, "pixel_size", None)
+    scale = 1.0
+    if px is not None and model_px:
+        scale = px / float(model_px)
+        if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
+            scale = 1.0
+    work = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
+    if scale != 1.0:
+        notes.append(
+            f"rescaled {h}x{w} px at {px:g} µm/px to {work[0]}x{work[1]} px at the model's "
+            f"{float(model_px):g} µm/px, stained, and rescaled back"
+        )
+    elif px is None:
+        notes.append("pixel size unknown: assumed to match the model's training pixel size")
+
+    grid = tiling.make_grid(work, pred.multiple, tile, overlap)
+    stochastic = pred.noise_shape(*grid.padded) is not None
+    k_eff = samples if stochastic else 1
+    if samples > 1 and not stochastic:
+        notes.append(f"{pred.name} is deterministic: {samples} samples would be identical, std = 0")
+    total = n_planes * k_eff * grid.n_tiles
+
+    mean_out = out if out is not None else np.empty(shape, np.float32)
+    std_out = None
+    if samples > 1:
+        std_out = out_std if out_std is not None else np.empty(shape, np.float32)
+    for name, o in (("out", mean_out), ("out_std", std_out)):
+        if o is not None and tuple(o.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(o.shape)}, expected the input's {shape}")
+
+    if scheduler is not None:
+        compute, close = _scheduler_context(scheduler)
+        if loader is None and isinstance(model, (str, os.PathLike)):
+            from .sampling import load_predictor
+
+            loader = functools.partial(load_predictor, str(model), steps, str(device))
+    else:
+        compute, close = None, (lambda: None)
+
+    # one noise canvas per sample, shared by every plane: a Z/T stack gets no noise flicker,
+    # and a plane stains the same whether it comes alone or inside a stack.
+    noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
+    done = 0
+    try:
+        yield done, total
+        for idx in np.ndindex(*lead) if lead else [()]:
+            where = f"plane {idx}" if lead else "image"
+            # a view of the caller's data: only ever read; _fix_nonfinite copies before writing
+            plane = np.asarray(arr[idx] if idx else arr[...])
+            if plane.dtype != np.float32:
+                plane = plane.astype(np.float32)
+            plane = _fix_nonfinite(plane, where, notes)
+            if scale != 1.0:
+                plane = _resize(plane, work)
+            x = np.asarray(pred.normalize(plane), dtype=np.float32)
+            del plane
+            acc = m2 = None
+            for k in range(k_eff):
+                if compute is not None:
+                    lazy = tiling.predict_tiled_dask(
+                        x, pred, tile, overlap, noises[k], batch, loader=loader
+                    )
+                    y = np.asarray(compute(lazy), dtype=np.float32)
+                    done += grid.n_tiles
+                    yield done, total
+                else:
+                    gen = tiling.iter_predict_tiled(x, pred, tile, overlap, noises[k], batch)
+                    base = done
+                    while True:
+                        try:
+                            d, _t = next(gen)
+                        except StopIteration as stop:
+                            y = stop.value
+                            break
+                        done = base + d
+                        yield done, total
+                if scale != 1.0:
+                    y = _resize(y, (h, w))
+                # Welford running mean / M2 so K samples never need K planes in memory
+                if acc is None:
+                    acc = np.array(y, dtype=np.float64)
+                    m2 = np.zeros_like(acc) if k_eff > 1 else None
+                else:
+                    delta = y - acc
+                    acc += delta / (k + 1)
+                    m2 += delta * (y - acc)
+                del y
+            mean_out[idx if idx else ...] = np.clip(acc, 0.0, 1.0).astype(np.float32)
+            if std_out is not None:
+                if m2 is None:
+                    std_out[idx if idx else ...] = 0.0
+                else:
+                    std_out[idx if idx else ...] = np.sqrt(m2 / (k_eff - 1)).astype(np.float32)
+            del acc, m2, x
+    finally:
+        close()
+
+    info = {
+        "model": getattr(pred, "name", type(pred).__name__),
+        "steps": getattr(pred, "steps", steps),
+        "seed": int(seed),
+        "samples": int(samples),
+        "tile": list(grid.tile),
+        "overlap": int(overlap),
+        "taper": list(grid.taper),
+        "tiles_per_plane": grid.n_tiles,
+        "planes": n_planes,
+        "device": str(getattr(pred, "device", device)),
+        "pixel_size": px,
+        "model_pixel_size": None if model_px is None else float(model_px),
+        "rescale": scale,
+        "work_shape": list(work),
+        "scheduler": None if scheduler is None else str(scheduler),
+        "warnings": notes,
+        "version": __version__,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return StainResult(mean_out, std_out, info)
+
+
+def stain(
+    image,
+    model="lcm",
+    steps: int | None = None,
+    tile: int = 512,
+    overlap: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    pixel_size: float | None = None,
+    samples: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Virtual DAPI (float32, 0–1, the input's shape) from a qOBM phase image or stack.
+
+    Same arguments as `iter_stain`; `progress(done, total)` is called as tiles finish.
+    With `samples > 1` this returns the mean; use `iter_stain` to get the std as well.
+    """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable(done, total) or None, not {progress!r}")
+    gen = iter_stain(
+        image, model, steps, tile, overlap, device, seed, pixel_size, samples, **kwargs
+    )
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value.mean
+        if progress is not None:
+            progress(done, total)
