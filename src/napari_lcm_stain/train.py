@@ -41,7 +41,7 @@ class TrainPreset:
     crop: int = 128
     batch: int = 12
     vae_crop: int = 64
-    vae_steps: int = 1200
+    vae_steps: int = 4000
     teacher_steps: int = 3600
     lcm_steps: int = 2000
     pix2pix_steps: int = 2000
