@@ -238,6 +238,7 @@ def test_empty_cases_defined():
         "fn": 0,
         "n_pred": 0,
         "n_true": 0,
+        "n_ignored": 0,
     }
     s = M.nuclei_scores(z, one)  # empty prediction
     assert (s["recall"], s["precision"], s["f1"], s["hallucinated"]) == (0.0, 0.0, 0.0, 0.0)
@@ -318,3 +319,31 @@ def test_image_metrics_one_dict_with_everything():
     assert d["pearson"] == pytest.approx(1.0) and d["f1"] == 1.0 and d["hard_recall"] == 1.0
     with pytest.raises(ValueError, match="pixel_size"):
         M.image_metrics(s.dapi, s.dapi, true_labels=s.nuclei)
+
+
+def test_unlabelled_dapi_objects_are_ignored_not_hallucinated():
+    dapi, lab = _discs((96, 96), [(24, 24), (70, 70)], 8)
+    true = np.where(lab == 1, 1, 0).astype(np.int32)  # the second disc is visible but unlabelled
+    d = M.image_metrics(dapi, dapi, true_labels=true, pixel_size=PS)
+    assert (d["tp"], d["fp"], d["n_ignored"], d["precision"]) == (1, 0, 1, 1.0)
+    d0 = M.image_metrics(dapi, dapi, true_labels=true, pixel_size=PS, ignore=None)
+    assert (d0["tp"], d0["fp"], d0["n_ignored"], d0["precision"]) == (1, 1, 0, 0.5)
+    # an invented object where the true DAPI is dark still counts as a hallucination
+    pred = dapi.copy()
+    rr, cc = disk((24, 70), 8)
+    pred[rr, cc] = 0.8
+    d1 = M.image_metrics(pred, dapi, true_labels=true, pixel_size=PS)
+    assert (d1["tp"], d1["fp"], d1["n_ignored"]) == (1, 1, 1)
+    assert d1["hallucinated"] == 0.5
+    mask = M.unlabelled_mask(dapi, true, PS)
+    assert mask[70, 70] and not mask[24, 24] and not mask[24, 70]
+
+
+def test_haze_does_not_merge_nuclei():
+    img, lab = _discs((128, 128), [(40, 40), (40, 66), (80, 52)], 7, value=0.4)
+    yy, xx = np.mgrid[:128, :128]
+    haze = 0.5 * np.exp(-((yy - 55) ** 2 + (xx - 55) ** 2) / (2 * 25.0**2))  # broad bright haze
+    seg = M.segment_nuclei(img + haze, PS)
+    assert M.nuclei_scores(seg, lab)["f1"] == 1.0
+    plain = M.segment_nuclei(img + haze, PS, background_um=0)  # without haze removal: merged
+    assert M.nuclei_scores(plain, lab)["f1"] < 1.0

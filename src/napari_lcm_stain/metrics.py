@@ -29,6 +29,7 @@ __all__ = [
     "PSNR_CAP_DB",
     "POWER_FLOOR",
     "SEG_SIGMA_PX",
+    "SEG_BACKGROUND_UM",
     "SEG_PEAK_MIN_DISTANCE_UM",
     "SEG_MIN_AREA_UM2",
     "SEG_MIN_CONTRAST",
@@ -37,7 +38,9 @@ __all__ = [
     "HARD_IN_SECTION_THRESHOLD",
     "DISTRACTOR_RADIUS_UM",
     "CNR_BINS",
+    "IGNORE_FRACTION",
     "NucleiMatch",
+    "unlabelled_mask",
     "normalize_pair",
     "pearson",
     "ssim",
@@ -64,10 +67,13 @@ POWER_FLOOR = 1e-6
 
 #: Segmentation pipeline parameters (documented in docs/metrics.md; change = new BENCHMARK_VERSION).
 SEG_SIGMA_PX = 1.0
+SEG_BACKGROUND_UM = 12.0
 SEG_PEAK_MIN_DISTANCE_UM = 3.0
 SEG_MIN_AREA_UM2 = 8.0
 SEG_MIN_CONTRAST = 0.05
-SEG_PEAK_H_UM = 1.0
+SEG_PEAK_H_UM = 0.5
+#: An unmatched predicted object at least this much inside an unlabelled DAPI object is ignored.
+IGNORE_FRACTION = 0.5
 
 #: Hard subset: a nucleus is hard if its phase |CNR| is below this ...
 HARD_CNR_THRESHOLD = 1.0
@@ -294,6 +300,7 @@ def segment_nuclei(
     pixel_size: float,
     *,
     sigma_px: float = SEG_SIGMA_PX,
+    background_um: float = SEG_BACKGROUND_UM,
     peak_min_distance_um: float = SEG_PEAK_MIN_DISTANCE_UM,
     min_area_um2: float = SEG_MIN_AREA_UM2,
     min_contrast: float = SEG_MIN_CONTRAST,
@@ -302,7 +309,9 @@ def segment_nuclei(
     """Nucleus instance labels (int32, 0 = background) from a DAPI image in 0-1 units.
 
     The ONE pipeline used for predictions and for the oracle alike: Gaussian smoothing
-    (``sigma_px``), Otsu threshold, hole filling (dim nucleoli), removal of objects smaller than
+    (``sigma_px``), haze removal (subtract a grey opening with a flat square of side
+    ``background_um``: widefield out-of-focus haze is broader than any nucleus, so a global
+    threshold would otherwise merge nuclei sitting on it), Otsu threshold, hole filling (dim nucleoli), removal of objects smaller than
     ``min_area_um2``, then a watershed of the negated Euclidean distance transform seeded at its
     local maxima that are at least ``peak_min_distance_um`` apart and rise ``peak_h_um`` above
     their surroundings (splits touching nuclei at a neck, keeps elongated nuclei whole). If Otsu's two
@@ -318,6 +327,9 @@ def segment_nuclei(
     ps = _check_pixel_size(pixel_size)
     empty = np.zeros(img.shape, dtype=np.int32)
     smooth = ndi.gaussian_filter(img, sigma_px) if sigma_px > 0 else img
+    if background_um > 0:
+        side = max(3, int(round(background_um / ps)) | 1)
+        smooth = smooth - ndi.grey_opening(smooth, size=(side, side))
     if smooth.max() - smooth.min() <= 0:
         return empty
     thr = float(threshold_otsu(smooth))
@@ -376,6 +388,13 @@ class NucleiMatch:
     threshold: float = 0.5
     unmatched_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     unmatched_true: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: unmatched predictions lying on an unlabelled object of the true DAPI: neither TP nor FP
+    ignored_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def false_pred(self) -> np.ndarray:
+        """Labels of the false positives: unmatched and not ignored."""
+        return self.unmatched_pred[~np.isin(self.unmatched_pred, self.ignored_pred)]
 
     @property
     def tp(self) -> int:
@@ -383,7 +402,11 @@ class NucleiMatch:
 
     @property
     def fp(self) -> int:
-        return int(len(self.pred_labels) - len(self.pairs))
+        return int(len(self.false_pred))
+
+    @property
+    def n_ignored(self) -> int:
+        return int(len(self.ignored_pred))
 
     @property
     def fn(self) -> int:
@@ -398,14 +421,36 @@ class NucleiMatch:
         return int(len(self.true_labels))
 
 
-def match_nuclei(pred_labels: Any, true_labels: Any, iou: float = 0.5) -> NucleiMatch:
-    """Hungarian (maximum total IoU) one-to-one matching; pairs below ``iou`` are not matches."""
+def match_nuclei(
+    pred_labels: Any,
+    true_labels: Any,
+    iou: float = 0.5,
+    ignore: Any = None,
+    ignore_fraction: float = IGNORE_FRACTION,
+) -> NucleiMatch:
+    """Hungarian (maximum total IoU) one-to-one matching; pairs below ``iou`` are not matches.
+
+    ``ignore`` (a boolean mask, e.g. from `unlabelled_mask`) marks DAPI-visible objects that the
+    ground truth does not label: an unmatched prediction with at least ``ignore_fraction`` of its
+    pixels there is reported in ``ignored_pred`` and counts neither as TP nor as FP.
+    """
     p = _as_labels(pred_labels, "pred_labels")
     t = _as_labels(true_labels, "true_labels")
     if p.shape != t.shape:
         raise ValueError(f"pred_labels shape {p.shape} != true_labels shape {t.shape}")
     if not 0.0 < float(iou) <= 1.0:
         raise ValueError(f"iou threshold must be in (0, 1], got {iou}")
+    m = _match(p, t, float(iou))
+    if ignore is not None and len(m.unmatched_pred):
+        ig = np.asarray(ignore)
+        if ig.shape != p.shape:
+            raise ValueError(f"ignore mask shape {ig.shape} != label shape {p.shape}")
+        frac = np.asarray(ndi.mean(ig > 0, labels=p, index=m.unmatched_pred), dtype=float)
+        m.ignored_pred = m.unmatched_pred[frac >= ignore_fraction]
+    return m
+
+
+def _match(p: np.ndarray, t: np.ndarray, iou: float) -> NucleiMatch:
     pl = np.unique(p)
     pl = pl[pl > 0]
     tl = np.unique(t)
@@ -450,7 +495,8 @@ def nuclei_scores(
     nuclei but an empty prediction -> recall 0, precision 0, F1 0, hallucinated 0.
     """
     m = match if match is not None else match_nuclei(pred_labels, true_labels, iou)
-    tp, fp, fn, n_pred, n_true = m.tp, m.fp, m.fn, m.n_pred, m.n_true
+    tp, fp, fn, n_true = m.tp, m.fp, m.fn, m.n_true
+    n_pred = tp + fp  # ignored predictions (unlabelled DAPI objects) are left out
     recall = tp / n_true if n_true else 1.0
     if n_pred:
         precision = tp / n_pred
@@ -470,7 +516,25 @@ def nuclei_scores(
         "fn": int(fn),
         "n_pred": int(n_pred),
         "n_true": int(n_true),
+        "n_ignored": int(m.n_ignored),
     }
+
+
+def unlabelled_mask(
+    target: Any, true_labels: Any, pixel_size: float, iou: float = 0.5
+) -> np.ndarray:
+    """Where the true DAPI shows objects that the ground-truth labels do not list.
+
+    The pipeline run on the TRUE DAPI finds every DAPI-visible object; those that match no labelled
+    nucleus (out-of-focus nuclei in the widefield haze, merged clumps) are neither right nor wrong
+    to predict, so `match_nuclei` can ignore predictions that land on them.
+    """
+    tl = _as_labels(true_labels, "true_labels")
+    oracle = segment_nuclei(target, pixel_size)
+    if oracle.shape != tl.shape:
+        raise ValueError(f"target shape {oracle.shape} != true_labels shape {tl.shape}")
+    m = _match(oracle, tl, float(iou))
+    return np.isin(oracle, m.unmatched_pred)
 
 
 # --------------------------------------------------------------------------- contrast & hard subset
@@ -598,9 +662,10 @@ def hard_subset_scores(
 
     n_distr = int(len(np.unique(distr[distr > 0])))
     near = 0
-    if n_distr and len(m.unmatched_pred):
+    fps = m.false_pred
+    if n_distr and len(fps):
         dist = ndi.distance_transform_edt(distr == 0, sampling=ps)
-        dmin = ndi.minimum(dist, labels=pl, index=m.unmatched_pred)
+        dmin = ndi.minimum(dist, labels=pl, index=fps)
         near = int(np.sum(np.asarray(dmin) <= radius_um))
     fn_hard = n_hard - tp_hard
     denom = 2 * tp_hard + near + fn_hard
@@ -616,7 +681,7 @@ def hard_subset_scores(
         "n_out_of_section": n_out,
         "tp_out_of_section": tp_out,
         "hallu_near_distractors": near,
-        "hallu_near_distractors_rate": float(near / m.n_pred) if m.n_pred else 0.0,
+        "hallu_near_distractors_rate": float(near / (m.tp + m.fp)) if m.tp + m.fp else 0.0,
         "hallu_per_distractor": float(near / n_distr) if n_distr else 0.0,
         "n_distractors": n_distr,
     }
@@ -634,12 +699,15 @@ def image_metrics(
     iou: float = 0.5,
     pred_labels: Any = None,
     sample: Any = None,
+    ignore: Any = "auto",
 ) -> dict[str, Any]:
     """All metrics of one predicted DAPI plane against its target, as one flat dict.
 
     Pixel metrics always; nuclei metrics when ``true_labels`` is given (the prediction is segmented
     with `segment_nuclei`, which needs ``pixel_size``, unless ``pred_labels`` is passed); hard-subset
     metrics when ``sample`` (a SimSample-like record for this plane) is given as well.
+    ``ignore="auto"`` leaves out predictions that land on DAPI-visible but unlabelled objects of the
+    target (`unlabelled_mask`); pass a precomputed mask to reuse it, or None to count them as FP.
     """
     p, t = _pair(pred, target)
     if p.ndim != 2:
@@ -665,7 +733,13 @@ def image_metrics(
             raise ValueError("pixel_size (µm/px) is needed to segment nuclei; pass pixel_size=...")
         pred_labels = segment_nuclei(p, pixel_size)
     pl = _as_labels(pred_labels, "pred_labels")
-    m = match_nuclei(pl, tl, iou)
+    if isinstance(ignore, str):
+        if ignore != "auto":
+            raise ValueError(f"ignore must be 'auto', None or a boolean mask, got {ignore!r}")
+        if pixel_size is None:
+            raise ValueError("pixel_size (µm/px) is needed to find unlabelled DAPI objects")
+        ignore = unlabelled_mask(t, tl, pixel_size, iou)
+    m = match_nuclei(pl, tl, iou, ignore=ignore)
     out.update(nuclei_scores(pl, tl, match=m))
     if sample is not None:
         out.update(hard_subset_scores(sample, pl, match=m, iou=iou))
