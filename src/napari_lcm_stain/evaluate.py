@@ -1,0 +1,498 @@
+"""`lcm-stain evaluate`: every model on one fixed, versioned, held-out simulated benchmark.
+
+The benchmark is generated on demand (nothing to download): ``n`` fields from
+`simulate.simulate_pair` with seeds ``BENCHMARK_SEED0 + i`` (far from any training seed), presets
+alternating between ``BENCHMARK_PRESETS``. Each row stains the qOBM with one model through the
+public `napari_lcm_stain.stain` and scores it with `metrics.image_metrics`; the oracle row runs the
+same nuclei pipeline on the TRUE DAPI (the ceiling of the object metrics) and "threshold-phase" is
+a trivial baseline (smoothed phase rescaled to 0-1) that any model must beat clearly.
+
+Changing the fields, the presets, the normalisation or the segmentation pipeline changes the
+numbers: bump ``BENCHMARK_VERSION`` when you do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import metrics as M
+
+__all__ = [
+    "BENCHMARK_VERSION",
+    "BENCHMARK_SEED0",
+    "BENCHMARK_PRESETS",
+    "DEFAULT_N",
+    "DEFAULT_SIZE",
+    "QUICK_N",
+    "QUICK_SIZE",
+    "COLUMNS",
+    "Row",
+    "FULL_ROWS",
+    "QUICK_ROWS",
+    "benchmark_fields",
+    "threshold_phase",
+    "evaluate_rows",
+    "format_table",
+    "run_evaluate",
+]
+
+BENCHMARK_VERSION = 1
+#: Field i uses seed BENCHMARK_SEED0 + i; training uses small seeds, so these are never seen.
+BENCHMARK_SEED0 = 900_000
+#: Presets alternate field by field (even i: first, odd i: second).
+BENCHMARK_PRESETS: tuple[str, ...] = ("brain-20x", "tumour-dense-20x")
+DEFAULT_N, DEFAULT_SIZE = 8, 256
+QUICK_N, QUICK_SIZE = 2, 128
+#: Smoothing of the trivial phase baseline (µm).
+BASELINE_SIGMA_UM = 1.0
+
+#: Table/JSON columns: per-image mean, with the per-image standard deviation under "std".
+COLUMNS: tuple[str, ...] = (
+    "pearson",
+    "ssim",
+    "psnr",
+    "nrmse",
+    "recall",
+    "precision",
+    "f1",
+    "missed",
+    "hallucinated",
+    "realism",
+    "hard_recall",
+    "hallu_near_distractors",
+)
+#: Extra per-image quantities averaged into each row (not printed).
+EXTRA_COLUMNS: tuple[str, ...] = (
+    "hard_f1",
+    "hallu_near_distractors_rate",
+    "mean_iou",
+    "n_pred",
+    "n_true",
+    "n_ignored",
+)
+#: Counts summed over the benchmark for pooled (micro-averaged) scores.
+_COUNTS = (
+    "tp",
+    "fp",
+    "fn",
+    "n_pred",
+    "n_true",
+    "n_ignored",
+    "n_hard",
+    "tp_hard",
+    "n_low_contrast",
+    "tp_low_contrast",
+    "n_out_of_section",
+    "tp_out_of_section",
+    "hallu_near_distractors",
+    "n_distractors",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: JSON key, the `stain` model name (None: computed here) and its steps."""
+
+    name: str
+    model: str | None = None
+    steps: int | None = None
+
+
+ORACLE = Row("oracle")
+BASELINE = Row("threshold-phase")
+FULL_ROWS: tuple[Row, ...] = (
+    ORACLE,
+    BASELINE,
+    Row("lcm-1", "lcm", 1),
+    Row("lcm-2", "lcm", 2),
+    Row("lcm-4", "lcm", 4),
+    Row("teacher-1", "teacher", 1),
+    Row("teacher-4", "teacher", 4),
+    Row("teacher-50", "teacher", 50),
+    Row("pix2pix", "pix2pix", None),
+)
+QUICK_ROWS: tuple[Row, ...] = (
+    ORACLE,
+    BASELINE,
+    Row("lcm-1", "lcm", 1),
+    Row("teacher-4", "teacher", 4),
+    Row("pix2pix", "pix2pix", None),
+)
+
+
+# --------------------------------------------------------------------------- benchmark fields
+
+
+def benchmark_fields(
+    n: int = DEFAULT_N, size: int = DEFAULT_SIZE
+) -> Iterator[tuple[int, str, Any]]:
+    """Yield ``(seed, preset, SimSample)`` for the fixed benchmark, one field at a time."""
+    from . import simulate
+
+    for i in range(n):
+        preset = BENCHMARK_PRESETS[i % len(BENCHMARK_PRESETS)]
+        seed = BENCHMARK_SEED0 + i
+        yield seed, preset, simulate.simulate_pair(preset=preset, size=size, seed=seed)
+
+
+def threshold_phase(qobm: np.ndarray, pixel_size: float) -> np.ndarray:
+    """Trivial baseline: phase smoothed by ``BASELINE_SIGMA_UM`` and its 1-99.8 % range mapped to 0-1.
+
+    It "stains" whatever is optically dense (nuclei with positive contrast, but also red blood cells
+    and lipid droplets) and misses nuclei with zero or negative contrast: the floor to beat.
+    """
+    q = np.asarray(qobm, dtype=np.float64)
+    s = ndi.gaussian_filter(q, BASELINE_SIGMA_UM / float(pixel_size))
+    lo, hi = np.percentile(s, M.NORM_PERCENTILES)
+    if hi - lo <= 0:
+        return np.zeros(q.shape, np.float32)
+    return np.clip((s - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _stain(image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """The public API call (looked up at call time, so tests can substitute a stub)."""
+    import napari_lcm_stain
+
+    return napari_lcm_stain.stain(image, **kwargs)
+
+
+def _resolve_model(model: str, weights_dir: Path | None) -> str:
+    """A packaged model name, or ``weights_dir/<name>.safetensors`` (searched recursively)."""
+    if weights_dir is None:
+        return model
+    direct = weights_dir / f"{model}.safetensors"
+    if direct.is_file():
+        return str(direct)
+    found = sorted(weights_dir.rglob(f"{model}.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no {model}.safetensors under {weights_dir}")
+    return str(found[0])
+
+
+def _predict(row: Row, sample: Any, device: str, weights_dir: Path | None) -> np.ndarray:
+    if row is ORACLE or row.name == ORACLE.name:
+        return np.asarray(sample.dapi, dtype=np.float32)
+    if row.name == BASELINE.name:
+        return threshold_phase(sample.qobm, sample.pixel_size)
+    if row.model is None:
+        raise ValueError(f"row {row.name!r} has no model to run")
+    out = _stain(
+        sample.qobm,
+        model=_resolve_model(row.model, weights_dir),
+        steps=row.steps,
+        pixel_size=sample.pixel_size,
+        seed=0,
+        device=device,
+    )
+    out = np.asarray(out, dtype=np.float32)
+    if out.shape != np.shape(sample.dapi):
+        raise ValueError(
+            f"model {row.name} returned shape {out.shape} for a {np.shape(sample.qobm)} input"
+        )
+    return out
+
+
+def _is_unavailable(err: BaseException) -> bool:
+    """Missing engine or weights: the row is reported as skipped (with the reason) instead of
+    aborting the whole table; any other error is a bug and propagates."""
+    if isinstance(err, (ImportError, FileNotFoundError)):
+        return True
+    try:
+        from .checkpoints import CheckpointError
+    except ImportError:  # pragma: no cover - checkpoints is part of the package
+        return False
+    return isinstance(err, CheckpointError)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _score(pred: np.ndarray, sample: Any, ignore: np.ndarray | None) -> dict[str, Any]:
+    labels = M.segment_nuclei(pred, sample.pixel_size)
+    d = M.image_metrics(pred, sample.dapi, sample=sample, pred_labels=labels, ignore=ignore)
+    m = M.match_nuclei(labels, sample.nuclei, ignore=ignore)
+    d["_bins"] = M.recall_by_contrast(m, sample.nucleus_cnr)
+    return d
+
+
+def _aggregate(per_image: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    std: dict[str, float] = {}
+    for k in COLUMNS + EXTRA_COLUMNS:
+        v = np.array([float(d[k]) for d in per_image])
+        row[k] = float(v.mean())
+        std[k] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    row["std"] = std
+    tot = {k: int(sum(int(d[k]) for d in per_image)) for k in _COUNTS}
+    tp, fp, fn = tot["tp"], tot["fp"], tot["fn"]
+    row["pooled"] = {
+        **tot,
+        "recall": tp / tot["n_true"] if tot["n_true"] else 1.0,
+        "precision": tp / tot["n_pred"] if tot["n_pred"] else (1.0 if tot["n_true"] == 0 else 0.0),
+        "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
+    }
+    bins: list[dict[str, Any]] = []
+    for j, b in enumerate(per_image[0]["_bins"]):
+        n = sum(d["_bins"][j]["n_true"] for d in per_image)
+        k = sum(d["_bins"][j]["n_matched"] for d in per_image)
+        bins.append(
+            {
+                "lo": b["lo"],
+                "hi": b["hi"],
+                "n_true": n,
+                "n_matched": k,
+                "recall": k / n if n else None,
+            }
+        )
+    row["recall_by_contrast"] = bins
+    row["seconds"] = float(seconds)
+    return row
+
+
+def _hard_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """Pooled hard-subset numbers of one row (sums over all fields, then ratios)."""
+    p = row["pooled"]
+    near, n_hard, tp_hard = p["hallu_near_distractors"], p["n_hard"], p["tp_hard"]
+    denom = 2 * tp_hard + near + (n_hard - tp_hard)
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else 1.0
+
+    return {
+        "hard_recall": ratio(tp_hard, n_hard),
+        "hard_f1": 2 * tp_hard / denom if denom else 1.0,
+        "low_contrast_recall": ratio(p["tp_low_contrast"], p["n_low_contrast"]),
+        "out_of_section_recall": ratio(p["tp_out_of_section"], p["n_out_of_section"]),
+        "hallu_near_distractors": near,
+        "hallu_near_distractors_rate": near / p["n_pred"] if p["n_pred"] else 0.0,
+        "hallu_per_distractor": near / p["n_distractors"] if p["n_distractors"] else 0.0,
+        "n_hard": n_hard,
+        "n_low_contrast": p["n_low_contrast"],
+        "n_out_of_section": p["n_out_of_section"],
+        "n_distractors": p["n_distractors"],
+    }
+
+
+def evaluate_rows(
+    samples: Sequence[Any],
+    rows: Sequence[Row],
+    device: str = "auto",
+    weights_dir: Path | None = None,
+    log: Any = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Score every row on every sample: ``({name: aggregated row}, {name: reason skipped})``."""
+    models: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    # DAPI-visible objects the labels do not list depend only on the field: compute them once.
+    ignores = [M.unlabelled_mask(s.dapi, s.nuclei, s.pixel_size) for s in samples]
+    for row in rows:
+        per_image: list[dict[str, Any]] = []
+        seconds = 0.0
+        try:
+            for s, ignore in zip(samples, ignores):
+                t0 = time.perf_counter()
+                pred = _predict(row, s, device, weights_dir)
+                seconds += time.perf_counter() - t0
+                per_image.append(_score(pred, s, ignore))
+        except Exception as e:
+            if not _is_unavailable(e):
+                raise
+            skipped[row.name] = f"{type(e).__name__}: {e}"
+            if log:
+                log(f"  {row.name:<16s} skipped ({skipped[row.name]})")
+            continue
+        models[row.name] = _aggregate(per_image, seconds)
+        if log:
+            log(f"  {row.name:<16s} {seconds:7.2f} s   f1 {models[row.name]['f1']:.3f}")
+    return models, skipped
+
+
+# --------------------------------------------------------------------------- report
+
+
+_HEAD = {
+    "pearson": "Pearson",
+    "ssim": "SSIM",
+    "psnr": "PSNR",
+    "nrmse": "NRMSE",
+    "recall": "recall",
+    "precision": "precis.",
+    "f1": "F1",
+    "missed": "missed",
+    "hallucinated": "halluc.",
+    "realism": "realism↓",
+    "hard_recall": "hard rec.",
+    "hallu_near_distractors": "FP@distr.",
+}
+
+
+def _cell(key: str, mean: float, sd: float) -> str:
+    if key == "psnr":
+        return f"{mean:.1f}±{sd:.1f}"
+    if key in ("realism", "hallu_near_distractors"):
+        return f"{mean:.2f}±{sd:.2f}"
+    return f"{mean:.3f}±{sd:.3f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The benchmark as one text table: rows = models (oracle first), cells = mean±std per image."""
+    models = result["models"]
+    cells = {name: [_cell(k, r[k], r["std"][k]) for k in COLUMNS] for name, r in models.items()}
+    w0 = max([len("model")] + [len(n) for n in models])
+    widths = [
+        max(len(_HEAD[k]), *(len(c[i]) for c in cells.values())) if cells else len(_HEAD[k])
+        for i, k in enumerate(COLUMNS)
+    ]
+    presets = ", ".join(dict.fromkeys(f["preset"] for f in result.get("fields", [])))
+    lines = [
+        f"lcm-stain evaluate · benchmark v{result['benchmark_version']} · {result['n']} fields "
+        f"of {result['size']}² ({presets}) · device {result['device']}",
+        "  ".join(["model".ljust(w0)] + [_HEAD[k].rjust(w) for k, w in zip(COLUMNS, widths)]),
+    ]
+    lines.append("-" * len(lines[-1]))
+    for name, c in cells.items():
+        lines.append("  ".join([name.ljust(w0)] + [v.rjust(w) for v, w in zip(c, widths)]))
+    lines.append(
+        "mean±std over fields. Pixel metrics after mapping the target's 1–99.8 % to 0–1; nuclei "
+        "matched at IoU≥0.5; realism = spectral log-distance (lower is better); hard rec. = recall "
+        f"of nuclei with |CNR|<{M.HARD_CNR_THRESHOLD:g} or in-section<{M.HARD_IN_SECTION_THRESHOLD:g}; "
+        f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field."
+    )
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        f = float(x)
+        return f if math.isfinite(f) else None
+    return x
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _device_name(device: str) -> str:
+    try:
+        from .device import resolve_device
+
+        return str(resolve_device(device).type)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return str(device)
+
+
+def _check_int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be at least {lo}, got {v}")
+    return int(v)
+
+
+def run_evaluate(
+    json_path: str | os.PathLike | None = None,
+    n: int | None = None,
+    size: int | None = None,
+    device: str = "auto",
+    quick: bool = False,
+    weights_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark, print the table, optionally write JSON (atomically); return the result.
+
+    ``quick`` uses ``QUICK_N`` fields of ``QUICK_SIZE``² and ``QUICK_ROWS`` (unless n/size are given);
+    ``weights_dir`` evaluates ``lcm/teacher/pix2pix.safetensors`` from a training run instead of the
+    packaged weights.
+    """
+    t_start = time.perf_counter()
+    n = _check_int("n", n if n is not None else (QUICK_N if quick else DEFAULT_N), 1)
+    size = _check_int(
+        "size", size if size is not None else (QUICK_SIZE if quick else DEFAULT_SIZE), 64
+    )
+    wdir = None
+    if weights_dir is not None:
+        wdir = Path(weights_dir)
+        if not wdir.is_dir():
+            raise FileNotFoundError(
+                f"weights_dir {wdir} is not a folder of .safetensors checkpoints"
+            )
+    dev = _device_name(device)  # validates the name early, before minutes of work
+    rows = QUICK_ROWS if quick else FULL_ROWS
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"lcm-stain evaluate: generating {n} benchmark fields of {size}² (v{BENCHMARK_VERSION})")
+    fields = list(benchmark_fields(n, size))
+    samples = [s for _, _, s in fields]
+    models, skipped = evaluate_rows(samples, rows, device=device, weights_dir=wdir, log=log)
+    result: dict[str, Any] = {
+        "benchmark_version": BENCHMARK_VERSION,
+        "n": n,
+        "size": size,
+        "fields": [{"seed": seed, "preset": preset} for seed, preset, _ in fields],
+        "models": models,
+        "hard_subset": {
+            "definition": {
+                "cnr_below": M.HARD_CNR_THRESHOLD,
+                "in_section_below": M.HARD_IN_SECTION_THRESHOLD,
+                "distractor_radius_um": M.DISTRACTOR_RADIUS_UM,
+                "iou": 0.5,
+            },
+            "models": {name: _hard_summary(r) for name, r in models.items()},
+        },
+        "settings": {
+            "norm_percentiles": list(M.NORM_PERCENTILES),
+            "ssim": {
+                "gaussian_weights": True,
+                "sigma": 1.5,
+                "use_sample_covariance": False,
+                "data_range": 1.0,
+            },
+            "segmentation": {
+                "sigma_px": M.SEG_SIGMA_PX,
+                "peak_min_distance_um": M.SEG_PEAK_MIN_DISTANCE_UM,
+                "peak_h_um": M.SEG_PEAK_H_UM,
+                "min_area_um2": M.SEG_MIN_AREA_UM2,
+                "min_contrast": M.SEG_MIN_CONTRAST,
+            },
+            "weights_dir": str(wdir) if wdir else None,
+            "quick": bool(quick),
+        },
+        "skipped": skipped,
+        "device": dev,
+    }
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    print(format_table(result), flush=True)
+    if json_path is not None:
+        _write_json_atomic(Path(json_path), result)
+        log(f"wrote {json_path}")
+    return result

@@ -1,0 +1,243 @@
+"""`lcm-stain evaluate`: table logic, JSON shape and the oracle row, with a stubbed stain()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from napari_lcm_stain import evaluate as E
+from napari_lcm_stain import metrics as M
+
+PS = 0.414
+
+
+def _fake_sample(seed: int, size: int = 96):
+    """A tiny SimSample-like field: discs in DAPI, a phase image, one distractor, one unlabelled."""
+    rng = np.random.default_rng(seed)
+    dapi = np.full((size, size), 0.05, np.float32)
+    nuclei = np.zeros((size, size), np.int32)
+    centres = [(20, 20), (20, 70), (70, 20), (70, 70)]
+    for i, c in enumerate(centres, start=1):
+        rr, cc = disk(c, 7 + seed % 2, shape=dapi.shape)
+        dapi[rr, cc] = 0.6
+        if i < 4:  # nucleus 4 is visible in DAPI but not labelled (out of focus)
+            nuclei[rr, cc] = i
+    dapi += 0.01 * rng.standard_normal(dapi.shape).astype(np.float32)
+    distr = np.zeros_like(nuclei)
+    rr, cc = disk((46, 46), 4)
+    distr[rr, cc] = 1
+    qobm = (dapi - 0.3).astype(np.float32)
+    qobm[distr > 0] = 1.0  # the distractor is bright in phase
+    return SimpleNamespace(
+        qobm=qobm,
+        dapi=dapi,
+        nuclei=nuclei,
+        distractors=distr,
+        nucleus_cnr=np.array([0.2, 3.0, 5.0]),
+        nucleus_in_section=np.array([1.0, 0.3, 1.0]),
+        pixel_size=PS,
+        preset="fake",
+    )
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """Two fake fields instead of the simulator, and a stain() stub that records its calls."""
+    samples = [_fake_sample(0), _fake_sample(1)]
+
+    def fields(n, size):
+        for i in range(n):
+            yield E.BENCHMARK_SEED0 + i, "fake", samples[i % 2]
+
+    calls = []
+
+    def stub(image, **kw):
+        calls.append(kw)
+        q = np.asarray(image, np.float64)
+        out = np.clip(q + 0.3, 0, 1)  # the phase happens to be DAPI - 0.3 (+ the distractor)
+        if kw["model"] == "pix2pix":
+            out = np.clip(out + 0.05, 0, 1)
+        return out.astype(np.float32)
+
+    monkeypatch.setattr(E, "benchmark_fields", fields)
+    monkeypatch.setattr(E, "_stain", stub)
+    return SimpleNamespace(samples=samples, calls=calls)
+
+
+def test_json_shape_and_oracle_row_match_hand_computation(fake_bench, tmp_path, capsys):
+    out = tmp_path / "sub" / "eval.json"
+    res = E.run_evaluate(json_path=out, n=2, size=96, device="cpu")
+    data = json.loads(out.read_text())
+    assert data["benchmark_version"] == E.BENCHMARK_VERSION == 1
+    assert (data["n"], data["size"], data["device"]) == (2, 96, "cpu")
+    assert isinstance(data["seconds"], float)
+    names = [r.name for r in E.FULL_ROWS]
+    assert list(data["models"]) == names
+    for key in ("oracle", "lcm-1", "lcm-2", "lcm-4", "teacher-50", "pix2pix", "threshold-phase"):
+        row = data["models"][key]
+        for col in E.COLUMNS:
+            assert isinstance(row[col], float), (key, col)
+            assert isinstance(row["std"][col], float)
+        assert {"pooled", "recall_by_contrast", "seconds"} <= set(row)
+    assert set(data["hard_subset"]["models"]) == set(names)
+    assert data["skipped"] == {}
+
+    # the oracle row is the mean / sample std of image_metrics(true DAPI, true DAPI) by hand
+    per = [M.image_metrics(s.dapi, s.dapi, sample=s) for s in fake_bench.samples]
+    oracle = data["models"]["oracle"]
+    for col in E.COLUMNS:
+        vals = np.array([p[col] for p in per], float)
+        assert oracle[col] == pytest.approx(vals.mean()), col
+        assert oracle["std"][col] == pytest.approx(vals.std(ddof=1)), col
+    assert oracle["pearson"] == pytest.approx(1.0) and oracle["ssim"] == pytest.approx(1.0)
+    # three labelled nuclei per field, all found; the unlabelled visible one is ignored, not an FP
+    assert oracle["pooled"]["tp"] == 6 and oracle["pooled"]["fp"] == 0
+    assert oracle["pooled"]["n_ignored"] == 2 and oracle["f1"] == 1.0
+    for col in E.COLUMNS:
+        assert res["models"]["oracle"][col] == pytest.approx(oracle[col])
+
+    # the printed table has the oracle beside every model, in order
+    table = capsys.readouterr().out
+    lines = [ln.split()[0] for ln in table.splitlines() if ln.split() and ln.split()[0] in names]
+    assert lines == names
+
+
+def test_stain_called_with_contract_arguments(fake_bench):
+    E.run_evaluate(n=1, size=96, device="cpu")
+    got = {(c["model"], c["steps"]) for c in fake_bench.calls}
+    assert got == {("lcm", 1), ("lcm", 2), ("lcm", 4), ("teacher", 1), ("teacher", 4)} | {
+        ("teacher", 50),
+        ("pix2pix", None),
+    }
+    for c in fake_bench.calls:
+        assert c["seed"] == 0 and c["pixel_size"] == PS and c["device"] == "cpu"
+
+
+def test_quick_uses_fewer_rows_and_fields(fake_bench):
+    res = E.run_evaluate(quick=True, size=96)
+    assert res["n"] == E.QUICK_N and list(res["models"]) == [r.name for r in E.QUICK_ROWS]
+    assert len(E.QUICK_ROWS) < len(E.FULL_ROWS)
+
+
+def test_models_differ_in_the_table(fake_bench):
+    res = E.run_evaluate(n=2, size=96)
+    lcm, p2p, base = (res["models"][k] for k in ("lcm-1", "pix2pix", "threshold-phase"))
+    # the stub's LCM output equals the DAPI except at the distractor, pix2pix is brighter
+    assert lcm["psnr"] > p2p["psnr"]
+    assert lcm["pearson"] > 0.9
+    assert base["hallu_near_distractors"] >= lcm["hallu_near_distractors"]
+
+
+def test_missing_weights_row_is_skipped_with_reason(fake_bench, monkeypatch, tmp_path):
+    from napari_lcm_stain.checkpoints import CheckpointError
+
+    real = E._stain
+
+    def flaky(image, **kw):
+        if kw["model"] == "pix2pix":
+            raise CheckpointError("packaged 'pix2pix' weights are missing from weights/")
+        return real(image, **kw)
+
+    monkeypatch.setattr(E, "_stain", flaky)
+    out = tmp_path / "e.json"
+    res = E.run_evaluate(json_path=out, n=1, size=96)
+    assert "pix2pix" not in res["models"] and "missing" in res["skipped"]["pix2pix"]
+    assert json.loads(out.read_text())["skipped"]["pix2pix"].startswith("CheckpointError")
+
+
+def test_real_bugs_are_not_swallowed(fake_bench, monkeypatch):
+    def broken(image, **kw):
+        raise RuntimeError("shape mismatch inside the model")
+
+    monkeypatch.setattr(E, "_stain", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        E.run_evaluate(n=1, size=96)
+
+
+def test_weights_dir_passes_checkpoint_paths(fake_bench, tmp_path):
+    for name in ("lcm", "teacher"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    nested = tmp_path / "run" / "pix2pix"
+    nested.mkdir(parents=True)
+    (nested / "pix2pix.safetensors").write_bytes(b"")
+    E.run_evaluate(n=1, size=96, weights_dir=tmp_path)
+    models = {c["model"] for c in fake_bench.calls}
+    assert models == {
+        str(tmp_path / "lcm.safetensors"),
+        str(tmp_path / "teacher.safetensors"),
+        str(nested / "pix2pix.safetensors"),
+    }
+
+
+def test_bad_arguments_raise_clear_errors(fake_bench, tmp_path):
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        E.run_evaluate(n=0)
+    with pytest.raises(TypeError, match="size must be an integer"):
+        E.run_evaluate(size="big")
+    with pytest.raises(ValueError, match="size must be at least"):
+        E.run_evaluate(size=16)
+    with pytest.raises(FileNotFoundError, match="weights_dir"):
+        E.run_evaluate(n=1, weights_dir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="device"):
+        E.run_evaluate(n=1, device="tpu")
+
+
+def test_json_written_atomically_and_strict(fake_bench, tmp_path):
+    out = tmp_path / "e.json"
+    out.write_text("old")
+    E.run_evaluate(json_path=out, n=1, size=96)
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)
+    assert [p.name for p in tmp_path.iterdir()] == ["e.json"]  # no temp files left behind
+
+
+def test_cli_evaluate_writes_json(fake_bench, tmp_path):
+    from napari_lcm_stain.cli import main
+
+    out = tmp_path / "cli.json"
+    assert main(["evaluate", "--quick", "--size", "96", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["models"]["oracle"]["f1"] == 1.0
+
+
+def test_benchmark_fields_fixed_and_held_out():
+    pytest.importorskip("napari_lcm_stain.simulate")
+    a = list(E.benchmark_fields(2, 64))
+    b = list(E.benchmark_fields(2, 64))
+    assert [(s, p) for s, p, _ in a] == [
+        (900_000, E.BENCHMARK_PRESETS[0]),
+        (900_001, E.BENCHMARK_PRESETS[1]),
+    ]
+    np.testing.assert_array_equal(a[1][2].dapi, b[1][2].dapi)
+    assert a[0][2].dapi.shape == (64, 64)
+
+
+def test_threshold_phase_baseline_range():
+    q = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    b = E.threshold_phase(q, PS)
+    assert b.dtype == np.float32 and b.shape == q.shape
+    assert b.min() == 0.0 and b.max() == 1.0
+    assert np.all(E.threshold_phase(np.zeros((32, 32)), PS) == 0)
+
+
+_WEIGHTS = Path(E.__file__).parent / "weights"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not all((_WEIGHTS / f"{m}.safetensors").exists() for m in ("lcm", "teacher", "pix2pix")),
+    reason="packaged weights not built yet",
+)
+def test_quick_evaluate_with_packaged_weights(tmp_path):
+    out = tmp_path / "quick.json"
+    res = E.run_evaluate(json_path=out, quick=True, device="cpu")
+    assert res["skipped"] == {}
+    assert list(res["models"]) == [r.name for r in E.QUICK_ROWS]
+    lcm, base = res["models"]["lcm-1"], res["models"]["threshold-phase"]
+    assert lcm["pearson"] > base["pearson"]
+    assert json.loads(out.read_text())["benchmark_version"] == 1
