@@ -81,3 +81,30 @@ def blobs(shape=(256, 256), seed=0, n=None) -> np.ndarray:
     img = ndimage.gaussian_filter(img, sigma) * 20
     img += rng.normal(0, 0.02, shape).astype(np.float32)
     return img.astype(np.float32)
+
+
+class EchoPredictor(FakePredictor):
+    """Returns the input (n_noise=0) or its first noise channel upsampled: exact tiling checks."""
+
+    def __init__(self, mode: str = "input"):
+        super().__init__(n_noise=1 if mode == "noise" else 0)
+        self.mode = mode
+
+    def __call__(self, x, noise=None):
+        self.calls += 1
+        if self.mode == "input":
+            return x.clone()
+        z = noise[:, 0, :1]
+        return torch.nn.functional.interpolate(z, scale_factor=self.latent_factor, mode="nearest")
+
+
+def packaged_predictor(name: str = "lcm", steps=None):
+    """The packaged model on CPU, or None while the weights are not trained/packaged yet."""
+    try:
+        from napari_lcm_stain import checkpoints
+        from napari_lcm_stain.sampling import load_predictor
+    except ImportError:
+        return None
+    if not checkpoints.packaged_path(name).exists():
+        return None
+    return load_predictor(name, steps=steps, device="cpu")

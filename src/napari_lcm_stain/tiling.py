@@ -114,6 +114,8 @@ class TileGrid:
 def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileGrid:
     """Tile grid for a 2-D image of `shape`; tile rounded down to a multiple of `multiple`.
 
+    An image narrower than a tile along one axis gets tiles longer than `tile` along the other
+    (same tile area), so a 1×100000 strip takes a few calls instead of hundreds.
     The stride is rounded down to a multiple too, so the real overlap is >= the requested one.
     """
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
@@ -127,10 +129,15 @@ def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileG
     if h < 1 or w < 1:
         raise ValueError(f"cannot tile an empty image of shape {shape}")
     t_req = max(multiple, (int(tile) // multiple) * multiple)
+    pads = [_ceil_to(n, multiple) for n in (h, w)]
+    # a thin strip (one tile across) gets longer tiles along it, same pixel budget per tile
+    sides = [min(t_req, p) for p in pads]
+    for a in (0, 1):
+        if pads[1 - a] <= t_req and sides[1 - a] < t_req:
+            long = (t_req * t_req // sides[1 - a]) // multiple * multiple
+            sides[a] = min(pads[a], max(sides[a], long))
     padded, tiles, tapers, starts = [], [], [], []
-    for n in (h, w):
-        p = _ceil_to(n, multiple)
-        t = min(t_req, p)
+    for p, t in zip(pads, sides):
         if t < p:
             stride = ((t - int(overlap)) // multiple) * multiple
             if stride < multiple:

@@ -1,0 +1,243 @@
+"""`lcm-stain bench`: latency, throughput, FLOPs and peak memory of the stain models, in one run.
+
+All models stain the same image through the same tiled engine (`engine.stain`), so the ratios
+compare models, not code paths. The FLOP count and the CPU's measured matmul rate tell how close
+the engine gets to the hardware; the streamed big-image run measures the CLI's peak RSS in a
+child process (what a user's machine would see).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+
+#: (packaged model, steps) per benchmark entry
+MODELS = {
+    "lcm-1": ("lcm", 1),
+    "lcm-4": ("lcm", 4),
+    "teacher-50": ("teacher", 50),
+    "pix2pix": ("pix2pix", None),
+}
+#: Slow models get fewer timed repeats (the median of 1 is the value).
+MAX_REPEATS = {"teacher-50": 1}
+
+
+def bench_image(size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic phase-like test field (smooth blobs + noise), float32 rad."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size), np.float32)
+    n = max(1, size * size // 900)
+    img[rng.integers(0, size, n), rng.integers(0, size, n)] = rng.uniform(0.5, 2.0, n)
+    img = ndimage.gaussian_filter(img, 4.0) * 40 - 0.2
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    return img.astype(np.float32)
+
+
+def cpu_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` float32 torch.mm rate on this machine (GFLOP/s, 2n³ per product)."""
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+def tile_gflop(predictor, tile: int) -> tuple[float, int]:
+    """GFLOP (conv, linear, matmul; 2 per MAC) of one predictor call on one tile, and its side."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .tiling import make_noise_canvas
+
+    t = max(predictor.multiple, (tile // predictor.multiple) * predictor.multiple)
+    x = torch.zeros(1, 1, t, t)
+    noise = make_noise_canvas(predictor, (t, t), 0)
+    noise = None if noise is None else noise[None]
+    with FlopCounterMode(display=False) as fc:
+        predictor(x, noise)
+    return fc.get_total_flops() / 1e9, t
+
+
+def _write_big_tiff(path: Path, size: int) -> None:
+    """A size² float32 OME-TIFF written block by block (this process never holds it whole)."""
+    import tifffile
+
+    block = bench_image(min(size, 1024), seed=1)
+    out = tifffile.memmap(path, shape=(size, size), dtype=np.float32, ome=True)
+    b = block.shape[0]
+    for y in range(0, size, b):
+        for x in range(0, size, b):
+            h, w = min(b, size - y), min(b, size - x)
+            out[y : y + h, x : x + w] = block[:h, :w]
+    out.flush()
+    del out
+
+
+def big_stain_rss(size: int, device: str = "auto", tile: int = 512, overlap: int = 32) -> dict:
+    """Run `lcm-stain stain` on a generated size² image in a child; its peak RSS (MB) and time."""
+    with tempfile.TemporaryDirectory(prefix="lcm-bench-") as d:
+        src, dst = Path(d) / "big.ome.tif", Path(d) / "big_dapi.ome.tif"
+        _write_big_tiff(src, size)
+        cmd = [sys.executable, "-m", "napari_lcm_stain.cli", "stain", str(src), "-o", str(dst)]
+        cmd += [
+            "--model",
+            "lcm",
+            "--device",
+            device,
+            "--tile",
+            str(tile),
+            "--overlap",
+            str(overlap),
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"big-image stain failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if peak_kb <= before:  # an earlier child was bigger: the max is not this run's
+            peak_kb = before
+        return {
+            "peak_rss_mb": peak_kb / 1024.0,
+            "seconds": seconds,
+            "mp_per_s": size * size / 1e6 / seconds,
+            "command": " ".join(["lcm-stain"] + cmd[3:]),
+        }
+
+
+def _load(name: str, device: str):
+    from .sampling import load_predictor
+
+    model, steps = MODELS[name]
+    return load_predictor(model, steps=steps, device=device)
+
+
+def run_bench(
+    json_path=None,
+    size: int = 2048,
+    repeats: int = 3,
+    big: int = 8192,
+    device: str = "auto",
+    predictors: dict | None = None,
+    tile: int = 512,
+    overlap: int = 32,
+    quiet: bool = False,
+) -> dict:
+    """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS.
+
+    `predictors` (name -> loaded Predictor) replaces the packaged models (tests use fakes).
+    """
+    import torch
+
+    from .engine import stain
+    from .tiling import make_grid
+
+    if size < 1 or repeats < 1 or big < 0:
+        raise ValueError("size and repeats must be >= 1 and big >= 0 (0 skips the memory run)")
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    img = bench_image(size)
+    mp = size * size / 1e6
+    matmul = cpu_matmul_gflops()
+    say(f"CPU float32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    names = list(predictors) if predictors is not None else list(MODELS)
+    models: dict[str, dict] = {}
+    dev_name = None
+    for name in names:
+        pred = predictors[name] if predictors is not None else _load(name, device)
+        dev_name = dev_name or str(getattr(pred, "device", device))
+        grid = make_grid((size, size), pred.multiple, tile, overlap)
+        th, tw = grid.tile
+        processed_mp = grid.n_tiles * th * tw / 1e6
+        stain(img[:th, :tw], pred, tile=tile, overlap=overlap)  # warm-up on one tile of that shape
+        n_rep = min(repeats, MAX_REPEATS.get(name, repeats))
+        times = []
+        for r in range(n_rep):
+            t0 = time.perf_counter()
+            stain(img, pred, tile=tile, overlap=overlap, seed=r)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        gflop, t_side = tile_gflop(pred, tile)
+        gflop_per_mp = gflop / (t_side * t_side / 1e6)
+        achieved = gflop_per_mp * processed_mp / med
+        models[name] = {
+            "ms_per_mp": 1000.0 * med / mp,
+            "mp_per_s": mp / med,
+            "gflop_per_mp": gflop_per_mp,
+            "seconds": med,
+            "times": times,
+            "repeats": n_rep,
+            "overlap_factor": processed_mp / mp,
+            "achieved_gflops": achieved,
+            "fraction_of_limit": achieved / matmul,
+        }
+        m = models[name]
+        say(
+            f"{name:>11}: {m['ms_per_mp']:9.1f} ms/MP  {m['mp_per_s']:7.3f} MP/s  "
+            f"{m['gflop_per_mp']:8.1f} GFLOP/MP  {m['achieved_gflops']:6.1f} GFLOP/s "
+            f"({100 * m['fraction_of_limit']:4.1f} % of matmul)  [{n_rep}x, median {med:.2f} s]"
+        )
+
+    def ratio(a, b):
+        if a in models and b in models:
+            return models[a]["ms_per_mp"] / models[b]["ms_per_mp"]
+        return None
+
+    ratios = {
+        "lcm-1/pix2pix": ratio("lcm-1", "pix2pix"),
+        "teacher-50/lcm-1": ratio("teacher-50", "lcm-1"),
+        "lcm-4/lcm-1": ratio("lcm-4", "lcm-1"),
+    }
+    for k, v in ratios.items():
+        if v is not None:
+            say(f"latency ratio {k}: {v:.2f}")
+    big_res = None
+    if big:
+        say(f"streamed CLI stain of a {big}x{big} float32 image (child process) ...")
+        big_res = big_stain_rss(big, device, tile, overlap)
+        say(
+            f"peak RSS {big_res['peak_rss_mb']:.0f} MB, {big_res['seconds']:.1f} s "
+            f"({big_res['mp_per_s']:.2f} MP/s end to end incl. read/write)"
+        )
+    result = {
+        "models": models,
+        "ratios": ratios,
+        "cpu_matmul_gflops": matmul,
+        "peak_rss_mb": None if big_res is None else big_res["peak_rss_mb"],
+        "big": {"size": big, **big_res} if big_res else None,
+        "size": size,
+        "tile": tile,
+        "overlap": overlap,
+        "device": dev_name,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "version": __version__,
+    }
+    if json_path:
+        p = Path(json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, p)
+        say(f"wrote {p}")
+    return result
