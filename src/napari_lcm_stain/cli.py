@@ -65,6 +65,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         resume=not a.no_resume,
         device=a.device,
         package=a.package,
+        threads=a.threads,
     )
     return 0
 
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dev = {"choices": ["auto", "cpu", "cuda", "mps"], "default": "auto"}
 
-    s = sub.add_parser("demo", help="stain the packaged sample with LCM and Pix2Pix, write TIFF/PNG/JSON")
+    s = sub.add_parser(
+        "demo", help="stain the packaged sample with LCM and Pix2Pix, write TIFF/PNG/JSON"
+    )
     s.add_argument("--out", default="lcm-stain-demo", help="output folder (default: %(default)s)")
     s.add_argument("--device", **dev)
     s.add_argument("--overwrite", action="store_true", help="replace existing demo outputs")
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=4)
     s.add_argument("--size", type=int, default=512)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--z-planes", type=int, default=None, help="write Z stacks with this many planes")
+    s.add_argument(
+        "--z-planes", type=int, default=None, help="write Z stacks with this many planes"
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_simulate)
 
@@ -130,11 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
     s.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     s.add_argument("--model", default="lcm", help="lcm | pix2pix | teacher | path to a checkpoint")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (LCM 1-4, teacher DDIM N)")
+    s.add_argument(
+        "--steps", type=int, default=None, help="sampling steps (LCM 1-4, teacher DDIM N)"
+    )
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=32)
     s.add_argument("--device", **dev)
-    s.add_argument("--pixel-size", type=float, default=None, help="input µm/px (else from metadata)")
+    s.add_argument(
+        "--pixel-size", type=float, default=None, help="input µm/px (else from metadata)"
+    )
     s.add_argument("--samples", type=int, default=1, help="K samples: writes mean and std")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=["auto", "tiff", "zarr"], default="auto")
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("--device", **dev)
     s.add_argument("--package", action="store_true", help="copy results into the package weights/")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: preset)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("finetune", help="fine-tune the 1-step model on paired qOBM/DAPI images")
@@ -174,11 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="small subset, for smoke tests")
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("bench", help="latency/throughput/memory of LCM-1, LCM-4, teacher-50, Pix2Pix")
+    s = sub.add_parser(
+        "bench", help="latency/throughput/memory of LCM-1, LCM-4, teacher-50, Pix2Pix"
+    )
     s.add_argument("--json", default=None)
     s.add_argument("--size", type=int, default=2048)
     s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--big", type=int, default=8192, help="side of the streamed memory test (0: skip)")
+    s.add_argument(
+        "--big", type=int, default=8192, help="side of the streamed memory test (0: skip)"
+    )
     s.add_argument("--device", **dev)
     s.set_defaults(func=_cmd_bench)
     return p

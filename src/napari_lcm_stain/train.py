@@ -443,6 +443,7 @@ def run_recipe(
     device="auto",
     package=False,
     quiet=False,
+    threads: int | None = None,
 ) -> dict[str, Path]:
     """Run VAE -> teacher -> LCM -> Pix2Pix into `out`, skipping stages already saved (resume)."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
@@ -453,7 +454,7 @@ def run_recipe(
     dev = resolve_device(device)
     if dev.type != "cpu":
         print(f"note: training runs on the CPU path in this version (requested {dev})")
-    torch.set_num_threads(p.threads)
+    torch.set_num_threads(threads or p.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"

@@ -1,0 +1,62 @@
+"""The networks: shapes, tile multiples, and locality (what makes tiled = whole-image)."""
+
+import pytest
+import torch
+
+from napari_lcm_stain.models import (
+    VAE,
+    LatentUNet,
+    PatchDiscriminator,
+    Pix2PixGenerator,
+    build,
+    count_parameters,
+)
+
+
+def test_shapes_and_multiples():
+    torch.manual_seed(0)
+    vae, unet, gen = VAE(4, 8, 8), LatentUNet(4, 4, (8, 16, 16)), Pix2PixGenerator(8, 4)
+    x = torch.randn(2, 1, 64, 96)
+    rec, mean, logvar = vae(x)
+    assert rec.shape == x.shape and mean.shape == (2, 4, 16, 24) and logvar.shape == mean.shape
+    assert unet.multiple == 16 and gen.multiple == 16
+    v = unet(torch.randn(2, 4, 16, 24), torch.tensor([999, 10]), x)
+    assert v.shape == (2, 4, 16, 24)
+    y = gen(x)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert PatchDiscriminator(8)(x, y).shape[1] == 1
+
+
+def test_scalar_timestep_broadcasts():
+    unet = LatentUNet(4, 4, (8, 16))
+    z, x = torch.randn(3, 4, 8, 8), torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        a = unet(z, torch.tensor(500), x)
+        b = unet(z, torch.full((3,), 500), x)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_no_spatial_pooling_norm_output_is_local():
+    """Changing a far-away input pixel must not change the output: no GroupNorm/attention."""
+    torch.manual_seed(1)
+    unet, dec = LatentUNet(4, 4, (8, 16, 16)).eval(), VAE(4, 8, 8).decoder.eval()
+    for p in list(unet.parameters()) + list(dec.parameters()):
+        p.normal_(0, 0.1)
+    z, x = torch.randn(1, 4, 64, 64), torch.randn(1, 1, 256, 256)
+    x2 = x.clone()
+    x2[..., -1, -1] += 100.0
+    out1, out2 = unet(z, torch.tensor([999]), x), unet(z, torch.tensor([999]), x2)
+    assert torch.equal(out1[..., :16, :16], out2[..., :16, :16])
+    assert not torch.equal(out1, out2)
+    z2 = z.clone()
+    z2[..., -1, -1] += 100.0
+    assert torch.equal(dec(z)[..., :32, :32], dec(z2)[..., :32, :32])
+
+
+def test_build_from_config_and_unknown_arch():
+    m = build({"class": "LatentUNet", "kwargs": {"channels": [8, 16], "latent_channels": 4}})
+    assert isinstance(m, LatentUNet) and m.channels == (8, 16)
+    assert count_parameters(m) > 0
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build({"class": "Transformer9000"})
