@@ -347,3 +347,11 @@ def test_haze_does_not_merge_nuclei():
     assert M.nuclei_scores(seg, lab)["f1"] == 1.0
     plain = M.segment_nuclei(img + haze, PS, background_um=0)  # without haze removal: merged
     assert M.nuclei_scores(plain, lab)["f1"] < 1.0
+
+
+def test_background_dominates_pixel_metrics():
+    """An all-black prediction of a sparse field: decent SSIM, yet not one nucleus found."""
+    img, lab = _discs((128, 128), [(30, 30), (90, 90)], 7)
+    d = M.image_metrics(np.zeros_like(img), img, true_labels=lab, pixel_size=PS)
+    assert d["ssim"] > 0.7
+    assert d["recall"] == 0.0 and d["f1"] == 0.0
