@@ -355,3 +355,22 @@ def test_background_dominates_pixel_metrics():
     d = M.image_metrics(np.zeros_like(img), img, true_labels=lab, pixel_size=PS)
     assert d["ssim"] > 0.7
     assert d["recall"] == 0.0 and d["f1"] == 0.0
+
+
+def test_stack_samples_need_one_plane():
+    s = _sample()
+    stack = SimpleNamespace(
+        qobm=np.stack([s.dapi, s.dapi]),
+        dapi=np.stack([s.dapi, s.dapi * 0]),
+        nuclei=np.stack([s.nuclei, s.nuclei]),
+        distractors=np.stack([s.distractors, s.distractors]),
+        nucleus_cnr=np.stack([s.nucleus_cnr, s.nucleus_cnr]),
+        nucleus_in_section=np.stack([s.nucleus_in_section, s.nucleus_in_section]),
+        pixel_size=PS,
+    )
+    with pytest.raises(ValueError, match="sample_plane"):
+        M.hard_subset_scores(stack, s.nuclei)
+    plane = M.sample_plane(stack, 0)
+    assert M.hard_subset_scores(plane, s.nuclei)["hard_recall"] == 1.0
+    with pytest.raises(ValueError, match="not a Z stack"):
+        M.sample_plane(s, 0)

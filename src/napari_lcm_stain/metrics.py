@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "recall_by_contrast",
     "hard_nuclei_mask",
     "hard_subset_scores",
+    "sample_plane",
     "image_metrics",
 ]
 
@@ -350,7 +352,15 @@ def segment_nuclei(
     dist_s = ndi.gaussian_filter(dist, 1.0)
     # Seeds: maxima that rise at least `peak_h_um` above the saddle to any neighbour (h-maxima,
     # so a long nucleus keeps one seed) and are at least `peak_min_distance_um` apart.
-    hmax, _ = ndi.label(h_maxima(dist_s, peak_h_um) > 0)
+    hmask = np.zeros(img.shape, dtype=bool)
+    for k, sl in enumerate(ndi.find_objects(comps), start=1):
+        if sl is None:  # removed as too small
+            continue
+        sl = tuple(slice(max(0, a.start - 1), a.stop + 1) for a in sl)
+        own = comps[sl] == k
+        # per component: the same result as on the whole image, ~3x faster on large fields
+        hmask[sl] |= (h_maxima(np.where(own, dist_s[sl], 0.0), peak_h_um) > 0) & own
+    hmax, _ = ndi.label(hmask)
     min_dist_px = max(1, int(round(peak_min_distance_um / ps)))
     peaks = peak_local_max(
         np.where(hmax > 0, dist_s, 0.0),
@@ -607,9 +617,29 @@ def hard_nuclei_mask(
     return (np.abs(cnr) < cnr_threshold) | (ins < in_section_threshold)
 
 
-def _plane(x: Any) -> np.ndarray:
+def sample_plane(sample: Any, z: int) -> SimpleNamespace:
+    """One plane of a Z-stack SimSample as a 2-D record for `hard_subset_scores` / `image_metrics`."""
+    nuclei = np.asarray(sample.nuclei)
+    if nuclei.ndim != 3:
+        raise ValueError(f"sample is not a Z stack (nuclei shape {nuclei.shape}); use it directly")
+    return SimpleNamespace(
+        qobm=np.asarray(sample.qobm)[z],
+        dapi=np.asarray(sample.dapi)[z],
+        nuclei=nuclei[z],
+        distractors=np.asarray(sample.distractors)[z],
+        nucleus_cnr=np.asarray(sample.nucleus_cnr)[z],
+        nucleus_in_section=np.asarray(sample.nucleus_in_section)[z],
+        pixel_size=sample.pixel_size,
+    )
+
+
+def _plane(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x)
-    return a if a.ndim == 2 else a[a.shape[0] // 2] if a.ndim == 3 else a
+    if a.ndim != 2:
+        raise ValueError(
+            f"{name} has shape {a.shape}; pass one 2-D plane (for a Z stack use sample_plane(s, z))"
+        )
+    return a
 
 
 def hard_subset_scores(
@@ -634,8 +664,8 @@ def hard_subset_scores(
     for attr in ("nuclei", "distractors", "nucleus_cnr", "nucleus_in_section", "pixel_size"):
         if not hasattr(sample, attr):
             raise TypeError(f"sample needs a '{attr}' field (a simulate.SimSample), missing")
-    true = _as_labels(_plane(sample.nuclei), "sample.nuclei")
-    distr = _as_labels(_plane(sample.distractors), "sample.distractors")
+    true = _as_labels(_plane(sample.nuclei, "sample.nuclei"), "sample.nuclei")
+    distr = _as_labels(_plane(sample.distractors, "sample.distractors"), "sample.distractors")
     pl = _as_labels(pred_labels, "pred_labels")
     if pl.shape != true.shape or distr.shape != true.shape:
         raise ValueError(
@@ -720,7 +750,7 @@ def image_metrics(
         "realism": realism_distance(p, t),
     }
     if sample is not None and true_labels is None:
-        true_labels = _plane(sample.nuclei)
+        true_labels = _plane(sample.nuclei, "sample.nuclei")
     if sample is not None and pixel_size is None:
         pixel_size = sample.pixel_size
     if true_labels is None:
