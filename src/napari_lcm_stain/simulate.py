@@ -151,7 +151,7 @@ class SimParams:
 PRESETS: dict[str, SimParams] = {
     # Mouse/human brain at 20x: THE training distribution of the packaged model.
     "brain-20x": SimParams(),
-    # Brain at 60x/0.7: finer sampling, thinner section (Casteleiro Costa 2021 display range).
+    # Brain at 60x/0.7: finer sampling (0.138 µm/px), thinner section, sharper DAPI focus.
     "brain-60x": SimParams(
         name="brain-60x",
         pixel_size=0.138,
@@ -176,16 +176,17 @@ PRESETS: dict[str, SimParams] = {
         lipid_per_100um2=(0.2, 1.5),
         fibres_per_100um2=(0.0, 0.8),
     ),
-    # Same pixel size, different instrument/sample: 650 nm, 0.5 NA, narrower illumination,
-    # fewer photons, nuclei mostly denser than cytoplasm (fixed tissue), other DAPI stain.
+    # Same pixel size, different instrument/sample: 650 nm LED, 0.5 NA, narrower and less oblique
+    # illumination, more read noise, stronger fall-off, nuclei mostly denser than cytoplasm (as
+    # in fixed tissue), rougher background, another DAPI stain/camera.
     "shifted-20x": SimParams(
         name="shifted-20x",
         wavelength_um=0.65,
         na_objective=0.5,
-        illum_na_ratio=0.9,
+        illum_na_ratio=0.95,
         illum_tilt=0.2,
         optical_section_um=2.5,
-        photons=6000.0,
+        photons=12000.0,
         read_noise_e=4.0,
         falloff=0.6,
         nucleus_sign_p=(0.65, 0.15, 0.20),
