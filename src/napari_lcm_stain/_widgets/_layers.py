@@ -38,6 +38,11 @@ _DAPI_HINT = re.compile(r"dapi|hoechst|nuclear stain|fluor", re.IGNORECASE)
 _TRUTH_HINT = re.compile(r"ground.?truth|\bgt\b|target|measured", re.IGNORECASE)
 
 
+def same_layer(a: Any, b: Any) -> bool:
+    """Identity that sees through napari's PublicOnlyProxy (docks get a proxied viewer)."""
+    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
+
+
 def plugin_info(layer: Layer) -> dict[str, Any] | None:
     """The plugin's metadata on one of its output layers, or None for any other layer."""
     info = layer.metadata.get(PLUGIN_KEY) if isinstance(layer.metadata, dict) else None
@@ -82,9 +87,16 @@ def qobm_score(layer: Layer) -> int:
 
 
 def default_qobm(layers: Iterable[Layer], selected: Layer | None) -> Layer | None:
-    """The selected layer if it fits, else the most plausible qOBM layer (never one of our outputs)."""
+    """The selected layer if it fits, else the most plausible qOBM layer (never one of our outputs).
+
+    A selected layer named like DAPI does not "fit": it is the stain, not the phase image.
+    """
     candidates = image_layers(layers)
-    if selected is not None and selected in candidates:
+    if (
+        selected is not None
+        and any(same_layer(selected, c) for c in candidates)
+        and not _DAPI_HINT.search(selected.name)
+    ):
         return selected
     if not candidates:
         return None
@@ -95,7 +107,11 @@ def default_qobm(layers: Iterable[Layer], selected: Layer | None) -> Layer | Non
 def default_truth(layers: Iterable[Layer], exclude: Layer | None = None) -> Layer | None:
     """A measured DAPI layer, if one is named so (e.g. 'DAPI (ground truth)'); else None."""
     for ly in image_layers(layers):
-        if ly is not exclude and _DAPI_HINT.search(ly.name) and _TRUTH_HINT.search(ly.name):
+        if (
+            not same_layer(ly, exclude)
+            and _DAPI_HINT.search(ly.name)
+            and _TRUTH_HINT.search(ly.name)
+        ):
             return ly
     return None
 
@@ -106,7 +122,7 @@ def default_dapi(layers: Iterable[Layer], exclude: Layer | None = None) -> Layer
     if truth is not None:
         return truth
     for ly in image_layers(layers):
-        if ly is not exclude and _DAPI_HINT.search(ly.name):
+        if not same_layer(ly, exclude) and _DAPI_HINT.search(ly.name):
             return ly
     return None
 

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _jobs
-from ._layers import base_data, default_dapi, default_qobm
+from ._layers import base_data, default_dapi, default_qobm, same_layer
 from ._qt_helpers import LayerCombo, LossPlot
 from .stain_widget import DEVICES, _stop_worker
 
@@ -79,7 +79,8 @@ class FinetuneWidget(QWidget):
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.qobm_combo = LayerCombo(
-            self.viewer, default=lambda: default_qobm(self.viewer.layers, None)
+            self.viewer,
+            default=lambda: default_qobm(self.viewer.layers, self.viewer.layers.selection.active),
         )
         self.qobm_combo.setToolTip("qOBM phase image of your paired training data.")
         form.addRow("qOBM layer", self.qobm_combo)
@@ -225,7 +226,7 @@ class FinetuneWidget(QWidget):
         q, d = self.qobm_combo.layer(), self.dapi_combo.layer()
         if q is None or d is None:
             return "Pick a qOBM layer and its paired DAPI layer (single-channel images)."
-        if q is d:
+        if same_layer(q, d):
             return "The qOBM and DAPI layers are the same layer; pick the measured DAPI."
         problem = _shape_problem(q, d, "qOBM", "DAPI")
         if problem:
@@ -311,10 +312,11 @@ class FinetuneWidget(QWidget):
 
     def _on_tick(self, tick: _jobs.FinetuneTick) -> None:
         self.plot.add(tick.step, tick.train_loss, tick.val_loss)
-        if self._pbar is not None:
-            if tick.total and self._pbar.total != tick.total:
-                self._pbar.total = tick.total
-            self._pbar.update(max(0, tick.step - self._pbar.n))
+        pbar = self._pbar  # local: progress events may process Qt events (re-entrancy)
+        if pbar is not None:
+            if tick.total and pbar.total != tick.total:
+                pbar.total = tick.total
+            pbar.update(max(0, tick.step - pbar.n))
         if not self._job.get("stop") or not self._job["stop"].is_set():
             loss = "" if tick.train_loss is None else f", train loss {tick.train_loss:.4g}"
             val = "" if tick.val_loss is None else f", validation {tick.val_loss:.4g}"

@@ -49,6 +49,7 @@ from ._layers import (
     find_output,
     layer_pixel_size,
     matching_labels,
+    same_layer,
     upsert_output,
 )
 from ._qt_helpers import LayerCombo
@@ -451,7 +452,7 @@ class StainWidget(QWidget):
         self, source: Layer, shape: tuple[int, ...], plane: tuple[int, ...]
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         gt = self.truth_combo.layer()
-        if gt is None or gt is source:
+        if gt is None or same_layer(gt, source):
             return None, None
         gt_data = base_data(gt)
         if tuple(gt_data.shape) != tuple(shape):
@@ -483,12 +484,13 @@ class StainWidget(QWidget):
         self.cancel_button.setEnabled(busy)
 
     def _on_progress(self, tick: _jobs.Progress) -> None:
-        if self._pbar is None:
+        pbar = self._pbar  # local: progress events may process Qt events (re-entrancy)
+        if pbar is None:
             return
-        if tick.total and self._pbar.total != tick.total:
-            self._pbar.total = tick.total
-        self._pbar.set_description(tick.label)
-        self._pbar.update(max(0, tick.done - self._pbar.n))
+        if tick.total and pbar.total != tick.total:
+            pbar.total = tick.total
+        pbar.set_description(tick.label)
+        pbar.update(max(0, tick.done - pbar.n))
         if not self._cancelled:
             done = f" {tick.done}/{tick.total} tiles" if tick.total else ""
             self.status.setText(f"{tick.label}…{done}")
@@ -612,7 +614,7 @@ class StainWidget(QWidget):
         ]
         out = [source]
         for ly in found:
-            if ly is not None and ly not in out:
+            if ly is not None and not any(same_layer(ly, o) for o in out):
                 out.append(ly)
         return out
 
@@ -622,8 +624,13 @@ class StainWidget(QWidget):
             self.grid_button.setChecked(on)  # re-enters through the toggled signal
             return
         if on:
-            if len(self.comparison_layers()) < 2:
-                show_info("Stain a layer first: side by side needs its DAPI output.")
+            source = self.layer_combo.layer()
+            label = self.model_choice().label
+            if (
+                source is None
+                or find_output(self.viewer.layers, source.name, ROLE_STAIN, label) is None
+            ):
+                show_info("Stain the layer first: side by side needs its DAPI output.")
                 self.grid_button.setChecked(False)
                 return
             grid = _grid(self.viewer)
@@ -643,7 +650,7 @@ class StainWidget(QWidget):
         for ly in chosen:  # move to the top in order: index order = grid order, left to right
             layers.move(layers.index(ly), len(layers))
         for ly in layers:
-            ly.visible = ly in chosen
+            ly.visible = any(same_layer(ly, c) for c in chosen)
         for ly in chosen:
             saved["overlay"].setdefault(ly.name, ly.name_overlay.visible)
             ly.name_overlay.visible = True

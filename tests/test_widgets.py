@@ -1,0 +1,384 @@
+"""The napari docks in a real viewer (pytest-qt + Xvfb), driving the real tiling engine.
+
+The packaged weights are used when they are installed; otherwise a tiny deterministic stand-in
+predictor (same contract) keeps these tests about the widgets, not about model quality.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from napari.layers import Image
+from napari.utils.notifications import NotificationSeverity, notification_manager
+
+from napari_lcm_stain._widgets import _jobs
+from napari_lcm_stain._widgets._layers import PLUGIN_KEY
+from napari_lcm_stain.simulate import simulate_pair
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-lcm-stain"
+TIMEOUT = 60_000  # ms: the first real-model run also loads weights
+
+
+class TinyPredictor:
+    """Stand-in for `sampling.Predictor`: smooth deterministic map, optional noise, optional delay."""
+
+    multiple = 8
+    pixel_size = 0.414
+    latent_factor = 4
+    noise_channels = 1
+
+    def __init__(self, name: str, stochastic: bool, delay: float = 0.0):
+        self.name = name
+        self.n_noise = 1 if stochastic else 0
+        self.delay = delay
+        self.device = torch.device("cpu")
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def noise_shape(self, h, w):
+        return (1, 1, h // 4, w // 4) if self.n_noise else None
+
+    def normalize(self, x):
+        return np.asarray(x, dtype=np.float32)
+
+    def __call__(self, x, noise=None):
+        with self.lock:
+            self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        y = torch.sigmoid(2.0 * torch.nn.functional.avg_pool2d(x, 3, 1, 1))
+        if noise is not None:
+            n = noise[:, 0, :1].repeat_interleave(4, -1).repeat_interleave(4, -2)
+            y = y + 0.05 * n
+        return y.clamp(0.0, 1.0)
+
+
+def _have_packaged() -> bool:
+    try:
+        from napari_lcm_stain import checkpoints
+    except ImportError:
+        return False
+    return all(checkpoints.packaged_path(n).exists() for n in ("lcm", "pix2pix"))
+
+
+@pytest.fixture
+def models(monkeypatch):
+    """'packaged' when the real weights are installed, else patch in TinyPredictors."""
+    if _have_packaged():
+        return {}
+    made: dict = {}
+
+    def fake(cache, model, steps, device):
+        if not isinstance(model, str):
+            return model
+        key = str(model)
+        if key not in made:
+            if key not in ("lcm", "teacher", "pix2pix"):
+                from napari_lcm_stain.sampling import load_predictor
+
+                return load_predictor(model, steps=steps, device=device)  # real loading errors
+            made[key] = TinyPredictor(key, stochastic=key != "pix2pix")
+        return made[key]
+
+    monkeypatch.setattr(_jobs, "get_predictor", fake)
+    return made
+
+
+@pytest.fixture
+def slow_models(monkeypatch):
+    """Always TinyPredictors that take 50 ms per call, so a run can be cancelled midway."""
+    made: dict = {}
+
+    def fake(cache, model, steps, device):
+        made.setdefault(str(model), TinyPredictor(str(model), str(model) != "pix2pix", 0.05))
+        return made[str(model)]
+
+    monkeypatch.setattr(_jobs, "get_predictor", fake)
+    return made
+
+
+def _field(viewer, size=128, seed=3, z_planes=None, with_truth=True):
+    s = simulate_pair("brain-20x", size=size, seed=seed, z_planes=z_planes)
+    px = s.pixel_size
+    nd = s.qobm.ndim
+    scale = (1.0,) * (nd - 2) + (px, px)
+    q = viewer.add_image(s.qobm, name="qOBM phase", scale=scale, translate=(0,) * (nd - 2) + (5, 7))
+    if with_truth:
+        viewer.add_image(s.dapi, name="DAPI (ground truth)", scale=scale, colormap="cyan")
+        viewer.add_labels(s.nuclei, name="nuclei (ground truth)", scale=scale)
+    return q, s
+
+
+def _stain_dock(viewer):
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual stain")
+    widget.tile_spin.setValue(64)
+    widget.overlap_spin.setValue(16)
+    return widget
+
+
+def _click_and_wait(qtbot, widget, button=None):
+    (button or widget.stain_button).click()
+    assert widget.is_running
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+
+
+def _errors_since(n: int) -> list[str]:
+    return [
+        str(r.message)
+        for r in notification_manager.records[n:]
+        if r.severity == NotificationSeverity.ERROR
+    ]
+
+
+def test_stain_layer_makes_named_layers_with_source_geometry(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer()
+    q, s = _field(viewer)
+    before = q.data.copy()
+    widget = _stain_dock(viewer)
+    # defaults: the qOBM layer (not the DAPI one), ground truth auto-picked, Pix2Pix on, K off
+    assert widget.layer_combo.layer() == q
+    assert widget.truth_combo.layer().name == "DAPI (ground truth)"
+    assert widget.pix2pix_check.isChecked() and not widget.uncertainty_check.isChecked()
+    assert widget.steps_spin.value() == 1
+    assert widget.device_label.text().startswith("→ cpu")
+
+    _click_and_wait(qtbot, widget)
+
+    assert widget.last_error is None, widget.last_error
+    assert widget.stain_button.isEnabled() and not widget.cancel_button.isEnabled()
+    for name in ("qOBM phase · DAPI (LCM)", "qOBM phase · DAPI (Pix2Pix)"):
+        out = viewer.layers[name]
+        assert out.data.shape == q.data.shape
+        assert out.data.dtype == np.float32
+        np.testing.assert_allclose(out.scale, q.scale)
+        np.testing.assert_allclose(out.translate, q.translate)
+        assert np.isfinite(out.data).all()
+        assert 0.0 <= out.data.min() and out.data.max() <= 1.0
+        assert out.data.std() > 0  # not a constant image
+        assert out.metadata[PLUGIN_KEY]["source"] == "qOBM phase"
+        assert tuple(out.contrast_limits) == pytest.approx((0.0, 0.8))
+    assert "qOBM phase · uncertainty" not in viewer.layers
+    # the main output is on top so it is what the user sees
+    assert viewer.layers[-1].name == "qOBM phase · DAPI (LCM)"
+    np.testing.assert_array_equal(q.data, before)  # the input is never touched
+
+    # metrics against the ground truth, one row per model, in range
+    table = widget.metrics_table
+    assert table.isVisibleTo(widget) and table.rowCount() == 2
+    assert [table.verticalHeaderItem(r).text() for r in range(2)] == ["LCM", "Pix2Pix"]
+    metrics = widget.last_outcome.metrics
+    for label in ("LCM", "Pix2Pix"):
+        m = metrics[label]
+        assert set(m) == set(_jobs.METRIC_KEYS)
+        assert -1.0 <= m["pearson"] <= 1.0
+        for key in ("recall", "precision", "f1"):
+            assert 0.0 <= m[key] <= 1.0
+    assert table.item(0, 0).text() == f"{metrics['LCM']['pearson']:.3f}"
+
+
+def test_restain_replaces_outputs_in_place_and_adds_uncertainty(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer()
+    q, _ = _field(viewer, with_truth=False)
+    widget = _stain_dock(viewer)
+    widget.pix2pix_check.setChecked(False)
+    _click_and_wait(qtbot, widget)
+    lcm = viewer.layers["qOBM phase · DAPI (LCM)"]
+    first = lcm.data.copy()
+    n_layers = len(viewer.layers)
+    lcm.name = "my renamed output"  # still recognised as ours through its metadata
+
+    widget.uncertainty_check.setChecked(True)
+    widget.samples_spin.setValue(3)
+    widget.seed_spin.setValue(7)
+    _click_and_wait(qtbot, widget)
+
+    assert widget.last_error is None, widget.last_error
+    assert viewer.layers["my renamed output"] == lcm  # same layer object, data replaced
+    assert not np.array_equal(lcm.data, first)  # mean of 3 new samples differs from seed 0
+    unc = viewer.layers["qOBM phase · uncertainty"]
+    assert len(viewer.layers) == n_layers + 1
+    assert unc.data.shape == q.data.shape
+    assert unc.data.min() >= 0.0 and unc.data.max() > 0.0
+    assert unc.colormap.name == "magma"
+    # the picker never offers our outputs as input
+    offered = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
+    assert offered == ["qOBM phase"]
+
+
+def test_picker_offers_single_channel_images_and_explains_the_rest(make_napari_viewer, models):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="photo", rgb=True)
+    viewer.add_labels(np.zeros((32, 32), np.int32), name="cells")
+    viewer.add_points(np.zeros((2, 2)), name="spots")
+    widget = _stain_dock(viewer)
+    assert widget.layer_combo.count() == 0
+    note = widget.layer_note.text()
+    assert "No single-channel image layer" in note
+    assert "'photo': RGB" in note and "'cells': Labels layer" in note and "'spots'" in note
+    widget.stain_button.click()
+    assert not widget.is_running and "No qOBM layer" in widget.last_error
+
+    dapi = viewer.add_image(np.zeros((32, 32), np.uint16), name="DAPI")
+    assert widget.layer_combo.layer() == dapi  # the only candidate
+    phase = viewer.add_image(np.zeros((32, 32), np.float32), name="sample 1 phase")
+    other = viewer.add_image(np.zeros((32, 32), np.float32), name="other")
+    assert widget.layer_combo.layer() == dapi  # an existing choice is kept when layers come
+    assert "'photo'" in widget.layer_note.text() and "No single" not in widget.layer_note.text()
+
+    # a new dock: the selected layer if it fits ...
+    viewer.layers.selection.active = other
+    _dock, fresh = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    assert fresh.qobm_combo.layer() == other
+    assert fresh.dapi_combo.layer() == dapi
+    viewer.window.remove_dock_widget(_dock)
+    # ... but never a DAPI-named one: then the most qOBM-like name wins
+    viewer.layers.selection.active = dapi
+    _dock, fresh = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    assert fresh.qobm_combo.layer() == phase
+    viewer.window.remove_dock_widget(_dock)
+
+
+def test_cancel_mid_run_leaves_no_layer_and_idle_ui(make_napari_viewer, qtbot, slow_models):
+    viewer = make_napari_viewer()
+    _field(viewer, size=256, with_truth=False)
+    widget = _stain_dock(viewer)
+    n_layers = len(viewer.layers)
+    widget.stain_button.click()
+    predictor_calls = lambda: sum(p.calls for p in slow_models.values())  # noqa: E731
+    qtbot.waitUntil(lambda: predictor_calls() >= 2, timeout=TIMEOUT)
+    widget.cancel_button.click()
+    at_cancel = predictor_calls()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+
+    assert predictor_calls() - at_cancel <= 1  # stops within one tile batch
+    assert len(viewer.layers) == n_layers
+    assert widget.status.text().startswith("Cancelled")
+    assert widget.stain_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.last_error is None
+    # and the dock still works afterwards
+    widget.pix2pix_check.setChecked(False)
+    widget.tile_spin.setValue(256)
+    _click_and_wait(qtbot, widget)
+    assert "qOBM phase · DAPI (LCM)" in viewer.layers
+
+
+def test_engine_error_becomes_notification_and_ui_resets(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer()
+    bad = np.full((64, 64), np.nan, np.float32)
+    viewer.add_image(bad, name="broken phase")
+    widget = _stain_dock(viewer)
+    n_notes = len(notification_manager.records)
+    _click_and_wait(qtbot, widget)
+    errors = _errors_since(n_notes)
+    assert len(errors) == 1 and errors[0].startswith("Staining failed: ")
+    assert "NaN" in errors[0] or "nan" in errors[0]
+    assert widget.stain_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert [ly.name for ly in viewer.layers] == ["broken phase"]
+
+
+def test_corrupt_checkpoint_reports_the_file(make_napari_viewer, qtbot, models, tmp_path):
+    viewer = make_napari_viewer()
+    _field(viewer, size=64, with_truth=False)
+    widget = _stain_dock(viewer)
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x80\x04not a safetensors file")
+    widget.add_model("broken", str(path))
+    assert widget.model_combo.currentText() == "broken"
+    n_notes = len(notification_manager.records)
+    _click_and_wait(qtbot, widget)
+    errors = _errors_since(n_notes)
+    assert len(errors) == 1 and "broken.safetensors" in errors[0]
+    assert "qOBM phase · DAPI (broken)" not in viewer.layers
+    assert widget.stain_button.isEnabled()
+
+
+def test_side_by_side_grid_and_back(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer()
+    q, _ = _field(viewer)
+    widget = _stain_dock(viewer)
+    widget.grid_button.click()  # nothing stained yet: refuses, stays off
+    assert not widget.grid_button.isChecked()
+    _click_and_wait(qtbot, widget)
+
+    widget.grid_button.click()
+    grid = viewer.canvas.grid
+    assert grid.enabled and tuple(grid.shape) == (1, 4)
+    expected = [
+        "qOBM phase",
+        "qOBM phase · DAPI (LCM)",
+        "qOBM phase · DAPI (Pix2Pix)",
+        "DAPI (ground truth)",
+    ]
+    layers = list(viewer.layers)
+    shown = [ly for ly in layers if ly.visible]
+    assert [ly.name for ly in shown] == expected
+    assert [grid.position(layers.index(ly), layers) for ly in shown] == [(0, i) for i in range(4)]
+    assert not viewer.layers["nuclei (ground truth)"].visible
+    assert all(ly.name_overlay.visible for ly in shown)
+
+    widget.grid_button.click()
+    assert not grid.enabled
+    assert all(ly.visible for ly in viewer.layers)
+    assert not any(ly.name_overlay.visible for ly in viewer.layers)
+
+
+def test_current_plane_only_follows_the_slider(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer()
+    q, _ = _field(viewer, size=64, z_planes=3, with_truth=False)
+    widget = _stain_dock(viewer)
+    widget.pix2pix_check.setChecked(False)
+    assert widget.plane_check.isEnabled()
+    widget.plane_check.setChecked(True)
+    viewer.dims.set_current_step(0, 1)
+    _click_and_wait(qtbot, widget)
+    out = viewer.layers["qOBM phase · DAPI (LCM)"]
+    assert out.data.shape == (64, 64)
+    assert out.metadata[PLUGIN_KEY]["plane"] == [1]
+    np.testing.assert_allclose(out.scale, q.scale[-2:])
+
+    viewer.dims.set_current_step(0, 2)  # the dock re-stains the new plane by itself
+    qtbot.waitUntil(lambda: out.metadata[PLUGIN_KEY]["plane"] == [2], timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert viewer.layers["qOBM phase · DAPI (LCM)"] == out
+
+    # whole stack again: the 2-D layer becomes a 3-D one of the input's shape
+    widget.plane_check.setChecked(False)
+    _click_and_wait(qtbot, widget)
+    assert viewer.layers["qOBM phase · DAPI (LCM)"].data.shape == q.data.shape
+
+
+def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, slow_models):
+    viewer = make_napari_viewer()
+    _field(viewer, size=256, with_truth=False)
+    widget = _stain_dock(viewer)
+    worker = widget.run()
+    qtbot.waitUntil(lambda: sum(p.calls for p in slow_models.values()) >= 1, timeout=TIMEOUT)
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    calls_at_close = sum(p.calls for p in slow_models.values())
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(finished), timeout=TIMEOUT)
+    assert sum(p.calls for p in slow_models.values()) - calls_at_close <= 2
+
+
+def test_open_sample_and_stain(make_napari_viewer, qtbot, models):
+    pytest.importorskip("napari_lcm_stain._sample_data")
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "qobm_field")
+    names = [ly.name for ly in viewer.layers]
+    assert {"qOBM phase", "DAPI (ground truth)", "nuclei (ground truth)"} <= set(names)
+    widget = _stain_dock(viewer)
+    assert widget.layer_combo.currentText() == "qOBM phase"
+    assert widget.truth_combo.currentText() == "DAPI (ground truth)"
+    _click_and_wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    q = viewer.layers["qOBM phase"]
+    out = viewer.layers["qOBM phase · DAPI (LCM)"]
+    assert isinstance(out, Image) and out.data.shape == q.data.shape
+    np.testing.assert_allclose(out.scale, q.scale)
