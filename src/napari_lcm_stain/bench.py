@@ -142,6 +142,7 @@ def run_bench(
     tile: int = 512,
     overlap: int = 32,
     quiet: bool = False,
+    matmul_n: int = 2048,
 ) -> dict:
     """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS.
 
@@ -157,7 +158,7 @@ def run_bench(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     img = bench_image(size)
     mp = size * size / 1e6
-    matmul = cpu_matmul_gflops()
+    matmul = cpu_matmul_gflops(matmul_n)
     say(f"CPU float32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     names = list(predictors) if predictors is not None else list(MODELS)
     models: dict[str, dict] = {}

@@ -1,0 +1,50 @@
+"""bench: JSON shape and consistency on a tiny run with fake models (timings are not tested)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _fake_predictor import FakePredictor
+from napari_lcm_stain import bench
+
+
+def test_run_bench_json_shape(tmp_path):
+    preds = {
+        "lcm-1": FakePredictor(),
+        "lcm-4": FakePredictor(n_noise=4),
+        "teacher-50": FakePredictor(),
+        "pix2pix": FakePredictor(n_noise=0),
+    }
+    path = tmp_path / "b" / "bench.json"
+    res = bench.run_bench(path, size=64, repeats=2, big=0, predictors=preds, tile=32, overlap=8,
+                          quiet=True, matmul_n=256)  # fmt: skip
+    assert json.loads(path.read_text()) == json.loads(json.dumps(res))
+    assert set(res["models"]) == {"lcm-1", "lcm-4", "teacher-50", "pix2pix"}
+    for name, m in res["models"].items():
+        for key in ("ms_per_mp", "mp_per_s", "gflop_per_mp", "fraction_of_limit"):
+            assert m[key] > 0, (name, key)
+        assert m["ms_per_mp"] * m["mp_per_s"] == pytest.approx(1000.0)
+        assert m["repeats"] == (1 if name == "teacher-50" else 2)
+        assert m["overlap_factor"] >= 1.0
+    r = res["ratios"]
+    assert r["lcm-1/pix2pix"] == pytest.approx(
+        res["models"]["lcm-1"]["ms_per_mp"] / res["models"]["pix2pix"]["ms_per_mp"]
+    )
+    assert set(r) == {"lcm-1/pix2pix", "teacher-50/lcm-1", "lcm-4/lcm-1"}
+    assert res["cpu_matmul_gflops"] > 0 and res["peak_rss_mb"] is None
+    assert res["size"] == 64 and res["device"] == "cpu"
+
+
+def test_tile_gflop_counts_convolutions():
+    pred = FakePredictor()
+    gflop, side = bench.tile_gflop(pred, 64)
+    # enc 5x5 1->8 at 64², mid 3x3 12->8 at 16², dec 3x3 8->1 at 64²; 2 FLOPs per MAC
+    macs = 64 * 64 * 8 * 25 + 16 * 16 * 8 * 12 * 9 + 64 * 64 * 1 * 8 * 9
+    assert side == 64 and gflop == pytest.approx(2 * macs / 1e9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="big >= 0"):
+        bench.run_bench(size=0, big=0, predictors={})
