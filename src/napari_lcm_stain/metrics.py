@@ -73,7 +73,7 @@ SEG_BACKGROUND_UM = 12.0
 SEG_PEAK_MIN_DISTANCE_UM = 3.0
 SEG_MIN_AREA_UM2 = 8.0
 SEG_MIN_CONTRAST = 0.05
-SEG_PEAK_H_UM = 0.5
+SEG_PEAK_H_UM = 0.25
 #: An unmatched predicted object at least this much inside an unlabelled DAPI object is ignored.
 IGNORE_FRACTION = 0.5
 
