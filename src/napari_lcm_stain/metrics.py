@@ -11,7 +11,9 @@ Conventions
   prediction, and both are clipped to [0, 1]. SSIM then uses ``data_range=1``.
 * Nuclei are segmented from a DAPI image (predicted or true) with one fixed pipeline
   (`segment_nuclei`) and matched to ground-truth labels one-to-one by the Hungarian algorithm on IoU
-  (`match_nuclei`); a pair counts only if IoU >= 0.5.
+  (`match_nuclei`); a pair counts only if IoU >= 0.5. Unmatched predictions that land on objects
+  the true DAPI shows but the labels do not list (out-of-focus nuclei) are ignored, not counted as
+  hallucinations (`unlabelled_mask`).
 """
 
 from __future__ import annotations
