@@ -150,6 +150,20 @@ def test_missing_weights_row_is_skipped_with_reason(fake_bench, monkeypatch, tmp
     assert json.loads(out.read_text())["skipped"]["pix2pix"].startswith("CheckpointError")
 
 
+def test_no_model_at_all_is_an_error_after_the_table(fake_bench, monkeypatch, tmp_path, capsys):
+    def missing(image, **kw):
+        raise ImportError("No module named 'napari_lcm_stain.engine'")
+
+    monkeypatch.setattr(E, "_stain", missing)
+    out = tmp_path / "e.json"
+    with pytest.raises(FileNotFoundError, match="no model could be evaluated"):
+        E.run_evaluate(json_path=out, n=1, size=96)
+    assert "oracle" in capsys.readouterr().out  # the table is still printed
+    data = json.loads(out.read_text())  # and the JSON written
+    assert list(data["models"]) == ["oracle", "threshold-phase"]
+    assert len(data["skipped"]) == len(E.FULL_ROWS) - 2
+
+
 def test_real_bugs_are_not_swallowed(fake_bench, monkeypatch):
     def broken(image, **kw):
         raise RuntimeError("shape mismatch inside the model")

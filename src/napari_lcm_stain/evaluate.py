@@ -495,4 +495,11 @@ def run_evaluate(
     if json_path is not None:
         _write_json_atomic(Path(json_path), result)
         log(f"wrote {json_path}")
+    model_rows = [r.name for r in rows if r.model is not None]
+    if model_rows and all(name in skipped for name in model_rows):
+        raise FileNotFoundError(
+            "no model could be evaluated (only the oracle and the baseline ran): "
+            f"{skipped[model_rows[0]]}. Build weights with `lcm-stain train --package`, or pass "
+            "weights_dir= a training output folder"
+        )
     return result
