@@ -69,16 +69,17 @@ def failure_message(exc: BaseException) -> str:
 def _relay(gen: Iterator[Any], label: str, offset: int, remaining: int) -> Generator:
     """Forward an engine generator's (done, total) as overall `Progress`.
 
-    Returns ``(return value, this stage's total)``. The ``remaining`` stages are assumed to be as
-    long as this one until they start and say otherwise.
+    Returns ``(return value, this stage's total, last overall total)``. The ``remaining`` stages
+    are assumed to be as long as this one until they start and say otherwise.
     """
-    total = 0
+    total = overall = 0
     while True:
         try:
             done, total = next(gen)
         except StopIteration as stop:
-            return stop.value, int(total)
-        yield Progress(label, offset + int(done), offset + int(total) * (1 + remaining))
+            return stop.value, int(total), overall
+        overall = offset + int(total) * (1 + remaining)
+        yield Progress(label, offset + int(done), overall)
 
 
 def get_predictor(cache: dict, model: Any, steps: int | None, device: str) -> Any:
@@ -116,10 +117,10 @@ def stain_job(
 
         t0 = time.perf_counter()
         out = StainOutcome()
-        offset = 0
+        offset = overall = 0
         for i, job in enumerate(jobs):
             name = f"{job.label}" + (f" ×{job.samples}" if job.samples > 1 else "")
-            yield Progress(f"loading {job.label}", offset, offset)
+            yield Progress(f"loading {job.label}", offset, overall)
             predictor = get_predictor(cache, job.model, job.steps, device)
             gen = iter_stain(
                 image,
@@ -132,7 +133,7 @@ def stain_job(
                 pixel_size=pixel_size,
                 samples=job.samples,
             )
-            result, total = yield from _relay(gen, name, offset, len(jobs) - 1 - i)
+            result, total, overall = yield from _relay(gen, name, offset, len(jobs) - 1 - i)
             offset += total
             mean = np.asarray(result.mean, dtype=np.float32)
             out.outputs.append((job.role, job.label, mean))
@@ -148,7 +149,7 @@ def stain_job(
             if truth is not None:
                 ps = pixel_size or getattr(predictor, "pixel_size", None)
                 out.metrics[job.label] = yield from _score(
-                    mean, truth, truth_labels, ps, job.label, offset
+                    mean, truth, truth_labels, ps, job.label, offset, overall
                 )
         out.seconds = time.perf_counter() - t0
         return out
@@ -164,6 +165,7 @@ def _score(
     pixel_size: float | None,
     label: str,
     offset: int,
+    overall: int,
 ) -> Generator[Progress, None, dict[str, float]]:
     """Mean of per-plane `image_metrics` (nuclei matched against ``labels`` or segmented truth)."""
     from napari_lcm_stain.metrics import image_metrics, segment_nuclei
@@ -171,7 +173,7 @@ def _score(
     planes = list(_planes(pred))
     sums: dict[str, float] = {}
     for idx in planes:
-        yield Progress(f"scoring {label}", offset, offset)
+        yield Progress(f"scoring {label}", offset, overall)
         p, t = pred[idx], np.asarray(truth[idx], dtype=np.float32)
         if labels is not None:
             true_labels = np.asarray(labels[idx])

@@ -144,14 +144,17 @@ def base_data(layer: Layer) -> Any:
 
 
 def layer_pixel_size(layer: Layer) -> float | None:
-    """µm per pixel of a layer if it is known: metadata 'pixel_size', else a µm-unit scale.
+    """µm per pixel of a layer if known: metadata 'pixel_size(_um)', else a length-unit scale.
 
     A scale of 1 in 'pixel' units (napari's default) says nothing, so None lets the model assume
     its training pixel size.
     """
-    meta = layer.metadata.get("pixel_size") if isinstance(layer.metadata, dict) else None
-    if isinstance(meta, (int, float)) and np.isfinite(meta) and meta > 0:
-        return float(meta)
+    md = layer.metadata if isinstance(layer.metadata, dict) else {}
+    for key in ("pixel_size", "pixel_size_um"):
+        meta = md.get(key)
+        if isinstance(meta, (int, float)) and not isinstance(meta, bool):
+            if np.isfinite(meta) and meta > 0:
+                return float(meta)
     units = getattr(layer, "units", None)
     if units:
         unit = str(units[-1]).lower()
