@@ -289,6 +289,8 @@ def test_write_dataset_ome_tiff_and_cli(tmp_path):
     assert rc == 0
     stack = tifffile.imread(tmp_path / "cli" / "000_dapi.ome.tif")
     assert stack.shape == (2, 32, 32)
+    meta = json.loads((tmp_path / "cli" / "000_meta.json").read_text())  # strict JSON, no NaN
+    assert np.asarray(meta["nucleus_in_section"]).shape[0] == 2
     assert main(["simulate", "--preset", "nope", "--n", "1", "--out", str(tmp_path / "x")]) == 2
     with pytest.raises(ValueError, match="n must be"):
         S.write_dataset(tmp_path / "y", n=0)

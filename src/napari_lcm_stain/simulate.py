@@ -30,7 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +79,8 @@ class SimParams:
     pixel_size: float = 0.414  # µm/px in the sample (6.5 µm camera pixel / ~15.7x); 20x qOBM
     wavelength_um: float = 0.72  # LED centre wavelength (720 nm; NIR for depth in tissue)
     na_objective: float = 0.40  # objective NA (20x/0.4)
-    illum_na_ratio: float = (
-        1.0  # illumination NA / objective NA (back-scattered light fills the pupil)
-    )
+    # illumination NA / objective NA (back-scattered light fills the pupil: σ ≈ 1)
+    illum_na_ratio: float = 1.0
     illum_tilt: float = 0.6  # 0 = uniform half-pupil source; >0 weights oblique angles more (0..1)
     optical_section_um: float = 3.0  # axial thickness the qOBM phase integrates (2-4 µm)
     section_edge_um: float = 0.6  # softness (erf width) of the optical-section edges
@@ -91,18 +90,10 @@ class SimParams:
     read_noise_e: float = 2.0  # camera read noise, electrons rms
     falloff: float = 0.35  # illumination fall-off across the field (fraction, linear + vignette)
     # --- tissue: refractive index (Δn relative to the surrounding neuropil/stroma) ------------
-    nuclei_per_100um2: tuple[float, float] = (
-        12.0,
-        30.0,
-    )  # in-focus (labelled) nuclei per 100x100 µm
-    kind_fractions: tuple[float, ...] = (
-        0.55,
-        0.25,
-        0.08,
-        0.0,
-        0.0,
-        0.02,
-    )  # by KIND_NAMES (no endo)
+    # in-focus (labelled) nuclei per 100x100 µm field, sampled log-uniformly per image
+    nuclei_per_100um2: tuple[float, float] = (12.0, 30.0)
+    # mix of nucleus types, in KIND_NAMES order (endothelial nuclei come with the vessels)
+    kind_fractions: tuple[float, ...] = (0.55, 0.25, 0.08, 0.0, 0.0, 0.02)
     nucleus_dn_positive: tuple[float, float] = (0.003, 0.010)  # Δn nucleus-cytoplasm if positive
     nucleus_dn_negative: tuple[float, float] = (-0.010, -0.003)  # Δn if negative (n_nuc < n_cyto)
     nucleus_sign_p: tuple[float, float, float] = (0.35, 0.40, 0.25)  # P(positive, negative, ~zero)
@@ -903,7 +894,6 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
     full = (adz < label_depth) | (adz < reach + nu["c"])
     order = np.flatnonzero(full)
     order = order[np.argsort(-adz[order])]  # farthest first: nearest nuclei paint on top
-    wl_px = np.array([0])
     for i in order:
         e = _ellipse(nu["x"][i], nu["y"][i], nu["a"][i], nu["b"][i], nu["theta"][i],
                      nu["harm"][i], nu["hph"][i], px, shape)  # fmt: skip
@@ -973,7 +963,6 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
         np.add.at(dna, (b, ci, cj), amp.astype(np.float32))
         w_sec = _section_path(dz[js] - 0.6, dz[js] + 0.6, 0.0, T, s_edge)
         np.add.at(opd, (ci, cj), p.chromocentre_dn * w_sec * cc["amp"][sel][ok] * spot_area)
-        wl_px = None  # noqa: F841  (spots are blurred with the PSF below)
 
     # blob distractors
     bl = scene.blobs
@@ -1097,7 +1086,7 @@ def _parse_size(size) -> tuple[int, int]:
 
 
 def _cnr(phase_clean, labels, n_lab, noise):
-    """Per-label phase contrast (mean inside − mean of a 1.5 µm ring outside) / noise rms."""
+    """Per-label phase contrast (mean inside − mean of a 4-pixel ring outside) / noise rms."""
     from skimage.segmentation import expand_labels
 
     idx = np.arange(1, n_lab + 1)
@@ -1174,7 +1163,6 @@ def simulate_pair(
         cnr[k, here - 1] = c[here - 1]
         ins[k, here - 1] = np.nan_to_num(r.in_section[present[here - 1] - 1])
     kinds = scene.nuclei["kind"][present - 1].astype(np.int8)
-    dkind = outs[0][0].distractor_kind
     if z_planes is None:
         return SimSample(
             qobm=qo[0].astype(np.float32), dapi=da[0].astype(np.float32),
@@ -1183,7 +1171,6 @@ def simulate_pair(
             preset=p.name, seed=int(seed), focus_um=0.0, nucleus_kind=kinds,
             distractor_kind=_kinds_present(outs[0][0], crop), params=p,
         )  # fmt: skip
-    del dkind
     return SimSample(
         qobm=np.stack(qo).astype(np.float32), dapi=np.stack(da).astype(np.float32),
         nuclei=np.stack(nl).astype(np.int32), distractors=np.stack(dl).astype(np.int32),
@@ -1230,6 +1217,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _json_list(a: np.ndarray) -> list:
+    """Rounded nested list with NaN (nucleus absent from a plane) as null: strict JSON."""
+    a = np.round(np.asarray(a, np.float64), 4)
+    return np.where(np.isnan(a), None, a).tolist()
+
+
 def write_dataset(out, preset: str = "brain-20x", n: int = 4, size: int | tuple[int, int] = 512,
                   seed: int = 0, z_planes: int | None = None, z_step_um: float = 1.0) -> list[Path]:  # fmt: skip
     """Write ``n`` simulated pairs as OME-TIFFs (+ JSON metadata) into ``out``.
@@ -1262,16 +1255,11 @@ def write_dataset(out, preset: str = "brain-20x", n: int = 4, size: int | tuple[
             "z_step_um": z_step_um if z_planes else None,
             "qobm_units": "rad",
             "dapi_scale": "fixed 0-1 (1.0 = dapi_photons photons)",
-            "nucleus_cnr": np.round(s.nucleus_cnr, 4).tolist(),
-            "nucleus_in_section": np.round(s.nucleus_in_section, 4).tolist(),
+            "nucleus_cnr": _json_list(s.nucleus_cnr),
+            "nucleus_in_section": _json_list(s.nucleus_in_section),
             "nucleus_kind": [KIND_NAMES[k] for k in s.nucleus_kind],
             "params": p.to_dict(),
         }
-        _atomic_write_text(out / f"{stem}_meta.json", json.dumps(meta, indent=1, allow_nan=True))
+        _atomic_write_text(out / f"{stem}_meta.json", json.dumps(meta, indent=1, allow_nan=False))
         paths.append(qp)
     return paths
-
-
-def _replace(params: SimParams, **kw) -> SimParams:
-    """Convenience for tests/docs: a copy of ``params`` with fields changed."""
-    return replace(params, **kw)
