@@ -249,3 +249,13 @@ def test_packaged_lcm_smoke():
     assert 0 <= out.min() and out.max() <= 1
     np.testing.assert_array_equal(out[1], stain(img[1], "lcm", device="cpu", tile=64, overlap=16))
     assert engine.get_predictor("lcm", None, "cpu") is engine.get_predictor("lcm", None, "cpu")
+
+
+def test_zarr_output_is_written_plane_by_plane(pred, tmp_path):
+    stack = blobs((3, 50, 40))
+    out = zarr.create_array(
+        str(tmp_path / "o.zarr"), shape=stack.shape, chunks=(1, 16, 16), dtype="f4"
+    )
+    _, res = drain(iter_stain(stack, pred, out=out, **KW))
+    assert res.mean is out
+    np.testing.assert_array_equal(out[...], stain(stack, pred, **KW))

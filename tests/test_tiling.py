@@ -226,3 +226,28 @@ def test_dask_graph_accepts_dask_input_and_loader():
     local = T.predict_tiled(img, pred, 64, 16, noise, batch=2)
     lazy = T.predict_tiled_dask(da.from_array(img, chunks=50), pred, 64, 16, noise, 2, fake_loader)
     np.testing.assert_array_equal(lazy.compute(scheduler="sync"), local)
+
+
+def test_rows_are_streamed_to_out_once_and_in_order():
+    """Band accumulation: finished rows leave as soon as the next tile row starts."""
+    pred = FakePredictor()
+    raw = blobs((300, 170), seed=6)
+
+    class Recorder:
+        def __init__(self):
+            self.data = np.full(raw.shape, np.nan, np.float32)
+            self.rows = []
+
+        def __setitem__(self, key, value):
+            self.rows.append((key[0].start, key[0].stop))
+            self.data[key] = value
+
+    rec = Recorder()
+    grid = T.make_grid(raw.shape, 16, 64, 16)
+    noise = T.make_noise_canvas(pred, grid.padded, 0)
+    T.predict_tiled(raw, pred, 64, 16, noise, out=rec, transform=pred.normalize, clip=(0.2, 0.8))
+    assert rec.rows[0][0] == 0 and rec.rows[-1][1] == 300
+    assert all(a[1] == b[0] for a, b in zip(rec.rows, rec.rows[1:]))
+    assert len(rec.rows) == len(grid.starts[0])
+    ref = T.predict_tiled(pred.normalize(raw), pred, 64, 16, noise)  # normalised up front
+    np.testing.assert_array_equal(rec.data, np.clip(ref, 0.2, 0.8))

@@ -192,6 +192,22 @@ def _scheduler_context(scheduler):
     return (lambda arr: client.compute(arr).result()), client.close
 
 
+class _PlaneView:
+    """Write-through view of one plane of a lazy output (zarr): `view[r0:r1, c0:c1] = block`."""
+
+    def __init__(self, arr, idx: tuple):
+        self.arr, self.idx = arr, idx
+
+    def __setitem__(self, key, value):
+        self.arr[self.idx + tuple(key)] = value
+
+
+def _plane_target(out, idx: tuple):
+    if not idx:
+        return out
+    return out[idx] if isinstance(out, np.ndarray) else _PlaneView(out, idx)
+
+
 def iter_stain(
     image,
     model="lcm",
@@ -273,31 +289,38 @@ def iter_stain(
     # one noise canvas per sample, shared by every plane: a Z/T stack gets no noise flicker,
     # and a plane stains the same whether it comes alone or inside a stack.
     noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
+    clip = (0.0, 1.0)
     done = 0
     try:
         yield done, total
         for idx in np.ndindex(*lead) if lead else [()]:
             where = f"plane {idx}" if lead else "image"
-            # a view of the caller's data: only ever read; _fix_nonfinite copies before writing
-            plane = np.asarray(arr[idx] if idx else arr[...])
-            if plane.dtype != np.float32:
+            key = idx if idx else ...
+            # the caller's data (often a view or memmap): only read; tiles are cast and
+            # normalised one at a time; _fix_nonfinite copies before it writes
+            plane = np.asarray(arr[key])
+            if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
             if scale != 1.0:
-                plane = _resize(plane, work)
-            x = np.asarray(pred.normalize(plane), dtype=np.float32)
-            del plane
-            acc = m2 = None
+                plane = _resize(plane.astype(np.float32, copy=False), work)
+            direct = k_eff == 1 and scale == 1.0 and compute is None
+            mean = m2 = None
             for k in range(k_eff):
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
-                        x, pred, tile, overlap, noises[k], batch, loader=loader
-                    )
+                        plane, pred, tile, overlap, noises[k], batch, loader=loader,
+                        normalize=True, clip=clip,
+                    )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles
                     yield done, total
                 else:
-                    gen = tiling.iter_predict_tiled(x, pred, tile, overlap, noises[k], batch)
+                    target = _plane_target(mean_out, idx) if direct else None
+                    gen = tiling.iter_predict_tiled(
+                        plane, pred, tile, overlap, noises[k], batch, out=target,
+                        transform=pred.normalize, clip=clip,
+                    )  # fmt: skip
                     base = done
                     while True:
                         try:
@@ -307,24 +330,25 @@ def iter_stain(
                             break
                         done = base + d
                         yield done, total
+                if direct:  # streamed straight into the output, band by band
+                    continue
                 if scale != 1.0:
-                    y = _resize(y, (h, w))
-                # Welford running mean / M2 so K samples never need K planes in memory
-                if acc is None:
-                    acc = np.array(y, dtype=np.float64)
-                    m2 = np.zeros_like(acc) if k_eff > 1 else None
+                    y = np.clip(_resize(y, (h, w)), 0.0, 1.0)
+                # Welford running mean / M2: K samples never need K planes in memory
+                if mean is None:
+                    mean = np.array(y, dtype=np.float32)
+                    m2 = np.zeros_like(mean) if k_eff > 1 else None
                 else:
-                    delta = y - acc
-                    acc += delta / (k + 1)
-                    m2 += delta * (y - acc)
+                    delta = y - mean
+                    mean += delta / (k + 1)
+                    m2 += delta * (y - mean)
                 del y
-            mean_out[idx if idx else ...] = np.clip(acc, 0.0, 1.0).astype(np.float32)
+            del plane
+            if mean is not None:
+                mean_out[key] = mean
             if std_out is not None:
-                if m2 is None:
-                    std_out[idx if idx else ...] = 0.0
-                else:
-                    std_out[idx if idx else ...] = np.sqrt(m2 / (k_eff - 1)).astype(np.float32)
-            del acc, m2, x
+                std_out[key] = 0.0 if m2 is None else np.sqrt(m2 / (k_eff - 1))
+            del mean, m2
     finally:
         close()
 

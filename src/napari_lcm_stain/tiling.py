@@ -230,6 +230,14 @@ def _weighted_batch(predictor, grid: TileGrid, items, tiles, noises) -> list[np.
     return [p * grid.tile_weight(i, j) for (i, j, _y, _x), p in zip(items, preds)]
 
 
+def _tile_batch(image, chunk, th, tw, transform) -> np.ndarray:
+    tiles = []
+    for _i, _j, y0, x0 in chunk:
+        t = np.asarray(extract_tile(image, y0, x0, th, tw), dtype=np.float32)
+        tiles.append(np.asarray(transform(t), dtype=np.float32) if transform is not None else t)
+    return np.stack(tiles)
+
+
 def iter_predict_tiled(
     image: np.ndarray,
     predictor,
@@ -237,42 +245,64 @@ def iter_predict_tiled(
     overlap: int = 32,
     noise_canvas: torch.Tensor | None = None,
     batch: int = 4,
-    out: np.ndarray | None = None,
+    out=None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """Generator form of `predict_tiled`: yields (tiles done, tiles total); returns the (H, W) map."""
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"predict_tiled needs a 2-D plane, got shape {image.shape}")
-    if image.dtype != np.float32:
-        image = image.astype(np.float32)
+    """Generator form of `predict_tiled`: yields (tiles done, tiles total); returns the (H, W) map.
+
+    Memory stays at one band of tile rows: weighted tiles accumulate in a (tile × width) buffer,
+    and rows that no later tile touches are normalised and written to `out` (numpy, memmap,
+    or anything accepting `out[r0:r1, c0:c1] = block`) as soon as a new tile row starts.
+    `transform` (e.g. `predictor.normalize`) is applied per tile, so a raw plane never has to
+    be normalised as a whole.
+    """
+    image = (
+        image if hasattr(image, "shape") and hasattr(image, "__getitem__") else np.asarray(image)
+    )
+    if len(image.shape) != 2:
+        raise ValueError(f"predict_tiled needs a 2-D plane, got shape {tuple(image.shape)}")
     batch = max(1, int(batch))
     grid = make_grid(image.shape, predictor.multiple, tile, overlap)
     f = _noise_factor(noise_canvas, grid)
     th, tw = grid.tile
-    acc = np.zeros(grid.padded, np.float32)
+    h, w = grid.shape
+    sy, sx = grid.weight_sums
+    res = out if out is not None else np.empty((h, w), np.float32)
+    band = np.zeros((th, grid.padded[1]), np.float32)
+    band_y0 = 0
+
+    def emit(y_end: int) -> None:  # rows [band_y0, y_end) are final
+        r1 = min(y_end, h)
+        if r1 <= band_y0:
+            return
+        block = band[: r1 - band_y0, :w] / sy[band_y0:r1, None]
+        block /= sx[None, :w]
+        if clip is not None:
+            np.clip(block, clip[0], clip[1], out=block)
+        res[band_y0:r1, :w] = block
+
     items = grid.tiles()
     total = len(items)
     done = 0
     for b0 in range(0, total, batch):
         chunk = items[b0 : b0 + batch]
-        tiles = np.stack([extract_tile(image, y0, x0, th, tw) for _i, _j, y0, x0 in chunk])
+        tiles = _tile_batch(image, chunk, th, tw, transform)
         noises = None
         if noise_canvas is not None:
             noises = [_noise_crop(noise_canvas, f, y0, x0, th, tw) for _i, _j, y0, x0 in chunk]
-        for (_i, _j, y0, x0), wp in zip(
-            chunk, _weighted_batch(predictor, grid, chunk, tiles, noises)
-        ):
-            acc[y0 : y0 + th, x0 : x0 + tw] += wp
+        weighted = _weighted_batch(predictor, grid, chunk, tiles, noises)
+        for (_i, _j, y0, x0), wp in zip(chunk, weighted):
+            if y0 != band_y0:  # a new tile row: rows above it are complete
+                emit(y0)
+                shift = y0 - band_y0
+                band[: th - shift] = band[shift:]
+                band[th - shift :] = 0.0
+                band_y0 = y0
+            band[:, x0 : x0 + tw] += wp
         done += len(chunk)
         yield done, total
-    h, w = grid.shape
-    res = acc[:h, :w]
-    sy, sx = grid.weight_sums
-    res /= sy[:h, None]
-    res /= sx[None, :w]
-    if out is not None:
-        out[...] = res
-        return out
+    emit(band_y0 + th)
     return res
 
 
@@ -285,14 +315,18 @@ def predict_tiled(
     batch: int = 4,
     progress_cb: Callable[[int, int], None] | None = None,
     cancel_check: Callable[[], bool] | None = None,
-    out: np.ndarray | None = None,
+    out=None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Blend the predictor's output over overlapping tiles of one normalised 2-D plane.
 
     `noise_canvas` comes from `make_noise_canvas(predictor, make_grid(...).padded, seed)`.
     Raises `Cancelled` if `cancel_check()` turns True between batches.
     """
-    gen = iter_predict_tiled(image2d_normalized, predictor, tile, overlap, noise_canvas, batch, out)
+    gen = iter_predict_tiled(
+        image2d_normalized, predictor, tile, overlap, noise_canvas, batch, out, transform, clip
+    )
     while True:
         if cancel_check is not None and cancel_check():
             gen.close()
@@ -324,15 +358,16 @@ def _worker_predictor(predictor, loader):
     return _WORKER_PREDICTORS[key]
 
 
-def _dask_batch(crops, index_maps, noises, predictor, loader, grid, items):
+def _dask_batch(crops, index_maps, noises, predictor, loader, grid, items, normalize):
     pred = _worker_predictor(predictor, loader)
-    tiles = np.stack(
-        [np.asarray(c, np.float32)[np.ix_(iy, ix)] for c, (iy, ix) in zip(crops, index_maps)]
-    )
-    return _weighted_batch(pred, grid, items, tiles, noises)
+    tiles = []
+    for c, (iy, ix) in zip(crops, index_maps):
+        t = np.asarray(np.asarray(c)[np.ix_(iy, ix)], dtype=np.float32)
+        tiles.append(np.asarray(pred.normalize(t), dtype=np.float32) if normalize else t)
+    return _weighted_batch(pred, grid, items, np.stack(tiles), noises)
 
 
-def _dask_assemble(grid, y_seg, x_seg, contribs):
+def _dask_assemble(grid, y_seg, x_seg, contribs, clip):
     """Sum the weighted tiles touching one output chunk (row-major tile order, as locally)."""
     (ya, yb), (xa, xb) = y_seg, x_seg
     th, tw = grid.tile
@@ -344,6 +379,8 @@ def _dask_assemble(grid, y_seg, x_seg, contribs):
     sy, sx = grid.weight_sums
     acc /= sy[ya:yb, None]
     acc /= sx[None, xa:xb]
+    if clip is not None:
+        np.clip(acc, clip[0], clip[1], out=acc)
     return acc
 
 
@@ -362,12 +399,15 @@ def predict_tiled_dask(
     noise_canvas: torch.Tensor | None = None,
     batch: int = 4,
     loader: Callable[[], object] | None = None,
+    normalize: bool = False,
+    clip: tuple[float, float] | None = None,
 ):
     """`predict_tiled` as a lazy dask array (for `dask.distributed`; same tiles, same sums).
 
     `predictor` gives the grid (multiple); with `loader` (a picklable zero-argument callable, e.g.
     `functools.partial(sampling.load_predictor, "lcm", 1, "cpu")`) each worker builds its own
-    predictor once instead of receiving a pickled model in the graph.
+    predictor once instead of receiving a pickled model in the graph. `normalize=True` applies
+    `predictor.normalize` per tile on the workers (pass the raw plane); `clip` as in predict_tiled.
     """
     import dask
     import dask.array as da
@@ -379,7 +419,7 @@ def predict_tiled_dask(
         raise ValueError(f"predict_tiled_dask needs a 2-D plane, got shape {img.shape}")
     grid = make_grid(img.shape, predictor.multiple, tile, overlap)
     if not isinstance(img, da.Array):
-        img = da.from_array(img.astype(np.float32, copy=False), chunks=grid.tile)
+        img = da.from_array(img, chunks=grid.tile)
     f = _noise_factor(noise_canvas, grid)
     noise_np = None if noise_canvas is None else np.asarray(noise_canvas, dtype=np.float32)
     h, w = grid.shape
@@ -398,7 +438,14 @@ def predict_tiled_dask(
             if noise_np is not None:
                 noises.append(_noise_crop(noise_np, f, y0, x0, th, tw).copy())
         res = dask.delayed(_dask_batch)(
-            crops, maps, noises if noise_np is not None else None, graph_pred, loader, grid, chunk
+            crops,
+            maps,
+            noises if noise_np is not None else None,
+            graph_pred,
+            loader,
+            grid,
+            chunk,
+            normalize,
         )
         for k, (i, j, y0, x0) in enumerate(chunk):
             tile_results[(i, j)] = (dask.delayed(operator.getitem, pure=True)(res, k), y0, x0)
@@ -413,7 +460,7 @@ def predict_tiled_dask(
                 for i, j, y0, x0 in items
                 if y0 < ys[1] and y0 + th > ys[0] and x0 < xs[1] and x0 + tw > xs[0]
             ]
-            blk = dask.delayed(_dask_assemble)(grid, ys, xs, contribs)
+            blk = dask.delayed(_dask_assemble)(grid, ys, xs, contribs, clip)
             row.append(da.from_delayed(blk, (ys[1] - ys[0], xs[1] - xs[0]), dtype=np.float32))
         rows.append(row)
     return da.block(rows)
