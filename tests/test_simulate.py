@@ -301,3 +301,28 @@ def test_other_presets_run(preset):
     s = S.simulate_pair(preset, size=64, seed=1)
     assert s.qobm.shape == (64, 64) and np.isfinite(s.qobm).all()
     assert s.pixel_size == S.get_preset(preset).pixel_size
+
+
+def test_focus_sweep_moves_the_section():
+    sc, _ = _single(dn=0.006, z=2.0)
+    px = BRAIN.pixel_size
+    ins = [S.render_scene(sc, (160, 160), px, zf, BRAIN).in_section[0] for zf in (-2.0, 0.0, 2.0)]
+    assert ins[0] < ins[1] < ins[2]
+    assert ins[2] > 0.95  # focused on the nucleus: fully inside the section
+
+
+def test_misregistration_option_shifts_dapi():
+    sc, r = _single(dn=0.0)
+    y, x = np.nonzero(r.nuclei == 1)
+    quiet = dataclasses.replace(BRAIN, dapi_photons=1e7)
+    d0 = S.dapi_forward(r, sc, quiet, 0)
+    d1 = S.dapi_forward(r, sc, dataclasses.replace(quiet, dapi_misregistration_px=3.0), 0)
+
+    def centroid(img):
+        w = np.clip(img - np.median(img), 0, None)
+        yy, xx = np.indices(img.shape)
+        return np.array([(w * yy).sum(), (w * xx).sum()]) / w.sum()
+
+    c0 = centroid(d0)
+    np.testing.assert_allclose(c0, [y.mean(), x.mean()], atol=1.0)  # registered by default
+    assert np.linalg.norm(centroid(d1) - c0) > 0.5
