@@ -64,6 +64,7 @@ def make_figure(out: Path = OUT, size: int = 320, seed: int = 7) -> Path:
     fig.savefig(tmp, dpi=88)
     plt.close(fig)
     _quantise_png(Path(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     return out
 

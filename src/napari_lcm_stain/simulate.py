@@ -1200,6 +1200,7 @@ def _atomic_write_tiff(path: Path, data: np.ndarray, px: float, axes: str, z_ste
     os.close(fd)
     try:
         tifffile.imwrite(tmp, data, ome=True, metadata=meta, photometric="minisblack")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; datasets are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1211,6 +1212,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
