@@ -382,3 +382,151 @@ def test_open_sample_and_stain(make_napari_viewer, qtbot, models):
     out = viewer.layers["qOBM phase · DAPI (LCM)"]
     assert isinstance(out, Image) and out.data.shape == q.data.shape
     np.testing.assert_allclose(out.scale, q.scale)
+
+
+# ----------------------------------------------------------------------------- fine-tune dock
+
+
+@pytest.fixture
+def finetune_base():
+    """The base model the Fine-tune dock starts from (the packaged LCM).
+
+    Request it before ``make_napari_viewer`` so a skip happens before napari's fixture starts.
+    """
+    try:
+        from napari_lcm_stain import checkpoints
+    except ImportError:
+        pytest.skip("checkpoints module missing")
+    if not checkpoints.packaged_path("lcm").exists():
+        pytest.skip("packaged LCM weights are not installed yet")
+    return "lcm"
+
+
+def _pair(viewer, size=96, seed=5, suffix=""):
+    s = simulate_pair("shifted-20x", size=size, seed=seed)
+    q = viewer.add_image(s.qobm, name=f"my qOBM{suffix}")
+    d = viewer.add_image(s.dapi, name=f"my DAPI{suffix}")
+    return q, d
+
+
+def _finetune_dock(viewer, base="lcm"):
+    _dock, ft = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    if base != "lcm":  # a checkpoint path: offered like the "Checkpoint file…" entry does
+        ft.model_combo.insertItem(0, "base", base)
+        ft.model_combo.setCurrentIndex(0)
+    ft.patch_spin.setValue(64)
+    ft.device_combo.setCurrentIndex(ft.device_combo.findData("cpu"))
+    return ft
+
+
+def test_finetune_pair_checks(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.float32), name="qOBM phase")
+    viewer.add_image(np.zeros((64, 80), np.float32), name="DAPI (ground truth)")
+    ft = _finetune_dock(viewer)
+    assert ft.qobm_combo.currentText() == "qOBM phase"
+    assert ft.dapi_combo.currentText() == "DAPI (ground truth)"
+    problem = ft.pair_problem()
+    assert "(64, 64)" in problem and "(64, 80)" in problem and "same shape" in problem
+    assert ft.pair_note.text() == problem and not ft.start_button.isEnabled()
+    assert ft.start() is None and ft.last_error == problem
+
+    viewer.add_image(np.zeros((64, 64), np.float32), name="DAPI 2")
+    ft.dapi_combo.set_layer(viewer.layers["DAPI 2"])
+    assert ft.pair_problem() is None and ft.start_button.isEnabled()
+    ft.dapi_combo.set_layer(viewer.layers["qOBM phase"])
+    assert "same layer" in ft.pair_problem()
+    ft.dapi_combo.set_layer(viewer.layers["DAPI 2"])
+    ft.val_check.setChecked(True)
+    assert "validation" in ft.pair_problem() and not ft.start_button.isEnabled()
+    assert not ft.val_fraction_spin.isEnabled() and ft.val_qobm_combo.isEnabled()
+
+
+def test_finetune_bad_checkpoint_reports_and_resets(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    _pair(viewer, size=64)
+    ft = _finetune_dock(viewer)
+    bad = tmp_path / "pickle.safetensors"
+    bad.write_bytes(b"\x80\x04\x95 pickled data, never unpickled")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
+    ft.model_combo.activated.emit(ft.model_combo.count() - 1)  # "Checkpoint file…"
+    assert ft.model_combo.currentData() == str(bad)
+    n_notes = len(notification_manager.records)
+    ft.start_button.click()
+    qtbot.waitUntil(lambda: not ft.is_running, timeout=TIMEOUT)
+    errors = _errors_since(n_notes)
+    assert len(errors) == 1 and errors[0].startswith("Fine-tuning failed: ")
+    assert "pickle.safetensors" in errors[0]
+    assert ft.result is None and not ft.save_button.isEnabled()
+    assert ft.start_button.isEnabled() and not ft.stop_button.isEnabled()
+
+
+@pytest.mark.slow
+def test_finetune_stop_save_reload_and_use(
+    finetune_base, make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_lcm_stain.sampling import load_predictor
+
+    viewer = make_napari_viewer()
+    q, _d = _pair(viewer)
+    ft = _finetune_dock(viewer, finetune_base)
+    assert ft.qobm_combo.currentText() == "my qOBM" and ft.dapi_combo.currentText() == "my DAPI"
+    ft.steps_spin.setValue(30)  # validation every 3 steps
+    ft.start_button.click()
+    assert ft.is_running and ft.stop_button.isEnabled() and not ft.start_button.isEnabled()
+    qtbot.waitUntil(lambda: len(ft.plot.val) >= 1 and len(ft.plot.train) >= 4, timeout=300_000)
+    ft.stop_button.click()
+    qtbot.waitUntil(lambda: not ft.is_running, timeout=TIMEOUT)
+
+    assert ft.last_error is None, ft.last_error
+    assert ft.result is not None and ft.status.text().startswith("Stopped")
+    assert 4 <= len(ft.plot.train) < 30  # stopped early
+    assert all(np.isfinite(v) and v >= 0 for _, v in ft.plot.train + ft.plot.val)
+    table = ft.metrics_table
+    assert table.isVisibleTo(ft)
+    for col in (0, 1):
+        assert -1.0 <= float(table.item(0, col).text()) <= 1.0  # Pearson before / after
+    assert ft.save_button.isEnabled() and ft.use_button.isEnabled()
+
+    target = tmp_path / "mine"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    ft.save_button.click()
+    saved = tmp_path / "mine.safetensors"
+    assert saved.exists() and ft.status.text() == f"Saved {saved}"
+    predictor = load_predictor(str(saved), device="cpu")
+    x = torch.from_numpy(predictor.normalize(q.data[:64, :64]))[None, None]
+    noise = torch.zeros((1, *predictor.noise_shape(64, 64)))
+    y = predictor(x, noise)
+    assert y.shape == (1, 1, 64, 64) and 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+
+    ft.use_button.click()
+    stain = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual stain")[1]
+    assert stain.model_combo.currentText() == "LCM fine-tuned"
+    stain.pix2pix_check.setChecked(False)
+    stain.tile_spin.setValue(64)
+    stain.layer_combo.set_layer(q)
+    _click_and_wait(qtbot, stain)
+    assert stain.last_error is None, stain.last_error
+    out = viewer.layers["my qOBM · DAPI (LCM fine-tuned)"]
+    assert out.data.shape == q.data.shape and 0.0 <= out.data.min() <= out.data.max() <= 1.0
+
+
+def test_closing_the_viewer_mid_finetune_is_safe(finetune_base, make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    _pair(viewer, size=96)
+    ft = _finetune_dock(viewer, finetune_base)
+    ft.steps_spin.setValue(500)
+    worker = ft.start()
+    qtbot.waitUntil(lambda: len(ft.plot.train) >= 1, timeout=300_000)
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    t0 = time.perf_counter()
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(finished), timeout=TIMEOUT)
+    assert time.perf_counter() - t0 < 30  # stopped, not trained to the end
