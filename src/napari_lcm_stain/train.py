@@ -71,12 +71,13 @@ PRESETS = {
         batch=4,
         vae_steps=30,
         teacher_steps=30,
-        lcm_steps=20,
-        pix2pix_steps=20,
+        pix2pix_steps=30,
+        lcm_steps=60,
         unet_channels=(8, 16, 16, 16),
         vae_channels=8,
         pix2pix_ngf=8,
         log_every=10,
+        threads=1,
     ),
 }
 
@@ -155,17 +156,26 @@ def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
 
 
 class Logger:
-    def __init__(self, out: Path, stage: str, quiet: bool = False):
-        self.out, self.stage, self.quiet = out, stage, quiet
+    """Logs the mean loss over each logging window (single-batch losses are too noisy to read)."""
+
+    def __init__(self, out: Path, stage: str, quiet: bool = False, every: int = 50):
+        self.out, self.stage, self.quiet, self.every = out, stage, quiet, every
         self.csv = out / f"{stage}_loss.csv"
         self.csv.write_text("step,loss,seconds\n")
         self.t0 = time.time()
+        self.window: list[float] = []
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        self.window.append(loss)
+        if (step + 1) % self.every == 0 or step == total - 1:
+            self.log(step, total, float(np.mean(self.window)))
+            self.window = []
 
     def log(self, step: int, total: int, loss: float) -> None:
         dt = time.time() - self.t0
         with open(self.csv, "a") as f:
             f.write(f"{step},{loss:.6g},{dt:.1f}\n")
-        msg = f"[{self.stage}] step {step}/{total} loss {loss:.5f} ({dt:.0f}s)"
+        msg = f"[{self.stage}] step {step + 1}/{total} loss {loss:.5f} ({dt:.0f}s)"
         with open(self.out / "train.log", "a") as f:
             f.write(msg + "\n")
         if not self.quiet:
@@ -219,7 +229,7 @@ def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=Fals
     rng = np.random.default_rng(seed + 1)
     vae = VAE(p.latent_channels, p.vae_channels, p.vae_channels)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    log = Logger(out, "vae", quiet)
+    log = Logger(out, "vae", quiet, p.log_every)
     for step in range(p.vae_steps):
         cosine_lr(opt, 1e-3, step, p.vae_steps)
         _, d, _ = data.batch(rng, p.batch, p.vae_crop)
@@ -236,8 +246,7 @@ def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=Fals
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % p.log_every == 0 or step == p.vae_steps - 1:
-            log.log(step, p.vae_steps, loss.item())
+        log.step(step, p.vae_steps, loss.item())
     return vae.eval()
 
 
@@ -261,7 +270,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
     unet = make_unet(p)
     ema = copy.deepcopy(unet).eval()
     opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=1e-4)
-    log = Logger(out, "teacher", quiet)
+    log = Logger(out, "teacher", quiet, p.log_every)
     for step in range(p.teacher_steps):
         cosine_lr(opt, p.lr, step, p.teacher_steps)
         q, _, z0 = data.batch(rng, p.batch, p.crop)
@@ -275,8 +284,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         ema_update(ema, unet, p.ema_teacher if step > 200 else 0.0)
-        if step % p.log_every == 0 or step == p.teacher_steps - 1:
-            log.log(step, p.teacher_steps, loss.item())
+        log.step(step, p.teacher_steps, loss.item())
     return ema
 
 
@@ -310,7 +318,7 @@ def distill_lcm(
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
-    log = Logger(out, "lcm", quiet)
+    log = Logger(out, "lcm", quiet, p.log_every)
     c = p.huber_c
 
     def consistency(net, z, t, q):
@@ -342,8 +350,7 @@ def distill_lcm(
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(target, student, p.ema_target)
-        if step % p.log_every == 0 or step == p.lcm_steps - 1:
-            log.log(step, p.lcm_steps, loss.item())
+        log.step(step, p.lcm_steps, loss.item())
     return target
 
 
@@ -355,7 +362,7 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
     og = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
     od = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
     bce = torch.nn.BCEWithLogitsLoss()
-    log = Logger(out, "pix2pix", quiet)
+    log = Logger(out, "pix2pix", quiet, p.log_every)
     crop = max(gen.multiple, p.crop - p.crop % gen.multiple)
     for step in range(p.pix2pix_steps):
         q, d, _ = data.batch(rng, p.batch, crop)
@@ -373,8 +380,7 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         og.zero_grad(set_to_none=True)
         loss_g.backward()
         og.step()
-        if step % p.log_every == 0 or step == p.pix2pix_steps - 1:
-            log.log(step, p.pix2pix_steps, loss_g.item())
+        log.step(step, p.pix2pix_steps, loss_g.item())
     return gen.eval()
 
 

@@ -1,0 +1,155 @@
+"""Training on the tiny preset: every stage learns, resumes, and produces loadable predictors."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_lcm_stain import checkpoints as ck
+from napari_lcm_stain import train
+from napari_lcm_stain.sampling import load_predictor
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    paths = train.run_recipe("tiny", out, seed=0, quiet=True)
+    return out, paths
+
+
+def _losses(out, stage):
+    rows = np.loadtxt(out / f"{stage}_loss.csv", delimiter=",", skiprows=1, ndmin=2)
+    return rows[:, 1]
+
+
+@pytest.mark.parametrize("stage", ["vae", "teacher", "pix2pix"])
+def test_each_stage_loss_falls(tiny_run, stage):
+    out, _ = tiny_run
+    loss = _losses(out, stage)
+    assert len(loss) >= 3
+    assert loss[-2:].mean() < loss[:2].mean(), (stage, loss)
+
+
+@torch.no_grad()
+def _one_step_error(unet, data, seed=0):
+    """L1 of the consistency function's one-step estimate (t=999, pure noise) to the true latent."""
+    from napari_lcm_stain.sampling import lcm_scheduler, train_scheduler
+
+    rng = np.random.default_rng(seed)
+    q, _, z0 = data.batch(rng, 16, 64)
+    torch.manual_seed(seed)
+    t = torch.full((16,), 999)
+    z = torch.randn_like(z0)
+    c_skip, c_out = lcm_scheduler().get_scalings_for_boundary_condition_discrete(t)
+    x0 = train.x0_from_v(train_scheduler(), z, unet(z, t, q), t)
+    f = c_skip.view(-1, 1, 1, 1) * z + c_out.view(-1, 1, 1, 1) * x0
+    return float((f - z0).abs().mean())
+
+
+def test_distillation_stage_learns(tiny_run):
+    """The LCD loss chases a moving EMA target, so judge the stage by its one-step error."""
+    out, paths = tiny_run
+    p = train.get_train_preset("tiny")
+    data = train.make_training_data(p, seed=0)
+    lcm = ck.load_checkpoint(paths["lcm"])
+    data.latents = None
+    vae = train.build_from(lcm.config["architecture"]["vae"], None, "VAE")
+    ck.load_into(vae.encoder, lcm.sub("encoder"), "encoder")
+    data.latents = train.encode_latents(vae, data.dapi) * lcm.config["latent_scale"]
+    teacher_ck = ck.load_checkpoint(paths["teacher"])
+    teacher = train.build_from(
+        teacher_ck.config["architecture"]["unet"], teacher_ck.sub("unet"), "t"
+    )
+    student = train.build_from(lcm.config["architecture"]["unet"], lcm.sub("unet"), "s")
+    assert _one_step_error(student.eval(), data) < _one_step_error(teacher.eval(), data)
+
+
+def test_checkpoints_carry_what_inference_needs(tiny_run):
+    out, paths = tiny_run
+    cfg = ck.load_checkpoint(paths["lcm"]).config
+    for key in (
+        "architecture",
+        "scheduler",
+        "normalization",
+        "pixel_size",
+        "latent_scale",
+        "multiple",
+        "version",
+        "provenance",
+    ):
+        assert key in cfg, key
+    assert cfg["scheduler"]["prediction_type"] == "v_prediction"
+    assert cfg["provenance"]["preset"]["name"] == "tiny" and cfg["provenance"]["seed"] == 0
+    assert cfg["normalization"]["qobm_std"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "steps"), [("lcm", 1), ("lcm", 2), ("teacher", 3), ("pix2pix", None)]
+)
+def test_predictors_from_tiny_run(tiny_run, name, steps):
+    _, paths = tiny_run
+    p = load_predictor(paths[name], steps=steps, device="cpu")
+    x = torch.zeros(1, 1, 64, 64)
+    shape = p.noise_shape(64, 64)
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)) if shape else None
+    y = p(x, noise)
+    assert y.shape == (1, 1, 64, 64) and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert p.pixel_size == pytest.approx(0.414, rel=0.2)
+
+
+def test_resume_skips_finished_stages(tiny_run):
+    out, paths = tiny_run
+    before = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    train.run_recipe("tiny", out, seed=0, quiet=True)
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == before
+
+
+def test_bad_preset_and_stage(tmp_path):
+    with pytest.raises(ValueError, match="unknown training preset"):
+        train.run_recipe("huge", tmp_path)
+    with pytest.raises(ValueError, match="unknown stage"):
+        train.run_recipe("tiny", tmp_path, stages=["gan"])
+
+
+def test_finetune_runs_stops_and_saves(tiny_run, tmp_path):
+    import threading
+
+    from napari_lcm_stain.simulate import simulate_pair
+
+    _, paths = tiny_run
+    s = simulate_pair("shifted-20x", size=96, seed=3)
+    stop = threading.Event()
+    gen = train.iter_finetune(
+        s.qobm, s.dapi, model=str(paths["lcm"]), steps=50, patch=32, stop=stop, val_every=2
+    )
+    events = []
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as e:
+            res = e.value
+            break
+        events.append(ev)
+        if ev.step == 4:
+            stop.set()
+    assert len(events) == 4 and res.stopped and res.best_step in (2, 4)
+    assert {"pearson", "ssim", "f1"} <= set(res.metrics_before) and set(res.metrics_after)
+    path = res.save(tmp_path / "ft.safetensors")
+    p = load_predictor(path, device="cpu")
+    assert p.name == "LCM-1"
+    assert ck.load_checkpoint(path).config["finetune"]["stopped"] is True
+
+
+def test_finetune_rejects_bad_pairs(tiny_run):
+    _, paths = tiny_run
+    with pytest.raises(ValueError, match="same shape"):
+        next(train.iter_finetune(np.zeros((64, 64)), np.zeros((64, 80)), model=str(paths["lcm"])))
+    with pytest.raises(ValueError, match="NaN"):
+        next(
+            train.iter_finetune(
+                np.full((64, 64), np.nan), np.zeros((64, 64)), model=str(paths["lcm"])
+            )
+        )
+    with pytest.raises(ValueError, match="LCM checkpoint"):
+        next(
+            train.iter_finetune(np.zeros((64, 64)), np.zeros((64, 64)), model=str(paths["pix2pix"]))
+        )
