@@ -306,9 +306,10 @@ def test_side_by_side_grid_and_back(make_napari_viewer, qtbot, models):
     assert not widget.grid_button.isChecked()
     _click_and_wait(qtbot, widget)
 
+    order = [ly.name for ly in viewer.layers]
     widget.grid_button.click()
     grid = viewer.canvas.grid
-    assert grid.enabled and tuple(grid.shape) == (1, 4)
+    assert grid.enabled and tuple(grid.shape) == (2, 2)
     expected = [
         "qOBM phase",
         "qOBM phase · DAPI (LCM)",
@@ -318,12 +319,14 @@ def test_side_by_side_grid_and_back(make_napari_viewer, qtbot, models):
     layers = list(viewer.layers)
     shown = [ly for ly in layers if ly.visible]
     assert [ly.name for ly in shown] == expected
-    assert [grid.position(layers.index(ly), layers) for ly in shown] == [(0, i) for i in range(4)]
+    positions = [grid.position(layers.index(ly), layers) for ly in shown]
+    assert positions == [(0, 0), (0, 1), (1, 0), (1, 1)]  # reading order
     assert not viewer.layers["nuclei (ground truth)"].visible
     assert all(ly.name_overlay.visible for ly in shown)
 
     widget.grid_button.click()
     assert not grid.enabled
+    assert [ly.name for ly in viewer.layers] == order  # stacking order restored
     assert all(ly.visible for ly in viewer.layers)
     assert not any(ly.name_overlay.visible for ly in viewer.layers)
 

@@ -9,7 +9,7 @@ from typing import Any
 from napari.layers import Layer
 from qtpy.QtCore import QPointF, QRectF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
-from qtpy.QtWidgets import QComboBox, QSizePolicy, QWidget
+from qtpy.QtWidgets import QComboBox, QSizePolicy, QTableWidget, QWidget
 
 from ._layers import unsuitable_reason
 
@@ -86,13 +86,20 @@ class LayerCombo(QComboBox):
             self.layerChanged.emit(self.layer())
 
     def explain(self) -> str:
-        """One line per layer that is not offered, with the reason (empty when all are offered)."""
-        lines = []
+        """One line per reason a layer is not offered, naming those layers ('' if none)."""
+        by_reason: dict[str, list[str]] = {}
         for ly in self._viewer.layers:
             reason = unsuitable_reason(ly)
             if reason and reason != "output of this plugin":
-                lines.append(f"'{ly.name}': {reason}")
-        return "\n".join(lines)
+                by_reason.setdefault(reason, []).append(f"'{ly.name}'")
+        return "\n".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+
+
+def fit_table_height(table: QTableWidget) -> None:
+    """Make a small table exactly as tall as its rows (no empty band under them)."""
+    height = table.horizontalHeader().height() + 2 * table.frameWidth()
+    height += sum(table.rowHeight(r) for r in range(table.rowCount()))
+    table.setFixedHeight(height + 2)
 
 
 class LossPlot(QWidget):

@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 
 from . import _jobs
 from ._layers import base_data, default_dapi, default_qobm, same_layer
-from ._qt_helpers import LayerCombo, LossPlot
+from ._qt_helpers import LayerCombo, LossPlot, fit_table_height
 from .stain_widget import DEVICES, _stop_worker
 
 PLUGIN = "napari-lcm-stain"
@@ -370,6 +370,8 @@ class FinetuneWidget(QWidget):
                 self.metrics_table.setItem(r, c, item)
                 shown = shown or ok
         self.metrics_table.setVisible(shown)
+        if shown:
+            fit_table_height(self.metrics_table)
 
     # ------------------------------------------------------------------ after training
     def save(self, path: str | Path | None = None) -> Path | None:

@@ -52,7 +52,7 @@ from ._layers import (
     same_layer,
     upsert_output,
 )
-from ._qt_helpers import LayerCombo
+from ._qt_helpers import LayerCombo, fit_table_height
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _BROWSE = "__browse__"
@@ -76,6 +76,17 @@ def _stop_worker(holder: dict) -> None:
         if event is not None:
             event.set()
         worker.quit()
+
+
+def _restore_order(layers: Any, names: list[str]) -> None:
+    """Put the named layers back in their saved order (others keep theirs, after them)."""
+    present = {ly.name for ly in layers}
+    saved = [n for n in names if n in present]
+    desired = saved + [ly.name for ly in layers if ly.name not in set(saved)]
+    for target, name in enumerate(desired):
+        current = layers.index(layers[name])
+        if current != target:
+            layers.move(current, target)
 
 
 def _grid(viewer: Any) -> Any:
@@ -102,6 +113,8 @@ class StainWidget(QWidget):
         self._cancelled = False
         self.last_outcome: _jobs.StainOutcome | None = None
         self.last_error: str | None = None
+        #: what "Compare with Pix2Pix" runs: the packaged baseline, or a Pix2Pix checkpoint path
+        self.baseline_model: Any = "pix2pix"
         self._build()
         self._connect_viewer()
         self.destroyed.connect(lambda *_a, h=self._job: _stop_worker(h))
@@ -334,6 +347,10 @@ class StainWidget(QWidget):
 
     def _on_source_changed(self, layer: Layer | None) -> None:
         self.plane_check.setEnabled(layer is not None and layer.ndim > 2)
+        known = layer_pixel_size(layer) if layer is not None else None
+        self.pixel_spin.setSpecialValueText(
+            f"auto ({known:.4g} µm/px from the layer)" if known else "auto (model's pixel size)"
+        )
         self.truth_combo.refresh()
         self._update_layer_note()
 
@@ -408,7 +425,7 @@ class StainWidget(QWidget):
         samples = self.samples_spin.value() if self.uncertainty_check.isChecked() else 1
         jobs = [_jobs.StainJob(ROLE_STAIN, choice.label, choice.model, steps, samples)]
         if self.pix2pix_check.isChecked():
-            jobs.append(_jobs.StainJob(ROLE_PIX2PIX, "Pix2Pix", "pix2pix", None, 1))
+            jobs.append(_jobs.StainJob(ROLE_PIX2PIX, "Pix2Pix", self.baseline_model, None, 1))
 
         truth, labels = self._truth_for(source, data.shape, plane)
         self._run_info = {
@@ -595,9 +612,7 @@ class StainWidget(QWidget):
                 table.setItem(r, c, item)
         table.setVisible(bool(metrics))
         if metrics:
-            height = table.horizontalHeader().height() + 2 * table.frameWidth()
-            height += sum(table.rowHeight(r) for r in range(table.rowCount()))
-            table.setFixedHeight(height + 2)
+            fit_table_height(table)
 
     # ------------------------------------------------------------------ side by side
     def comparison_layers(self) -> list[Layer]:
@@ -637,6 +652,7 @@ class StainWidget(QWidget):
             self._grid_saved = {
                 "grid": (grid.enabled, tuple(grid.shape), grid.stride),
                 "visible": {ly.name: ly.visible for ly in self.viewer.layers},
+                "order": [ly.name for ly in self.viewer.layers],
                 "overlay": {},
             }
             self._apply_grid()
@@ -657,7 +673,7 @@ class StainWidget(QWidget):
         n = len(chosen)
         grid = _grid(self.viewer)
         grid.stride = 1
-        grid.shape = (1, n) if n <= 4 else (2, math.ceil(n / 2))
+        grid.shape = (1, n) if n <= 3 else (2, math.ceil(n / 2))  # 4 -> 2x2 fills the canvas
         grid.enabled = True
         self.viewer.reset_view()
 
@@ -668,6 +684,7 @@ class StainWidget(QWidget):
         enabled, shape, stride = saved["grid"]
         grid = _grid(self.viewer)
         grid.stride, grid.shape, grid.enabled = stride, shape, enabled
+        _restore_order(self.viewer.layers, saved["order"])
         for ly in self.viewer.layers:
             if ly.name in saved["visible"]:
                 ly.visible = saved["visible"][ly.name]
