@@ -66,6 +66,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         device=a.device,
         package=a.package,
         threads=a.threads,
+        anchor_weight=a.anchor_weight,
     )
     return 0
 
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", **dev)
     s.add_argument("--package", action="store_true", help="copy results into the package weights/")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: preset)")
+    s.add_argument(
+        "--anchor-weight",
+        type=float,
+        default=None,
+        help="weight of the L1 anchor to the true latent in distillation (0: plain LCD; ablation)",
+    )
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("finetune", help="fine-tune the 1-step model on paired qOBM/DAPI images")

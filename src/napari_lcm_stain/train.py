@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -450,9 +450,12 @@ def run_recipe(
     package=False,
     quiet=False,
     threads: int | None = None,
+    anchor_weight: float | None = None,
 ) -> dict[str, Path]:
     """Run VAE -> teacher -> LCM -> Pix2Pix into `out`, skipping stages already saved (resume)."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
+    if anchor_weight is not None:
+        p = replace(p, anchor_weight=float(anchor_weight))
     stages = list(stages or STAGES)
     bad = [s for s in stages if s not in STAGES]
     if bad:
