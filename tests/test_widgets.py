@@ -533,3 +533,46 @@ def test_closing_the_viewer_mid_finetune_is_safe(finetune_base, make_napari_view
     viewer.close()
     qtbot.waitUntil(lambda: bool(finished), timeout=TIMEOUT)
     assert time.perf_counter() - t0 < 30  # stopped, not trained to the end
+
+
+BAD_INPUTS = {
+    "one pixel": np.ones((1, 1), np.float32),
+    "thin strip": np.linspace(0, 1, 300, dtype=np.float32)[None, :],
+    "constant": np.full((40, 40), 0.3, np.float32),
+    "uint16": (np.arange(48 * 48, dtype=np.uint16) * 7).reshape(48, 48),
+    "bool": np.eye(32, dtype=bool),
+    "float64 huge": np.full((32, 32), 1e300, np.float64),
+    "int8 4-D": np.arange(2 * 2 * 24 * 24, dtype=np.int8).reshape(2, 2, 24, 24),
+    "some NaN": np.where(np.eye(32, dtype=bool), np.nan, 0.5).astype(np.float32),
+    "all NaN": np.full((16, 16), np.nan, np.float32),
+}
+
+
+def test_strange_inputs_stain_or_explain(make_napari_viewer, qtbot, models):
+    """Each input either gives in-range outputs of its shape, or one clear error and no layer."""
+    viewer = make_napari_viewer()
+    for name, data in BAD_INPUTS.items():
+        viewer.add_image(data, name=name)
+    widget = _stain_dock(viewer)
+    widget.pix2pix_check.setChecked(False)
+    outcomes = {}
+    for name, data in BAD_INPUTS.items():
+        widget.layer_combo.set_layer(viewer.layers[name])
+        n_notes = len(notification_manager.records)
+        _click_and_wait(qtbot, widget)
+        errors = _errors_since(n_notes)
+        out_name = f"{name} · DAPI (LCM)"
+        if widget.last_error is None:
+            out = viewer.layers[out_name].data
+            assert out.shape == data.shape, name
+            assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1, name
+            assert errors == [], name
+            outcomes[name] = "stained"
+        else:
+            assert len(errors) == 1 and errors[0] == widget.last_error, name
+            assert out_name not in viewer.layers, name
+            outcomes[name] = errors[0]
+        assert widget.stain_button.isEnabled() and not widget.is_running
+        np.testing.assert_array_equal(viewer.layers[name].data, data)  # input untouched
+    assert outcomes["all NaN"].startswith("Staining failed:") and "NaN" in outcomes["all NaN"]
+    assert outcomes["some NaN"] == "stained" and outcomes["constant"] == "stained"
