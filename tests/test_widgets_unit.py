@@ -348,3 +348,30 @@ def test_loss_plot_keeps_finite_points_and_paints(qtbot):
     assert drawn != empty  # the curves changed the picture
     plot.clear()
     assert plot.train == [] and plot.val == []
+
+
+def test_bad_ground_truth_skips_metrics_but_keeps_outputs(monkeypatch):
+    def iter_stain(image, **kw):
+        yield 1, 1
+        return _Result(np.full(image.shape, 0.5, np.float32))
+
+    _fake_engine(monkeypatch, iter_stain)
+    truth = np.full((16, 16), np.nan, np.float32)
+    _, out = _run(
+        _jobs.stain_job(
+            np.zeros((16, 16)),
+            [_jobs.StainJob(ROLE_STAIN, "LCM", "lcm", 1)],
+            tile=64,
+            overlap=0,
+            device="cpu",
+            seed=0,
+            pixel_size=0.5,
+            truth=truth,
+            truth_labels=None,
+            cache={},
+        )
+    )
+    assert isinstance(out, _jobs.StainOutcome) and len(out.outputs) == 1
+    assert out.metrics == {}
+    assert len(out.notes) == 1 and out.notes[0].startswith("metrics for LCM skipped: ")
+    assert "NaN" in out.notes[0]

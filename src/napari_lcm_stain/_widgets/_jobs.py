@@ -107,8 +107,8 @@ def stain_job(
     device: str,
     seed: int,
     pixel_size: float | None,
-    truth: np.ndarray | None,
-    truth_labels: np.ndarray | None,
+    truth: Any,
+    truth_labels: Any,
     cache: dict,
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
     """Stain ``image`` with each job's model; with ``truth``, score each output against it."""
@@ -148,9 +148,12 @@ def stain_job(
                 out.devices.append(str(dev))
             if truth is not None:
                 ps = pixel_size or getattr(predictor, "pixel_size", None)
-                out.metrics[job.label] = yield from _score(
-                    mean, truth, truth_labels, ps, job.label, offset, overall
-                )
+                try:  # a bad ground truth must not cost the user their stained layers
+                    out.metrics[job.label] = yield from _score(
+                        mean, truth, truth_labels, ps, job.label, offset, overall
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    out.notes.append(f"metrics for {job.label} skipped: {failure_message(exc)}")
         out.seconds = time.perf_counter() - t0
         return out
     except Exception as exc:  # noqa: BLE001 - every failure must become a message, see module doc
@@ -160,8 +163,8 @@ def stain_job(
 
 def _score(
     pred: np.ndarray,
-    truth: np.ndarray,
-    labels: np.ndarray | None,
+    truth: Any,
+    labels: Any,
     pixel_size: float | None,
     label: str,
     offset: int,

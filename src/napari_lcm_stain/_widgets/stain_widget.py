@@ -411,11 +411,10 @@ class StainWidget(QWidget):
             plane_only = self.plane_check.isChecked()
         data = base_data(source)
         plane: tuple[int, ...] = ()
+        image = data  # lazy (dask/zarr) data stays lazy: the worker reads it, not the UI thread
         if plane_only and source.ndim > 2:
             plane = current_plane(self.viewer, source)
-            image = np.asarray(data[plane])
-        else:
-            image = data
+            image = data[plane]
         if isinstance(image, np.ndarray):
             image = image.view()
             image.flags.writeable = False  # the input layer is never modified, by construction
@@ -458,7 +457,7 @@ class StainWidget(QWidget):
         self._job["worker"] = worker
         self._cancelled = False
         self.last_error = None
-        where = f" plane {plane}" if plane else ""
+        where = f" plane {', '.join(map(str, plane))}" if plane else ""
         self._pbar = progress(total=0, desc=f"Staining '{source.name}'{where}")
         self.status.setText(f"Staining '{source.name}'{where}…")
         self._set_busy(True)
@@ -478,11 +477,11 @@ class StainWidget(QWidget):
                 f"layer has {tuple(shape)}; metrics skipped. Pick a DAPI layer of the same field."
             )
             return None, None
-        truth = np.asarray(gt_data[plane] if plane else gt_data, dtype=np.float32)
+        truth = gt_data[plane] if plane else gt_data  # read per plane in the worker
         lab_layer = matching_labels(self.viewer.layers, tuple(shape))
         labels = None
         if lab_layer is not None:
-            labels = np.asarray(lab_layer.data[plane] if plane else lab_layer.data)
+            labels = lab_layer.data[plane] if plane else lab_layer.data
         return truth, labels
 
     def cancel(self) -> None:
