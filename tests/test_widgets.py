@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -545,6 +546,10 @@ BAD_INPUTS = {
     "int8 4-D": np.arange(2 * 2 * 24 * 24, dtype=np.int8).reshape(2, 2, 24, 24),
     "some NaN": np.where(np.eye(32, dtype=bool), np.nan, 0.5).astype(np.float32),
     "all NaN": np.full((16, 16), np.nan, np.float32),
+    "strided view": np.random.default_rng(0).random((96, 96), dtype=np.float32)[::2, ::3],
+    "dask stack": da.from_array(
+        np.random.default_rng(1).random((3, 40, 40), dtype=np.float32), chunks=(1, 20, 20)
+    ),
 }
 
 
@@ -576,3 +581,4 @@ def test_strange_inputs_stain_or_explain(make_napari_viewer, qtbot, models):
         np.testing.assert_array_equal(viewer.layers[name].data, data)  # input untouched
     assert outcomes["all NaN"].startswith("Staining failed:") and "NaN" in outcomes["all NaN"]
     assert outcomes["some NaN"] == "stained" and outcomes["constant"] == "stained"
+    assert outcomes["dask stack"] == "stained" and outcomes["strided view"] == "stained"
