@@ -60,10 +60,20 @@ def test_small_and_odd_images_make_one_padded_tile():
     assert g.padded == (16, 16) and g.tile == (16, 16) and g.n_tiles == 1
     g = T.make_grid((7, 1000), 16, 256, 32)  # a thin strip: one 16 x 1008 tile (< 256² px)
     assert g.padded == (16, 1008) and g.tile == (16, 1008) and g.n_tiles == 1
-    g = T.make_grid((7, 100000), 16, 256, 32)
-    assert g.tile == (16, 4096) and g.starts[1][-1] == 100000 - 4096
-    g = T.make_grid((300, 1000), 16, 256, 32)  # two tiles across: tiles stay square
-    assert g.tile == (256, 256)
+    g = T.make_grid((7, 100000), 16, 256, 32)  # tiles up to 16 x 4096: 25 of them
+    assert g.tile[0] == 16 and g.tile[1] <= 4096 and g.n_tiles == 25
+    assert g.starts[1][-1] == 100000 - g.tile[1]
+    g = T.make_grid((300, 1000), 16, 256, 32)  # two tiles across: tiles stay at most 256
+    assert max(g.tile) <= 256 and g.tile[0] > 16
+
+
+def test_grid_uses_fewest_tiles_then_smallest_side():
+    """2048² at tile 512 / overlap 32 needs 5 tiles per axis; 448 px tiles suffice (not 512)."""
+    g = T.make_grid((2048, 2048), 32, 512, 32)
+    assert len(g.starts[0]) == 5 and g.tile == (448, 448)
+    assert g.taper == (32, 32)
+    g = T.make_grid((1024, 1024), 32, 512, 32)  # 3 tiles of 384 instead of 3 of 512
+    assert g.tile == (384, 384) and g.n_tiles == 9
 
 
 def test_bad_tile_and_overlap_name_the_fix():

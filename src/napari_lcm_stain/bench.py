@@ -92,22 +92,16 @@ def _write_big_tiff(path: Path, size: int) -> None:
     del out
 
 
-def big_stain_rss(size: int, device: str = "auto", tile: int = 512, overlap: int = 32) -> dict:
+def big_stain_rss(
+    size: int, device: str = "auto", tile: int = 512, overlap: int = 32, model: str = "lcm"
+) -> dict:
     """Run `lcm-stain stain` on a generated size² image in a child; its peak RSS (MB) and time."""
     with tempfile.TemporaryDirectory(prefix="lcm-bench-") as d:
         src, dst = Path(d) / "big.ome.tif", Path(d) / "big_dapi.ome.tif"
         _write_big_tiff(src, size)
         cmd = [sys.executable, "-m", "napari_lcm_stain.cli", "stain", str(src), "-o", str(dst)]
-        cmd += [
-            "--model",
-            "lcm",
-            "--device",
-            device,
-            "--tile",
-            str(tile),
-            "--overlap",
-            str(overlap),
-        ]
+        cmd += ["--model", str(model), "--device", device]
+        cmd += ["--tile", str(tile), "--overlap", str(overlap)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

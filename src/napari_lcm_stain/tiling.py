@@ -46,10 +46,27 @@ def hann_ramp(length: int) -> np.ndarray:
     return windows.hann(4 * length + 1, sym=True)[1 : 2 * length : 2].astype(np.float32)
 
 
-def _axis_starts(padded: int, t: int, stride: int) -> tuple[int, ...]:
-    if padded <= t:
-        return (0,)
-    return tuple(range(0, padded - t, stride)) + (padded - t,)
+def _fit_axis(p: int, t_max: int, overlap: int, m: int) -> tuple[int, tuple[int, ...]]:
+    """Fewest tiles of side <= t_max covering p with overlaps >= `overlap`, then the smallest side.
+
+    Work is proportional to (n·t)², so after fixing the tile count n we shrink the tile to the
+    least multiple of m whose n tiles, evenly spread at multiples of m, still overlap enough.
+    """
+    g_max = (t_max - overlap) // m  # largest stride, in units of m
+    if g_max < 1:
+        raise ValueError(
+            f"overlap {overlap} leaves no stride in a {t_max}-px tile: use tile >= "
+            f"overlap + {m} (e.g. --tile {_ceil_to(overlap + m, m)}) or a smaller overlap"
+        )
+    n = 1 + -(-(p - t_max) // (g_max * m))  # tiles needed at the largest tile
+    for t in range(_ceil_to(-(-(p + (n - 1) * overlap) // n), m), t_max + m, m):
+        span = (p - t) // m  # last start, in units of m
+        g = (t - overlap) // m
+        if g >= 1 and (n - 1) * g >= span:
+            break
+    span = (p - t) // m
+    starts = tuple(m * ((k * span) // (n - 1)) for k in range(n))
+    return t, starts
 
 
 @dataclass(frozen=True)
@@ -114,9 +131,11 @@ class TileGrid:
 def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileGrid:
     """Tile grid for a 2-D image of `shape`; tile rounded down to a multiple of `multiple`.
 
-    An image narrower than a tile along one axis gets tiles longer than `tile` along the other
-    (same tile area), so a 1×100000 strip takes a few calls instead of hundreds.
-    The stride is rounded down to a multiple too, so the real overlap is >= the requested one.
+    `tile` is the largest side: the grid uses the fewest tiles that cover the image with overlaps
+    >= `overlap`, then the smallest side that still does (less padding, less work), with starts
+    spread evenly at multiples of `multiple`. An image narrower than a tile along one axis gets
+    tiles longer than `tile` along the other (same tile area), so a 1×100000 strip takes a few
+    calls instead of hundreds.
     """
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise ValueError(f"tile must be a positive integer (pixels), got {tile!r}")
@@ -139,15 +158,8 @@ def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileG
     padded, tiles, tapers, starts = [], [], [], []
     for p, t in zip(pads, sides):
         if t < p:
-            stride = ((t - int(overlap)) // multiple) * multiple
-            if stride < multiple:
-                raise ValueError(
-                    f"overlap {overlap} leaves no stride in a {t}-px tile: use tile >= "
-                    f"overlap + {multiple} (e.g. --tile {_ceil_to(int(overlap) + multiple, multiple)}) "
-                    "or a smaller overlap"
-                )
-            st = _axis_starts(p, t, stride)
-            taper = t - stride
+            t, st = _fit_axis(p, t, int(overlap), multiple)
+            taper = t - max(b - a for a, b in zip(st[:-1], st[1:]))
         else:
             st, taper = (0,), 0
         padded.append(p)
