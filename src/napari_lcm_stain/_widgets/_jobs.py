@@ -210,7 +210,10 @@ def finetune_job(
     try:
         from napari_lcm_stain.train import iter_finetune
 
-        gen = iter_finetune(qobm, dapi, stop=stop, **kwargs)
+        val = kwargs.get("val")
+        if val is not None:
+            kwargs["val"] = (np.asarray(val[0]), np.asarray(val[1]))
+        gen = iter_finetune(np.asarray(qobm), np.asarray(dapi), stop=stop, **kwargs)
         while True:
             try:
                 ev = next(gen)

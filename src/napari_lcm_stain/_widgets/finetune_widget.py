@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from napari.layers import Layer
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -259,13 +258,14 @@ class FinetuneWidget(QWidget):
         if problem:
             self._fail(problem)
             return None
-        qobm = np.asarray(base_data(self.qobm_combo.layer()))
-        dapi = np.asarray(base_data(self.dapi_combo.layer()))
+        # lazy (dask/zarr) layers are read in the worker, not on the UI thread
+        qobm = base_data(self.qobm_combo.layer())
+        dapi = base_data(self.dapi_combo.layer())
         val = None
         if self.val_check.isChecked():
             val = (
-                np.asarray(base_data(self.val_qobm_combo.layer())),
-                np.asarray(base_data(self.val_dapi_combo.layer())),
+                base_data(self.val_qobm_combo.layer()),
+                base_data(self.val_dapi_combo.layer()),
             )
         stop = threading.Event()
         steps = self.steps_spin.value()
