@@ -48,3 +48,15 @@ def test_tile_gflop_counts_convolutions():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="big >= 0"):
         bench.run_bench(size=0, big=0, predictors={})
+
+
+def test_uncertainty_by_region_shape(tmp_path):
+    path = tmp_path / "u.json"
+    res = bench.uncertainty_by_region(FakePredictor(), samples=2, n=1, size=64, json_path=path,
+                                      quiet=True)  # fmt: skip
+    assert json.loads(path.read_text()) == res
+    assert set(res["mean_std"]) == {"background", "clear_nuclei", "low_contrast_nuclei",
+                                    "out_of_section_nuclei", "near_distractors"}  # fmt: skip
+    assert res["pixels"]["background"] > 0 and res["mean_std"]["background"] > 0
+    assert all(v is None or v >= 0 for v in res["mean_std"].values())
+    assert res["samples"] == 2 and res["model"] == "Fake"

@@ -236,3 +236,123 @@ def run_bench(
         os.replace(tmp, p)
         say(f"wrote {p}")
     return result
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def uncertainty_by_region(
+    model="lcm",
+    samples: int = 8,
+    n: int = 4,
+    size: int = 512,
+    preset: str = "brain-20x",
+    seed: int = 20_000,
+    device: str = "auto",
+    json_path=None,
+    quiet: bool = False,
+) -> dict:
+    """Where does the K-sample std of the 1-step model light up? Mean std per region type.
+
+    On simulated fields (seeds `seed…seed+n−1`, away from the training seeds) with known labels:
+    background, clear nuclei, low-contrast nuclei (|CNR| < 1), nuclei mostly outside the optical
+    section, and distractors with a ring of `metrics.DISTRACTOR_RADIUS_UM`. Also the pixelwise
+    Pearson r between std and the absolute error of the mean: does the std point at mistakes?
+    """
+    from scipy import ndimage
+
+    from . import metrics
+    from .engine import get_predictor, iter_stain
+    from .simulate import simulate_pair
+
+    pred = get_predictor(model, None, device)
+    regions = ("background", "clear_nuclei", "low_contrast_nuclei", "out_of_section_nuclei",
+               "near_distractors")  # fmt: skip
+    sums = {r: [0.0, 0] for r in regions}
+    err_sums = {r: [0.0, 0] for r in regions}
+    std_all, err_all = [], []
+    for i in range(n):
+        sim = simulate_pair(preset, size=size, seed=seed + i)
+        gen = iter_stain(sim.qobm, pred, samples=samples, seed=0, pixel_size=sim.pixel_size)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                res = stop.value
+                break
+        err = np.abs(res.mean - sim.dapi)
+        lab = sim.nuclei
+        cnr = np.concatenate([[np.inf], np.abs(np.asarray(sim.nucleus_cnr, float))])
+        ins = np.concatenate([[1.0], np.asarray(sim.nucleus_in_section, float)])
+        ring = max(1, int(round(metrics.DISTRACTOR_RADIUS_UM / sim.pixel_size)))
+        near_d = ndimage.binary_dilation(sim.distractors > 0, iterations=ring) & (lab == 0)
+        masks = {
+            "background": (lab == 0) & ~near_d,
+            "clear_nuclei": (lab > 0) & (cnr[lab] >= metrics.HARD_CNR_THRESHOLD)
+            & (ins[lab] >= metrics.HARD_IN_SECTION_THRESHOLD),
+            "low_contrast_nuclei": (lab > 0) & (cnr[lab] < metrics.HARD_CNR_THRESHOLD),
+            "out_of_section_nuclei": (lab > 0) & (ins[lab] < metrics.HARD_IN_SECTION_THRESHOLD),
+            "near_distractors": near_d,
+        }  # fmt: skip
+        for r, m in masks.items():
+            sums[r][0] += float(res.std[m].sum())
+            sums[r][1] += int(m.sum())
+            err_sums[r][0] += float(err[m].sum())
+            err_sums[r][1] += int(m.sum())
+        std_all.append(res.std.ravel())
+        err_all.append(err.ravel())
+    std_all, err_all = np.concatenate(std_all), np.concatenate(err_all)
+    out = {
+        "model": getattr(pred, "name", str(model)),
+        "samples": samples,
+        "fields": n,
+        "size": size,
+        "preset": preset,
+        "seeds": [seed, seed + n - 1],
+        "mean_std": {r: (s / c if c else None) for r, (s, c) in sums.items()},
+        "mean_abs_error": {r: (s / c if c else None) for r, (s, c) in err_sums.items()},
+        "pixels": {r: c for r, (_s, c) in sums.items()},
+        "pearson_std_vs_abs_error": float(np.corrcoef(std_all, err_all)[0, 1])
+        if std_all.std() > 0
+        else None,
+    }
+    if not quiet:
+        print(f"uncertainty of {out['model']} ({samples} samples, {n} {preset} fields {size}²)")
+        for r in regions:
+            s, e = out["mean_std"][r], out["mean_abs_error"][r]
+            if s is not None:
+                print(
+                    f"  {r:>22}: mean std {s:.4f}   mean |error| {e:.4f}   ({out['pixels'][r]} px)"
+                )
+        print(f"  pixelwise Pearson(std, |error|) = {out['pearson_std_vs_abs_error']}")
+    if json_path:
+        p = Path(json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, p)
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m napari_lcm_stain.bench uncertainty [--json PATH]` (speed: `lcm-stain bench`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m napari_lcm_stain.bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("uncertainty", help="mean K-sample std per region on simulated fields")
+    u.add_argument("--model", default="lcm")
+    u.add_argument("--samples", type=int, default=8)
+    u.add_argument("--n", type=int, default=4)
+    u.add_argument("--size", type=int, default=512)
+    u.add_argument("--preset", default="brain-20x")
+    u.add_argument("--seed", type=int, default=20_000)
+    u.add_argument("--device", default="auto")
+    u.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    uncertainty_by_region(a.model, a.samples, a.n, a.size, a.preset, a.seed, a.device, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
