@@ -66,3 +66,28 @@ def test_iter_stain_with_scheduler_equals_local(client):
         iter_stain(stack, pred, scheduler=client.scheduler.address, loader=fake_loader, **kw)
     )
     np.testing.assert_allclose(address.mean, local.mean, atol=1e-6)
+
+
+def test_cli_scheduler_with_packaged_model(client, tmp_path):
+    """`lcm-stain stain --scheduler ADDRESS`: workers load the packaged model themselves."""
+    from _fake_predictor import packaged_predictor
+
+    if packaged_predictor("lcm") is None:
+        pytest.skip("packaged LCM weights not trained yet")
+    import tifffile
+
+    from napari_lcm_stain import cli, io
+    from napari_lcm_stain.engine import stain
+
+    img = blobs((2, 96, 130), seed=10)
+    tifffile.imwrite(tmp_path / "in.tif", img)
+    args = ["stain", str(tmp_path / "in.tif"), "--tile", "64", "--overlap", "32", "--device", "cpu"]
+    assert (
+        cli.main(
+            args + ["-o", str(tmp_path / "d.ome.tif"), "--scheduler", client.scheduler.address]
+        )
+        == 0
+    )
+    remote = np.asarray(io.read_image(tmp_path / "d.ome.tif")[0])
+    local = stain(img, "lcm", tile=64, overlap=32, device="cpu")
+    np.testing.assert_allclose(remote, local, atol=1e-5)
