@@ -12,10 +12,10 @@ from _fake_predictor import EchoPredictor, FakePredictor, blobs, packaged_predic
 from napari_lcm_stain import tiling as T
 
 
-def run(image, pred, tile, overlap, seed=0, batch=4):
-    grid = T.make_grid(image.shape, pred.multiple, tile, overlap)
+def run(image, pred, tile, overlap, seed=0, batch=4, context=0):
+    grid = T.make_grid(image.shape, pred.multiple, tile, overlap, context)
     noise = T.make_noise_canvas(pred, grid.padded, seed)
-    return T.predict_tiled(image, pred, tile, overlap, noise, batch)
+    return T.predict_tiled(image, pred, tile, overlap, noise, batch, context=context)
 
 
 # ------------------------------------------------------------------------------ grid & windows
@@ -191,12 +191,13 @@ def _border_energy(img: np.ndarray, positions, axis: int) -> float:
 @pytest.mark.parametrize("pred", _predictors())
 def test_seams_tiled_equals_whole_image_on_1024(pred):
     img = pred.normalize(blobs((1024, 1024), seed=2))
-    tiled = run(img, pred, 256, 32, seed=0)
+    ctx = T.model_context(pred)  # what the engine uses: the model's receptive-field radius
+    tiled = run(img, pred, 256, 32, seed=0, context=ctx)
     whole = run(img, pred, 1024, 32, seed=0)  # one tile = whole-image prediction, same noise
     assert T.make_grid(img.shape, pred.multiple, 1024, 32).n_tiles == 1
     assert np.abs(tiled - whole).max() <= 0.01
 
-    grid = T.make_grid(img.shape, pred.multiple, 256, 32)
+    grid = T.make_grid(img.shape, pred.multiple, 256, 32, ctx)
     # every place where a tile starts, ends, or hands over to its neighbour
     borders = sorted({p for s in grid.starts[1][1:] for p in (s, s + grid.taper[1] // 2)}
                      | {s + grid.tile[1] for s in grid.starts[1][:-1]})  # fmt: skip
@@ -272,3 +273,23 @@ def test_skipping_tile_edges_reduces_the_tiling_error(monkeypatch):
     monkeypatch.setattr(T, "EDGE_SKIP", 0.0)  # Hann ramp over the whole overlap
     err_full_ramp = np.abs(run(img, pred, 128, 32) - whole).max()
     assert err_full_ramp > 5 * err
+
+
+def test_measure_context_and_context_margin():
+    """The measured context of the test model is small but non-zero; with it, seams vanish."""
+    pred = FakePredictor()
+    img = pred.normalize(blobs((256, 256), seed=7))
+    c = T.measure_context(pred, img, tol=0.002)
+    assert 8 <= c <= 32
+    assert T.measure_context(EchoPredictor("input"), img) == 0
+    g = T.make_grid((1000, 1000), 16, 256, 32, context=c)
+    assert g.context == c and g.tile[0] <= 256 + 2 * c
+    assert min(b - a for a, b in zip(g.starts[0][:-1], g.starts[0][1:])) <= g.tile[0] - 32 - 2 * c
+    w = g.windows[0][1]
+    assert w[:c].max() <= T.WINDOW_FLOOR and w[-c:].max() <= T.WINDOW_FLOOR
+    grid = T.make_grid(img.shape, 16, 96, 16, context=c)
+    noise = T.make_noise_canvas(pred, grid.padded, 0)
+    whole = T.predict_tiled(img, pred, 256, 16, noise)
+    tiled = T.predict_tiled(img, pred, 96, 16, noise, context=c)
+    assert np.abs(tiled - whole).max() <= 0.002
+    assert T.model_context(pred) == pred.receptive_field // 2

@@ -224,6 +224,7 @@ def iter_stain(
     out_std=None,
     scheduler=None,
     loader: Callable[[], object] | None = None,
+    context: int | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -237,6 +238,8 @@ def iter_stain(
     zarr) that planes are written into as they finish, so big stacks never sit in memory twice.
     `scheduler`: dask scheduler name, address or Client: each plane runs as a dask graph;
     `loader` (picklable, zero-arg) lets workers build the predictor instead of receiving it.
+    `context`: input-only margin (px) around each tile; None = the model's receptive-field
+    radius (`tiling.model_context`), so tiled output matches whole-image output.
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
@@ -262,7 +265,9 @@ def iter_stain(
     elif px is None:
         notes.append("pixel size unknown: assumed to match the model's training pixel size")
 
-    grid = tiling.make_grid(work, pred.multiple, tile, overlap)
+    if context is None:
+        context = tiling.model_context(pred)
+    grid = tiling.make_grid(work, pred.multiple, tile, overlap, context)
     stochastic = pred.noise_shape(*grid.padded) is not None
     k_eff = samples if stochastic else 1
     if samples > 1 and not stochastic:
@@ -310,7 +315,7 @@ def iter_stain(
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
                         plane, pred, tile, overlap, noises[k], batch, loader=loader,
-                        normalize=True, clip=clip,
+                        normalize=True, clip=clip, context=context,
                     )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles
@@ -319,7 +324,7 @@ def iter_stain(
                     target = _plane_target(mean_out, idx) if direct else None
                     gen = tiling.iter_predict_tiled(
                         plane, pred, tile, overlap, noises[k], batch, out=target,
-                        transform=pred.normalize, clip=clip,
+                        transform=pred.normalize, clip=clip, context=context,
                     )  # fmt: skip
                     base = done
                     while True:
@@ -359,6 +364,7 @@ def iter_stain(
         "samples": int(samples),
         "tile": list(grid.tile),
         "overlap": int(overlap),
+        "context": int(context),
         "taper": list(grid.taper),
         "tiles_per_plane": grid.n_tiles,
         "planes": n_planes,

@@ -54,10 +54,7 @@ def _fit_axis(p: int, t_max: int, overlap: int, m: int) -> tuple[int, tuple[int,
     """
     g_max = (t_max - overlap) // m  # largest stride, in units of m
     if g_max < 1:
-        raise ValueError(
-            f"overlap {overlap} leaves no stride in a {t_max}-px tile: use tile >= "
-            f"overlap + {m} (e.g. --tile {_ceil_to(overlap + m, m)}) or a smaller overlap"
-        )
+        raise ValueError(f"overlap {overlap} leaves no stride in a {t_max}-px tile")
     n = 1 + -(-(p - t_max) // (g_max * m))  # tiles needed at the largest tile
     for t in range(_ceil_to(-(-(p + (n - 1) * overlap) // n), m), t_max + m, m):
         span = (p - t) // m  # last start, in units of m
@@ -79,6 +76,7 @@ class TileGrid:
     taper: tuple[int, int]  # taper length per axis (the nominal overlap between neighbours)
     starts: tuple[tuple[int, ...], tuple[int, ...]]  # tile starts per axis
     multiple: int
+    context: int = 0  # px at each inner tile edge that only serve as model input (weight ~0)
 
     @property
     def n_tiles(self) -> int:
@@ -99,7 +97,8 @@ class TileGrid:
         w = np.ones(t, np.float32)
         length = min(length, t)
         if length:
-            m = int(length * EDGE_SKIP)
+            c = min(self.context, length // 2)
+            m = c + int((length - 2 * c) * EDGE_SKIP)
             side = np.concatenate([np.zeros(m, np.float32), hann_ramp(length - 2 * m)])
             side = np.concatenate([side, np.ones(length - side.size, np.float32)])
             if s > 0:
@@ -128,7 +127,9 @@ class TileGrid:
         return tuple(out)
 
 
-def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileGrid:
+def make_grid(
+    shape, multiple: int, tile: int = 512, overlap: int = 32, context: int = 0
+) -> TileGrid:
     """Tile grid for a 2-D image of `shape`; tile rounded down to a multiple of `multiple`.
 
     `tile` is the largest side: the grid uses the fewest tiles that cover the image with overlaps
@@ -136,18 +137,34 @@ def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileG
     spread evenly at multiples of `multiple`. An image narrower than a tile along one axis gets
     tiles longer than `tile` along the other (same tile area), so a 1×100000 strip takes a few
     calls instead of hundreds.
+
+    `context` (px, usually the model's receptive-field radius) is added around each tile as
+    input-only margin: tiles grow by 2·context (up to `tile + 2·context`), neighbours overlap by
+    `overlap + 2·context`, and the outer `context` px of every inner tile edge get ~no weight,
+    so each kept pixel was predicted with at least that much real image around it.
     """
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise ValueError(f"tile must be a positive integer (pixels), got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
         raise ValueError(f"overlap must be an integer >= 0 (pixels), got {overlap!r}")
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ValueError(f"context must be an integer >= 0 (pixels), got {context!r}")
+    context = int(context)
     multiple = int(multiple)
     if multiple < 1:
         raise ValueError(f"predictor.multiple must be >= 1, got {multiple}")
     h, w = (int(s) for s in shape)
     if h < 1 or w < 1:
         raise ValueError(f"cannot tile an empty image of shape {shape}")
-    t_req = max(multiple, (int(tile) // multiple) * multiple)
+    core = max(multiple, (int(tile) // multiple) * multiple)
+    t_req = core + _ceil_to(2 * context, multiple)
+    ov = int(overlap) + 2 * context
+    if (t_req - ov) // multiple < 1 and any(_ceil_to(n, multiple) > t_req for n in (h, w)):
+        raise ValueError(
+            f"overlap {overlap} leaves no stride in a {core}-px tile: use tile >= overlap + "
+            f"{multiple} (e.g. --tile {_ceil_to(int(overlap) + multiple, multiple)}) "
+            "or a smaller overlap"
+        )
     pads = [_ceil_to(n, multiple) for n in (h, w)]
     # a thin strip (one tile across) gets longer tiles along it, same pixel budget per tile
     sides = [min(t_req, p) for p in pads]
@@ -158,7 +175,7 @@ def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileG
     padded, tiles, tapers, starts = [], [], [], []
     for p, t in zip(pads, sides):
         if t < p:
-            t, st = _fit_axis(p, t, int(overlap), multiple)
+            t, st = _fit_axis(p, t, ov, multiple)
             taper = t - max(b - a for a, b in zip(st[:-1], st[1:]))
         else:
             st, taper = (0,), 0
@@ -166,7 +183,50 @@ def make_grid(shape, multiple: int, tile: int = 512, overlap: int = 32) -> TileG
         tiles.append(t)
         tapers.append(taper)
         starts.append(st)
-    return TileGrid((h, w), tuple(padded), tuple(tiles), tuple(tapers), tuple(starts), multiple)
+    return TileGrid(
+        (h, w), tuple(padded), tuple(tiles), tuple(tapers), tuple(starts), multiple, context
+    )
+
+
+def model_context(predictor) -> int:
+    """Input-only margin (px) a predictor needs around each tile: its `context`, else half its
+    `receptive_field` (both optional attributes; 0 if absent)."""
+    c = getattr(predictor, "context", None)
+    if c is None:
+        c = int(getattr(predictor, "receptive_field", 0) or 0) // 2
+    return max(0, int(c))
+
+
+def measure_context(
+    predictor, image: np.ndarray, tol: float = 0.005, seed: int = 0, step: int = 8
+) -> int:
+    """Smallest margin d (px, a multiple of `step`) such that predicting a crop of `image`
+    differs from predicting the whole image by <= `tol` everywhere >= d px from the crop's cut
+    edges. Store 2·d as the checkpoint's `receptive_field` so the engine adds that context.
+
+    `image` is a normalised 2-D plane, ideally >= 512 px, with a multiple-aligned size.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    m = int(predictor.multiple)
+    h, w = (s // m * m for s in image.shape)
+    if min(h, w) < 2 * m:
+        raise ValueError(f"measure_context needs an image of at least {2 * m} px per side")
+    image = image[:h, :w]
+    noise = make_noise_canvas(predictor, (h, w), seed)
+
+    def run(x, nz):
+        return _run_batch(predictor, x[None], None if nz is None else [nz])[0]
+
+    whole = run(image, noise)
+    ch, cw = h // 2 // m * m, w // 2 // m * m
+    crop = run(np.ascontiguousarray(image[:ch, :cw]), None if noise is None else _noise_crop(
+        noise, h // noise.shape[-2], 0, 0, ch, cw))  # fmt: skip
+    err = np.abs(crop - whole[:ch, :cw])
+    dist = np.minimum((ch - 1 - np.arange(ch))[:, None], (cw - 1 - np.arange(cw))[None, :])
+    for d in range(0, min(ch, cw), step):
+        if float(err[dist >= d].max(initial=0.0)) <= tol:
+            return d
+    return min(ch, cw)
 
 
 def reflect_indices(n: int, start: int, length: int) -> np.ndarray:
@@ -260,6 +320,7 @@ def iter_predict_tiled(
     out=None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     clip: tuple[float, float] | None = None,
+    context: int = 0,
 ) -> Iterator[tuple[int, int]]:
     """Generator form of `predict_tiled`: yields (tiles done, tiles total); returns the (H, W) map.
 
@@ -275,7 +336,7 @@ def iter_predict_tiled(
     if len(image.shape) != 2:
         raise ValueError(f"predict_tiled needs a 2-D plane, got shape {tuple(image.shape)}")
     batch = max(1, int(batch))
-    grid = make_grid(image.shape, predictor.multiple, tile, overlap)
+    grid = make_grid(image.shape, predictor.multiple, tile, overlap, context)
     f = _noise_factor(noise_canvas, grid)
     th, tw = grid.tile
     h, w = grid.shape
@@ -330,6 +391,7 @@ def predict_tiled(
     out=None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     clip: tuple[float, float] | None = None,
+    context: int = 0,
 ) -> np.ndarray:
     """Blend the predictor's output over overlapping tiles of one normalised 2-D plane.
 
@@ -337,7 +399,16 @@ def predict_tiled(
     Raises `Cancelled` if `cancel_check()` turns True between batches.
     """
     gen = iter_predict_tiled(
-        image2d_normalized, predictor, tile, overlap, noise_canvas, batch, out, transform, clip
+        image2d_normalized,
+        predictor,
+        tile,
+        overlap,
+        noise_canvas,
+        batch,
+        out,
+        transform,
+        clip,
+        context,
     )
     while True:
         if cancel_check is not None and cancel_check():
@@ -413,6 +484,7 @@ def predict_tiled_dask(
     loader: Callable[[], object] | None = None,
     normalize: bool = False,
     clip: tuple[float, float] | None = None,
+    context: int = 0,
 ):
     """`predict_tiled` as a lazy dask array (for `dask.distributed`; same tiles, same sums).
 
@@ -429,7 +501,7 @@ def predict_tiled_dask(
         img = np.asarray(img)
     if img.ndim != 2:
         raise ValueError(f"predict_tiled_dask needs a 2-D plane, got shape {img.shape}")
-    grid = make_grid(img.shape, predictor.multiple, tile, overlap)
+    grid = make_grid(img.shape, predictor.multiple, tile, overlap, context)
     if not isinstance(img, da.Array):
         img = da.from_array(img, chunks=grid.tile)
     f = _noise_factor(noise_canvas, grid)
