@@ -60,3 +60,12 @@ def test_uncertainty_by_region_shape(tmp_path):
     assert res["pixels"]["background"] > 0 and res["mean_std"]["background"] > 0
     assert all(v is None or v >= 0 for v in res["mean_std"].values())
     assert res["samples"] == 2 and res["model"] == "Fake"
+
+
+def test_seams_report_shape():
+    res = bench.seams_report(FakePredictor(), size=128, tile=64, overlap=16, contexts=(0, 16),
+                             quiet=True)  # fmt: skip
+    assert [r["context"] for r in res["rows"]] == [0, 16]
+    assert all(r["max_abs_diff"] >= 0 and r["work_overhead"] >= 1 for r in res["rows"])
+    assert res["rows"][1]["max_abs_diff"] <= res["rows"][0]["max_abs_diff"]
+    assert set(res["measured_context_px"]) == {"0.01", "0.005", "0.002"}

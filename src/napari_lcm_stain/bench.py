@@ -229,12 +229,8 @@ def run_bench(
         "version": __version__,
     }
     if json_path:
-        p = Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, p)
-        say(f"wrote {p}")
+        _write_json(json_path, result)
+        say(f"wrote {json_path}")
     return result
 
 
@@ -326,12 +322,73 @@ def uncertainty_by_region(
                 )
         print(f"  pixelwise Pearson(std, |error|) = {out['pearson_std_vs_abs_error']}")
     if json_path:
-        p = Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, p)
+        _write_json(json_path, out)
     return out
+
+
+def seams_report(
+    model="lcm",
+    size: int = 1024,
+    tile: int = 256,
+    overlap: int = 32,
+    contexts=(0, 32, 64, 96, 128),
+    preset: str = "brain-20x",
+    seed: int = 20_100,
+    device: str = "auto",
+    json_path=None,
+    quiet: bool = False,
+) -> dict:
+    """Tiled vs whole-image prediction of one simulated size² field, per context margin.
+
+    Reports max/mean |tiled − whole| and the work overhead (processed px / image px) for each
+    context, and `tiling.measure_context` at three tolerances: the numbers behind the model's
+    `receptive_field` setting and the seam criterion (max diff <= 0.01 at tile 256, overlap 32).
+    """
+    from . import tiling
+    from .engine import get_predictor
+    from .simulate import simulate_pair
+
+    pred = get_predictor(model, None, device)
+    x = pred.normalize(simulate_pair(preset, size=size, seed=seed).qobm)
+    full = tiling.make_grid(x.shape, pred.multiple, size, overlap)
+    noise = tiling.make_noise_canvas(pred, full.padded, 0)
+    whole = tiling.predict_tiled(x, pred, size, overlap, noise, clip=(0.0, 1.0))
+    rows = []
+    for c in contexts:
+        g = tiling.make_grid(x.shape, pred.multiple, tile, overlap, int(c))
+        y = tiling.predict_tiled(x, pred, tile, overlap, noise, clip=(0.0, 1.0), context=int(c))
+        d = np.abs(y - whole)
+        work = g.n_tiles * g.tile[0] * g.tile[1] / (size * size)
+        rows.append({"context": int(c), "max_abs_diff": float(d.max()),
+                     "mean_abs_diff": float(d.mean()), "tile_px": list(g.tile),
+                     "tiles": g.n_tiles, "work_overhead": work})  # fmt: skip
+    measured = {str(t): tiling.measure_context(pred, x, tol=t) for t in (0.01, 0.005, 0.002)}
+    out = {
+        "model": getattr(pred, "name", str(model)),
+        "size": size, "tile": tile, "overlap": overlap, "preset": preset, "seed": seed,
+        "model_context": tiling.model_context(pred),
+        "rows": rows,
+        "measured_context_px": measured,
+    }  # fmt: skip
+    if not quiet:
+        print(f"seams of {out['model']}: {size}² {preset} field, tile {tile}, overlap {overlap}; "
+              f"engine context (receptive_field/2) = {out['model_context']} px")  # fmt: skip
+        for r in rows:
+            print(f"  context {r['context']:4d}: max |tiled-whole| {r['max_abs_diff']:.4f}  mean "
+                  f"{r['mean_abs_diff']:.5f}  tiles {r['tiles']} of {r['tile_px'][0]} px  "
+                  f"work x{r['work_overhead']:.2f}")  # fmt: skip
+        print(f"  measure_context: {measured} (tolerance: px)")
+    if json_path:
+        _write_json(json_path, out)
+    return out
+
+
+def _write_json(path, data) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, p)
 
 
 def main(argv=None) -> int:
@@ -349,8 +406,18 @@ def main(argv=None) -> int:
     u.add_argument("--seed", type=int, default=20_000)
     u.add_argument("--device", default="auto")
     u.add_argument("--json", default=None)
+    sm = sub.add_parser("seams", help="tiled vs whole-image difference per context margin")
+    sm.add_argument("--model", default="lcm")
+    sm.add_argument("--size", type=int, default=1024)
+    sm.add_argument("--tile", type=int, default=256)
+    sm.add_argument("--overlap", type=int, default=32)
+    sm.add_argument("--device", default="auto")
+    sm.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    uncertainty_by_region(a.model, a.samples, a.n, a.size, a.preset, a.seed, a.device, a.json)
+    if a.cmd == "uncertainty":
+        uncertainty_by_region(a.model, a.samples, a.n, a.size, a.preset, a.seed, a.device, a.json)
+    else:
+        seams_report(a.model, a.size, a.tile, a.overlap, device=a.device, json_path=a.json)
     return 0
 
 
