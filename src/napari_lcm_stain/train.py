@@ -42,9 +42,11 @@ class TrainPreset:
     batch: int = 12
     vae_crop: int = 64
     vae_steps: int = 4000
-    teacher_steps: int = 3600
+    teacher_steps: int = 6000
     lcm_steps: int = 2000
-    pix2pix_steps: int = 2000
+    pix2pix_steps: int = 3300
+    high_t_fraction: float = 0.5
+    high_t_min: int = 600
     lr: float = 5e-4
     anchor_weight: float = 1.0
     ema_teacher: float = 0.999
@@ -259,6 +261,19 @@ def encode_latents(vae: VAE, dapi: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def sample_timesteps(rng: np.random.Generator, n: int, high_fraction: float, high_min: int):
+    """Uniform timesteps, with `high_fraction` of them drawn from [high_min, 999].
+
+    1-4 step sampling only queries the teacher at high noise, where the prediction must come from
+    the qOBM condition; an A/B at 600 steps measured 1-step Pearson 0.28 vs 0.20 for uniform sampling
+    (docs/model-card.md).
+    """
+    t = rng.integers(0, 1000, size=n)
+    high = rng.random(n) < high_fraction
+    t[high] = rng.integers(high_min, 1000, size=int(high.sum()))
+    return torch.from_numpy(t).long()
+
+
 def make_unet(p: TrainPreset) -> LatentUNet:
     return LatentUNet(p.latent_channels, 4, p.unet_channels)
 
@@ -275,7 +290,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         cosine_lr(opt, p.lr, step, p.teacher_steps)
         q, _, z0 = data.batch(rng, p.batch, p.crop)
         noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (z0.shape[0],))
+        t = sample_timesteps(rng, z0.shape[0], p.high_t_fraction, p.high_t_min)
         z_t = sched.add_noise(z0, noise, t)
         target = sched.get_velocity(z0, noise, t)
         loss = F.mse_loss(unet(z_t, t, q), target)
