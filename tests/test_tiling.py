@@ -177,8 +177,8 @@ def test_progress_and_cancel():
 def _predictors():
     real = packaged_predictor("lcm")
     return [pytest.param(FakePredictor(), id="fake"),
-            pytest.param(real, id="packaged-lcm", marks=pytest.mark.skipif(
-                real is None, reason="packaged LCM weights not trained yet"))]  # fmt: skip
+            pytest.param(real, id="packaged-lcm", marks=[pytest.mark.slow, pytest.mark.skipif(
+                real is None, reason="packaged LCM weights not trained yet")])]  # fmt: skip
 
 
 def _border_energy(img: np.ndarray, positions, axis: int) -> float:
@@ -191,7 +191,8 @@ def _border_energy(img: np.ndarray, positions, axis: int) -> float:
 @pytest.mark.parametrize("pred", _predictors())
 def test_seams_tiled_equals_whole_image_on_1024(pred):
     img = pred.normalize(blobs((1024, 1024), seed=2))
-    ctx = T.model_context(pred)  # what the engine uses: the model's receptive-field radius
+    # the margin this network needs, measured (the checkpoint's receptive_field is tested below)
+    ctx = T.measure_context(pred, img[:512, :512], tol=0.005)
     tiled = run(img, pred, 256, 32, seed=0, context=ctx)
     whole = run(img, pred, 1024, 32, seed=0)  # one tile = whole-image prediction, same noise
     assert T.make_grid(img.shape, pred.multiple, 1024, 32).n_tiles == 1
@@ -293,3 +294,18 @@ def test_measure_context_and_context_margin():
     tiled = T.predict_tiled(img, pred, 96, 16, noise, context=c)
     assert np.abs(tiled - whole).max() <= 0.002
     assert T.model_context(pred) == pred.receptive_field // 2
+
+
+def test_packaged_receptive_field_covers_measured_context():
+    """The engine's default context comes from the checkpoint: it must be large enough."""
+    real = packaged_predictor("lcm")
+    if real is None:
+        pytest.skip("packaged LCM weights not trained yet")
+    from napari_lcm_stain.simulate import simulate_pair
+
+    x = real.normalize(simulate_pair("brain-20x", size=512, seed=20_200).qobm)
+    needed = T.measure_context(real, x, tol=0.005)
+    assert T.model_context(real) >= needed, (
+        f"receptive_field {real.receptive_field} in the checkpoint config is too small: "
+        f"tiles need {needed} px of context (set receptive_field >= {2 * needed})"
+    )
