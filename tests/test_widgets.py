@@ -324,12 +324,14 @@ def test_side_by_side_grid_and_back(make_napari_viewer, qtbot, models):
     assert positions == [(0, 0), (0, 1), (1, 0), (1, 1)]  # reading order
     assert not viewer.layers["nuclei (ground truth)"].visible
     assert all(ly.name_overlay.visible for ly in shown)
+    assert viewer.layers["DAPI (ground truth)"].colormap.name == "dapi_blue"  # same LUT as outputs
 
     widget.grid_button.click()
     assert not grid.enabled
     assert [ly.name for ly in viewer.layers] == order  # stacking order restored
     assert all(ly.visible for ly in viewer.layers)
     assert not any(ly.name_overlay.visible for ly in viewer.layers)
+    assert viewer.layers["DAPI (ground truth)"].colormap.name == "cyan"
 
 
 def test_current_plane_only_follows_the_slider(make_napari_viewer, qtbot, models):

@@ -39,6 +39,7 @@ from superqt import QCollapsible
 
 from . import _jobs
 from ._layers import (
+    DAPI_COLORMAP,
     ROLE_PIX2PIX,
     ROLE_STAIN,
     ROLE_UNCERTAINTY,
@@ -669,6 +670,11 @@ class StainWidget(QWidget):
         for ly in chosen:
             saved["overlay"].setdefault(ly.name, ly.name_overlay.visible)
             ly.name_overlay.visible = True
+        truth = self.truth_combo.layer()
+        if truth is not None and any(same_layer(truth, c) for c in chosen):
+            # the measured DAPI in the outputs' colormap (its own contrast): compare data, not LUTs
+            saved.setdefault("colormap", {}).setdefault(truth.name, truth.colormap)
+            truth.colormap = DAPI_COLORMAP
         n = len(chosen)
         grid = _grid(self.viewer)
         grid.stride = 1
@@ -689,4 +695,6 @@ class StainWidget(QWidget):
                 ly.visible = saved["visible"][ly.name]
             if ly.name in saved["overlay"]:
                 ly.name_overlay.visible = saved["overlay"][ly.name]
+            if ly.name in saved.get("colormap", {}):
+                ly.colormap = saved["colormap"][ly.name]
         self.viewer.reset_view()
