@@ -294,6 +294,12 @@ def _run_batch(predictor, tiles: np.ndarray, noises) -> np.ndarray:
     y = torch.as_tensor(y)
     if tuple(y.shape) != tuple(x.shape):
         raise RuntimeError(f"predictor returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
+    if not bool(torch.isfinite(y).all()):  # clipping keeps NaN: never pass it off as a stain
+        raise ValueError(
+            "the model returned NaN/Inf pixels: the input has values it cannot handle (e.g. "
+            "beyond ±1e38, or overflowing half precision on a GPU); rescale the image to its "
+            "usual phase range or use device='cpu'"
+        )
     return y[:, 0].detach().float().cpu().numpy()
 
 
