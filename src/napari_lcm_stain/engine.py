@@ -56,7 +56,10 @@ def validate_image(image):
     try:
         dtype = np.dtype(arr.dtype)
     except TypeError as e:
-        raise TypeError(f"unsupported array dtype {arr.dtype!r}: pass a numeric array") from e
+        if not hasattr(arr, "__array__"):
+            raise TypeError(f"unsupported array dtype {arr.dtype!r}: pass a numeric array") from e
+        arr = np.asarray(arr)  # e.g. a torch tensor: its dtype is not a numpy dtype
+        dtype = arr.dtype
     if dtype.kind == "c":
         raise TypeError(
             f"complex input ({dtype}) is not a phase image: pass np.angle(field) or the real phase"
@@ -78,7 +81,7 @@ def validate_image(image):
         )
     if 0 in shape:
         raise ValueError(f"image is empty (shape {shape}): nothing to stain")
-    if len(shape) == 3 and shape[-1] in (3, 4):
+    if len(shape) >= 3 and shape[-1] in (3, 4):  # RGB stacks too, not 3-4 px wide planes
         raise ValueError(
             f"image of shape {shape} looks like RGB/RGBA (last axis {shape[-1]}): qOBM phase is "
             "one channel; convert it first (e.g. skimage.color.rgb2gray(img) or img[..., 0])"
