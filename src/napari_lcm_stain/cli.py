@@ -93,7 +93,14 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import run_evaluate
 
-    run_evaluate(json_path=a.json, n=a.n, size=a.size, device=a.device, quick=a.quick)
+    run_evaluate(
+        json_path=a.json,
+        n=a.n,
+        size=a.size,
+        device=a.device,
+        quick=a.quick,
+        weights_dir=Path(a.weights_dir) if a.weights_dir else None,
+    )
     return 0
 
 
@@ -189,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None)
     s.add_argument("--device", **dev)
     s.add_argument("--quick", action="store_true", help="small subset, for smoke tests")
+    s.add_argument(
+        "--weights-dir", default=None, help="folder with lcm/teacher/pix2pix checkpoints"
+    )
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser(
