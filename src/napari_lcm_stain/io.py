@@ -82,13 +82,40 @@ def _tiff_pixel_size(tif) -> float | None:
     return None  # inch/none: usually a screen 72 dpi default, not a microscope calibration
 
 
+def _unreadable(path: Path, e: BaseException) -> ValueError:
+    return ValueError(
+        f"cannot read {path}: the file is corrupt, truncated or not a TIFF "
+        f"({type(e).__name__}: {e}); re-export or re-copy it"
+    )
+
+
+class _CheckedArray:
+    """Lazy TIFF data whose decode errors (corrupt / truncated strips) name the file."""
+
+    def __init__(self, arr, path: Path):
+        self._arr, self._path = arr, path
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        try:
+            return self._arr[key]
+        except Exception as e:
+            raise _unreadable(self._path, e) from e
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+
 def _read_tiff(path: Path):
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        axes, shape = series.axes, tuple(series.shape)
-        ps = _tiff_pixel_size(tif)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            ps = _tiff_pixel_size(tif)
+    except Exception as e:  # tifffile raises many kinds (IndexError, struct.error, ...)
+        raise _unreadable(path, e) from e
     try:  # uncompressed, contiguous: a read-only memory map is lazy and free
         arr = tifffile.memmap(path, mode="r")
         if tuple(arr.shape) != shape:
@@ -98,7 +125,7 @@ def _read_tiff(path: Path):
         import zarr
 
         handle = tifffile.TiffFile(path)
-        arr = zarr.open(handle.series[0].aszarr(), mode="r")
+        arr = _CheckedArray(zarr.open(handle.series[0].aszarr(), mode="r"), path)
     return arr, {
         "pixel_size": ps,
         "axes": axes,
@@ -215,7 +242,11 @@ def _replace(tmp: Path, path: Path) -> None:
     if path.is_dir():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # never leave the target missing
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
@@ -237,20 +268,24 @@ class OutputImage:
         self.fmt = fmt
         _remove(self.tmp)
         shape = tuple(int(s) for s in shape)
-        if fmt == "tiff":
-            import tifffile
-
-            self.array = tifffile.memmap(
-                self.tmp,
-                shape=shape,
-                dtype=np.float32,
-                ome=True,
-                metadata=_ome_metadata(shape, metadata, description),
-            )
-        elif fmt == "zarr":
-            self.array = _create_ome_zarr(self.tmp, shape, metadata, description, chunk)
-        else:
+        if fmt not in ("tiff", "zarr"):
             raise ValueError(f"output format must be 'tiff' or 'zarr', got {fmt!r}")
+        try:
+            if fmt == "tiff":
+                import tifffile
+
+                self.array = tifffile.memmap(
+                    self.tmp,
+                    shape=shape,
+                    dtype=np.float32,
+                    ome=True,
+                    metadata=_ome_metadata(shape, metadata, description),
+                )
+            else:
+                self.array = _create_ome_zarr(self.tmp, shape, metadata, description, chunk)
+        except BaseException:
+            _remove(self.tmp)  # e.g. disk full: no half-created temp file left behind
+            raise
 
     def commit(self) -> Path:
         if self.fmt == "tiff":
@@ -339,6 +374,14 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self._last = -1.0
+        self._open = False  # a bar line is drawn without its newline
+
+    def end(self) -> None:
+        """Finish a half-drawn bar line, so an error message starts on its own line."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -352,7 +395,8 @@ class ProgressBar:
         self.stream.write(
             f"\r{self.label} [{bar:<{self.width}}] {100 * frac:3.0f}% {done}/{total} tiles {el:6.1f}s{eta}"
         )
-        if done >= total:
+        self._open = done < total
+        if not self._open:
             self.stream.write("\n")
         self.stream.flush()
 
@@ -484,7 +528,7 @@ def stain_files(
     All outputs are checked before any work starts: an output that is an input is refused, an
     existing output needs `overwrite=True`.
     """
-    from .engine import get_predictor, iter_stain
+    from .engine import get_predictor, iter_stain, validate_image
 
     files = _expand_inputs(inputs)
     plan = plan_outputs(files, Path(output), out_format)
@@ -504,15 +548,16 @@ def stain_files(
         arr, meta = read_image(f)
         handle = meta.pop("_handle", None)
         try:
+            validate_image(arr)  # e.g. an RGB TIFF: the engine's message, before any output
             ps = pixel_size if pixel_size is not None else meta.get("pixel_size")
             shape = tuple(int(s) for s in arr.shape)
             out_meta = {"pixel_size": meta.get("pixel_size") or ps, "axes": meta.get("axes")}
             mean_o = OutputImage(o, shape, out_meta, _PENDING, fmt)
-            std_o = (
-                OutputImage(_std_path(o), shape, out_meta, _PENDING, fmt) if samples > 1 else None
-            )
+            std_o = None
             bar = progress or (ProgressBar(f"[{n}/{len(files)}] {f.name}") if not quiet else None)
             try:
+                if samples > 1:  # inside the try: a failure here must not leak mean_o's temp
+                    std_o = OutputImage(_std_path(o), shape, out_meta, _PENDING, fmt)
                 gen = iter_stain(
                     arr,
                     pred if pred is not None else model,
@@ -541,6 +586,8 @@ def stain_files(
                     _set_description(std_o, _provenance(result.info, f, "std", samples))
                     written.append(std_o.commit())
             except BaseException:
+                if hasattr(bar, "end"):
+                    bar.end()
                 mean_o.abort()
                 if std_o is not None:
                     std_o.abort()
