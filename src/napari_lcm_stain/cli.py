@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (CLIError, ValueError, TypeError, OSError) as e:  # OSError: disk full, permissions
         print(f"lcm-stain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
