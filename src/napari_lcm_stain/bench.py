@@ -133,7 +133,7 @@ def run_bench(
     big: int = 8192,
     device: str = "auto",
     predictors: dict | None = None,
-    tile: int = 512,
+    tile: int = 1024,
     overlap: int = 32,
     quiet: bool = False,
     matmul_n: int = 2048,

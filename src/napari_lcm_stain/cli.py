@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--steps", type=int, default=None, help="sampling steps (LCM 1-4, teacher DDIM N)"
     )
-    s.add_argument("--tile", type=int, default=512)
+    s.add_argument(
+        "--tile", type=int, default=1024, help="tile side in px (a context margin is added)"
+    )
     s.add_argument("--overlap", type=int, default=32)
     s.add_argument("--device", **dev)
     s.add_argument(

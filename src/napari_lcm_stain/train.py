@@ -570,8 +570,29 @@ def run_recipe(
     return paths
 
 
+def calibrate_receptive_field(path: Path, tol: float = 0.005, size: int = 512) -> int:
+    """Measure how much input context a checkpoint needs for tiled = whole-image (within `tol`)
+    and store 2x that margin as `receptive_field` in its JSON config (the engine adds half of it
+    around every tile). Measured, not guessed: the U-Net's reach is far larger than its nominal
+    window because of the 1/32-resolution level."""
+    from .sampling import load_predictor
+    from .simulate import simulate_pair
+    from .tiling import measure_context
+
+    pred = load_predictor(path, device="cpu")
+    field = simulate_pair("brain-20x", size=size, seed=31_337).qobm
+    ctx = measure_context(pred, pred.normalize(field), tol=tol)
+    cfg_path = ckpt.config_path(path)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["receptive_field"] = int(2 * ctx)
+    cfg["receptive_field_measured"] = {"tolerance": tol, "context_px": int(ctx), "field": size}
+    ckpt.atomic_write_bytes(cfg_path, json.dumps(cfg, indent=2, sort_keys=True).encode())
+    return int(2 * ctx)
+
+
 def package_weights(run_dir: Path) -> None:
-    """Copy a finished run's stain models into the package and record their hashes."""
+    """Copy a finished run's stain models into the package, calibrate their tiling context and
+    record their hashes."""
     ckpt.WEIGHTS_DIR.mkdir(exist_ok=True)
     for name in ("lcm", "teacher", "pix2pix"):
         for ext in (".safetensors", ".json"):
@@ -579,6 +600,8 @@ def package_weights(run_dir: Path) -> None:
             if not src.exists():
                 raise FileNotFoundError(f"{src} missing: run all training stages before --package")
             ckpt.atomic_write_bytes(ckpt.WEIGHTS_DIR / f"{name}{ext}", src.read_bytes())
+        rf = calibrate_receptive_field(ckpt.WEIGHTS_DIR / f"{name}.safetensors")
+        print(f"packaged {name}: receptive_field {rf} px")
     ckpt.record_packaged_hashes()
 
 

@@ -209,7 +209,7 @@ class StainWidget(QWidget):
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(64, 4096)
         self.tile_spin.setSingleStep(64)
-        self.tile_spin.setValue(512)
+        self.tile_spin.setValue(1024)
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip("Tile side; smaller tiles use less memory.")
         adv.addRow("Tile", self.tile_spin)
