@@ -64,8 +64,12 @@ def fake_bench(monkeypatch):
             out = np.clip(out + 0.05, 0, 1)
         return out.astype(np.float32)
 
+    def no_vae(dapi, model="lcm"):
+        raise FileNotFoundError("no VAE weights in this test")
+
     monkeypatch.setattr(E, "benchmark_fields", fields)
     monkeypatch.setattr(E, "_stain", stub)
+    monkeypatch.setattr(E, "vae_reconstruction", no_vae)
     return SimpleNamespace(samples=samples, calls=calls)
 
 
@@ -76,8 +80,9 @@ def test_json_shape_and_oracle_row_match_hand_computation(fake_bench, tmp_path, 
     assert data["benchmark_version"] == E.BENCHMARK_VERSION == 1
     assert (data["n"], data["size"], data["device"]) == (2, 96, "cpu")
     assert isinstance(data["seconds"], float)
-    names = [r.name for r in E.FULL_ROWS]
+    names = [r.name for r in E.FULL_ROWS if r.name != "vae-recon"]
     assert list(data["models"]) == names
+    assert data["skipped"]["vae-recon"].startswith("FileNotFoundError")
     for key in ("oracle", "lcm-1", "lcm-2", "lcm-4", "teacher-50", "pix2pix", "threshold-phase"):
         row = data["models"][key]
         for col in E.COLUMNS:
@@ -85,7 +90,7 @@ def test_json_shape_and_oracle_row_match_hand_computation(fake_bench, tmp_path, 
             assert isinstance(row["std"][col], float)
         assert {"pooled", "recall_by_contrast", "seconds"} <= set(row)
     assert set(data["hard_subset"]["models"]) == set(names)
-    assert data["skipped"] == {}
+    assert set(data["skipped"]) == {"vae-recon"}
 
     # the oracle row is the mean / sample std of image_metrics(true DAPI, true DAPI) by hand
     per = [M.image_metrics(s.dapi, s.dapi, sample=s) for s in fake_bench.samples]

@@ -112,8 +112,10 @@ class Row:
 
 ORACLE = Row("oracle")
 BASELINE = Row("threshold-phase")
+VAE_RECON = Row("vae-recon")
 FULL_ROWS: tuple[Row, ...] = (
     ORACLE,
+    VAE_RECON,
     BASELINE,
     Row("lcm-1", "lcm", 1),
     Row("lcm-2", "lcm", 2),
@@ -186,6 +188,8 @@ def _predict(row: Row, sample: Any, device: str, weights_dir: Path | None) -> np
         return np.asarray(sample.dapi, dtype=np.float32)
     if row.name == BASELINE.name:
         return threshold_phase(sample.qobm, sample.pixel_size)
+    if row.name == VAE_RECON.name:
+        return vae_reconstruction(sample.dapi, _resolve_model("lcm", weights_dir))
     if row.model is None:
         raise ValueError(f"row {row.name!r} has no model to run")
     out = _stain(
@@ -202,6 +206,26 @@ def _predict(row: Row, sample: Any, device: str, weights_dir: Path | None) -> np
             f"model {row.name} returned shape {out.shape} for a {np.shape(sample.qobm)} input"
         )
     return out
+
+
+def vae_reconstruction(dapi: np.ndarray, model: str = "lcm") -> np.ndarray:
+    """decode(encode(true DAPI)) with the LCM checkpoint's VAE: the ceiling of any latent model."""
+    import torch
+
+    from . import checkpoints as ck
+    from .models import build
+
+    c = ck.load_packaged(model) if model in ck.PACKAGED else ck.load_checkpoint(Path(model))
+    vae = build(c.config["architecture"]["vae"])
+    ck.load_into(vae.encoder, c.sub("encoder"), "VAE encoder")
+    ck.load_into(vae.decoder, c.sub("decoder"), "VAE decoder")
+    x = torch.from_numpy(np.asarray(dapi, dtype=np.float32))[None, None]
+    h, w = x.shape[-2:]
+    x = torch.nn.functional.pad(x, (0, (-w) % 4, 0, (-h) % 4), mode="replicate")
+    with torch.inference_mode():
+        mean, _ = vae.eval().encode(x)
+        rec = vae.decode(mean)[0, 0, :h, :w].clamp(0, 1)
+    return rec.numpy().astype(np.float32)
 
 
 def _is_unavailable(err: BaseException) -> bool:
