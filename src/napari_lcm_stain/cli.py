@@ -224,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError, OSError) as e:  # OSError: disk full, permissions
         print(f"lcm-stain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # torch reports OOM as RuntimeError subclasses
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, MemoryError) and "memory" not in text.lower():
+            raise
+        print(
+            f"lcm-stain {args.command}: error: out of memory ({text}): use a smaller --tile, "
+            "fewer --samples, or --device cpu",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"lcm-stain {args.command}: interrupted", file=sys.stderr)
         return 130
