@@ -420,3 +420,42 @@ def test_failed_swap_of_a_zarr_output_puts_the_old_one_back(capsys, tmp_path, go
                   "No space left on device")  # fmt: skip
     np.testing.assert_array_equal(io.read_image(out)[0][...], before)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MemoryError("Unable to allocate 64.0 GiB for an array"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore torch details"),
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes"
+        ),
+    ],
+    ids=["numpy", "cuda", "torch cpu"],
+)
+def test_out_of_memory_is_one_line_with_the_fix(capsys, tmp_path, good, monkeypatch, exc):
+    out = _prepare_existing(tmp_path, good)
+    before = digest(out)
+
+    class Hungry(FakePredictor):
+        def __call__(self, x, noise=None):
+            raise exc
+
+    monkeypatch.setattr(engine, "get_predictor", lambda *a, **k: Hungry())
+    line = fails_cleanly(capsys, ["stain", good, "-o", out, *T, "--overwrite"],
+                         "out of memory.*smaller --tile")  # fmt: skip
+    assert "more torch details" not in line
+    assert digest(out) == before and leftovers(tmp_path) == []
+
+
+def test_unexpected_errors_are_not_swallowed(tmp_path, good, monkeypatch):
+    """Programming errors keep their traceback (only user/environment errors become one line)."""
+
+    class Buggy(FakePredictor):
+        def __call__(self, x, noise=None):
+            raise RuntimeError("shape mismatch in layer 3")
+
+    monkeypatch.setattr(engine, "get_predictor", lambda *a, **k: Buggy())
+    with pytest.raises(RuntimeError, match="layer 3"):
+        cli.main(["stain", str(good), "-o", str(tmp_path / "o.ome.tif"), *T])
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.ome.tif").exists()
