@@ -34,7 +34,9 @@ def main(wheel: str) -> int:
     print(f"wheel has the manifest and {len(weights)} weight files")
     with tempfile.TemporaryDirectory() as d:
         venv = Path(d) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+        )
         py = str(venv / "bin" / "python")
         subprocess.run(
             [py, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check", wheel],
