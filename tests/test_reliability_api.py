@@ -334,3 +334,75 @@ def test_determinism_on_cpu_is_bit_identical():
     assert a.tobytes() == c.tobytes()
     # and the check is not vacuous: the LCM is stochastic, another seed gives another stain
     assert np.abs(a - stain(img, REAL, device="cpu", seed=8)).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------ documentation
+
+ERROR_TYPES = {
+    "ValueError", "TypeError", "CheckpointError", "FileExistsError", "FileNotFoundError",
+    "RuntimeError", "CLIError",
+}  # fmt: skip
+WIDGET_CALLS = {"_fail", "show_error", "show_warning", "show_info"}
+WIDGET_REASONS = {"unsuitable_reason", "pair_problem", "_shape_problem"}
+# never shown to a user: caught internally, filtered from the dock's note, or programming errors
+INTERNAL = (
+    "OME-XML placeholder",
+    "memmap shape differs",
+    "output of this plugin",
+    "has no model to run",
+)
+
+
+def _pieces(node) -> list[str]:
+    """Literal text of a message expression (f-string parts, concatenations)."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return [v.value for v in node.values if isinstance(v, ast.Constant)]
+    if isinstance(node, ast.BinOp):
+        return _pieces(node.left) + _pieces(node.right)
+    if isinstance(node, ast.IfExp):
+        return _pieces(node.body) + _pieces(node.orelse)
+    return []
+
+
+def user_messages() -> dict[str, str]:
+    """{distinctive literal fragment: 'file:line'} for every error/notification in the source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(napari_lcm_stain.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        widget = "_widgets" in path.parts
+        for fn in ast.walk(tree):
+            nodes = []
+            if isinstance(fn, ast.Call):
+                name = getattr(fn.func, "id", None) or getattr(fn.func, "attr", None)
+                if name in ERROR_TYPES or (widget and name in WIDGET_CALLS):
+                    nodes = fn.args[:1]
+            elif widget and isinstance(fn, ast.FunctionDef) and fn.name in WIDGET_REASONS:
+                nodes = [r.value for r in ast.walk(fn) if isinstance(r, ast.Return) and r.value]
+            for n in nodes:
+                parts = [" ".join(p.split()) for p in _pieces(n)]
+                parts = [p.strip(" .:;,") for p in parts]
+                best = max(parts, key=len, default="")
+                if len(best) >= 8 and not any(i in best for i in INTERNAL):
+                    found.setdefault(best, f"{path.name}:{n.lineno}")
+    return found
+
+
+def test_every_error_message_is_in_troubleshooting_md():
+    from pathlib import Path
+
+    doc_path = Path(__file__).parents[1] / "docs" / "troubleshooting.md"
+    doc = " ".join(doc_path.read_text().split())
+    messages = user_messages()
+    assert len(messages) > 100  # the scan really found the messages
+    missing = {m: where for m, where in messages.items() if m not in doc}
+    assert not missing, "document these in docs/troubleshooting.md:\n" + "\n".join(
+        f"{where}: {m}" for m, where in sorted(missing.items(), key=lambda kv: kv[1])
+    )
