@@ -930,7 +930,7 @@ def finetune_files(
     overwrite=False,
 ) -> Path:
     """`lcm-stain finetune`: read two images, fine-tune, save atomically (refuses to overwrite)."""
-    import tifffile
+    from .io import read_image
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -940,8 +940,8 @@ def finetune_files(
     for p in (qobm, dapi):
         if not Path(p).exists():
             raise FileNotFoundError(f"input not found: {p}")
-    q = tifffile.imread(qobm)
-    d = tifffile.imread(dapi)
+    q = np.asarray(read_image(qobm)[0])
+    d = np.asarray(read_image(dapi)[0])
     res = run_finetune(
         q,
         d,
