@@ -48,7 +48,7 @@ class TrainPreset:
     high_t_fraction: float = 0.5
     high_t_min: int = 600
     lr: float = 5e-4
-    anchor_weight: float = 1.0
+    anchor_weight: float = 4.0
     ema_teacher: float = 0.999
     ema_target: float = 0.95
     huber_c: float = 1e-3
