@@ -118,7 +118,7 @@ def _field(viewer, size=128, seed=3, z_planes=None, with_truth=True):
 
 def _stain_dock(viewer):
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual stain")
-    widget.tile_spin.setValue(64)
+    widget.tile_spin.setValue(128)
     widget.overlap_spin.setValue(16)
     return widget
 
@@ -249,6 +249,7 @@ def test_cancel_mid_run_leaves_no_layer_and_idle_ui(make_napari_viewer, qtbot, s
     viewer = make_napari_viewer()
     _field(viewer, size=256, with_truth=False)
     widget = _stain_dock(viewer)
+    widget.tile_spin.setValue(64)  # many tiles (the stand-in has no context margin)
     n_layers = len(viewer.layers)
     widget.stain_button.click()
     predictor_calls = lambda: sum(p.calls for p in slow_models.values())  # noqa: E731
@@ -363,6 +364,7 @@ def test_closing_the_viewer_mid_run_is_safe(make_napari_viewer, qtbot, slow_mode
     viewer = make_napari_viewer()
     _field(viewer, size=256, with_truth=False)
     widget = _stain_dock(viewer)
+    widget.tile_spin.setValue(64)  # many tiles (the stand-in has no context margin)
     worker = widget.run()
     qtbot.waitUntil(lambda: sum(p.calls for p in slow_models.values()) >= 1, timeout=TIMEOUT)
     finished = []
@@ -515,7 +517,7 @@ def test_finetune_stop_save_reload_and_use(
     stain = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual stain")[1]
     assert stain.model_combo.currentText() == "LCM fine-tuned"
     stain.pix2pix_check.setChecked(False)
-    stain.tile_spin.setValue(64)
+    stain.tile_spin.setValue(128)
     stain.layer_combo.set_layer(q)
     _click_and_wait(qtbot, stain)
     assert stain.last_error is None, stain.last_error
