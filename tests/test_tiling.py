@@ -192,7 +192,7 @@ def _border_energy(img: np.ndarray, positions, axis: int) -> float:
 def test_seams_tiled_equals_whole_image_on_1024(pred):
     img = pred.normalize(blobs((1024, 1024), seed=2))
     # the margin this network needs, measured (the checkpoint's receptive_field is tested below)
-    ctx = T.measure_context(pred, img[:512, :512], tol=0.005)
+    ctx = max(T.measure_context(pred, img[:512, :512], tol=0.005), T.model_context(pred))
     tiled = run(img, pred, 256, 32, seed=0, context=ctx)
     whole = run(img, pred, 1024, 32, seed=0)  # one tile = whole-image prediction, same noise
     assert T.make_grid(img.shape, pred.multiple, 1024, 32).n_tiles == 1
