@@ -70,8 +70,8 @@ def test_finetune_changes_the_model_and_records_metrics(shifted_finetune):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known shortfall (issue 6): the fine-tune (best step chosen by validation L1) blurs "
-    "nuclei, so held-out nuclei F1 falls; see docs/model-card.md",
+    reason="known shortfall (issue 6): fine-tuning on one small pair does not improve a held-out "
+    "field (the base is kept, or the chosen step over-fits); see docs/model-card.md",
 )
 def test_finetune_on_shifted_instrument_helps(shifted_finetune):
     _, before, after = shifted_finetune
