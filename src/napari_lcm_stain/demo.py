@@ -43,25 +43,9 @@ def side_by_side_png(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
 
 
 def _write_tiff(path: Path, data: np.ndarray, pixel_size: float, description: str) -> None:
-    import io
+    from .io import write_image
 
-    import tifffile
-
-    buf = io.BytesIO()
-    tifffile.imwrite(
-        buf,
-        data.astype(np.float32),
-        ome=True,
-        metadata={
-            "axes": "YX",
-            "PhysicalSizeX": pixel_size,
-            "PhysicalSizeY": pixel_size,
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeYUnit": "µm",
-            "Description": description,
-        },
-    )
-    atomic_write_bytes(path, buf.getvalue())
+    write_image(path, data, {"pixel_size": pixel_size, "axes": "YX"}, description)
 
 
 def run_demo(
