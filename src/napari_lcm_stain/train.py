@@ -162,8 +162,10 @@ class Logger:
 
     def __init__(self, out: Path, stage: str, quiet: bool = False, every: int = 50):
         self.out, self.stage, self.quiet, self.every = out, stage, quiet, every
+        self.active = dist_info()[0] == 0  # under torchrun only rank 0 logs
         self.csv = out / f"{stage}_loss.csv"
-        self.csv.write_text("step,loss,seconds\n")
+        if self.active:
+            self.csv.write_text("step,loss,seconds\n")
         self.t0 = time.time()
         self.window: list[float] = []
 
@@ -174,6 +176,8 @@ class Logger:
             self.window = []
 
     def log(self, step: int, total: int, loss: float) -> None:
+        if not self.active:
+            return
         dt = time.time() - self.t0
         with open(self.csv, "a") as f:
             f.write(f"{step},{loss:.6g},{dt:.1f}\n")
@@ -182,6 +186,53 @@ class Logger:
             f.write(msg + "\n")
         if not self.quiet:
             print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------ data-parallel (torchrun)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless running under `torchrun` with an initialised group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """Wrap for DistributedDataParallel (gradients averaged across ranks) when distributed."""
+    if dist_info()[1] > 1:
+        return torch.nn.parallel.DistributedDataParallel(module)
+    return module
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _maybe_init_distributed() -> bool:
+    """Join the process group `torchrun` describes (gloo: CPU); returns True if this call made it."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+def _rank_rng(seed: int) -> np.random.Generator:
+    """Each rank draws different batches; rank 0 draws exactly what a single process would."""
+    return np.random.default_rng(seed + 1000 * dist_info()[0])
 
 
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
@@ -228,8 +279,8 @@ def eps_from_v(sched, z_t, v, t):
 
 def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False) -> VAE:
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 1)
-    vae = VAE(p.latent_channels, p.vae_channels, p.vae_channels)
+    rng = _rank_rng(seed + 1)
+    vae = ddp(VAE(p.latent_channels, p.vae_channels, p.vae_channels))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     log = Logger(out, "vae", quiet, p.log_every)
     for step in range(p.vae_steps):
@@ -249,7 +300,7 @@ def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=Fals
         loss.backward()
         opt.step()
         log.step(step, p.vae_steps, loss.item())
-    return vae.eval()
+    return unwrap(vae).eval()
 
 
 @torch.no_grad()
@@ -280,10 +331,10 @@ def make_unet(p: TrainPreset) -> LatentUNet:
 
 def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
     torch.manual_seed(seed + 2)
-    rng = np.random.default_rng(seed + 3)
+    rng = _rank_rng(seed + 3)
     sched = train_scheduler()
-    unet = make_unet(p)
-    ema = copy.deepcopy(unet).eval()
+    unet = ddp(make_unet(p))
+    ema = copy.deepcopy(unwrap(unet)).eval()
     opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=1e-4)
     log = Logger(out, "teacher", quiet, p.log_every)
     for step in range(p.teacher_steps):
@@ -298,7 +349,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        ema_update(ema, unet, p.ema_teacher if step > 200 else 0.0)
+        ema_update(ema, unwrap(unet), p.ema_teacher if step > 200 else 0.0)
         log.step(step, p.teacher_steps, loss.item())
     return ema
 
@@ -325,12 +376,12 @@ def distill_lcm(
     """
     anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
     torch.manual_seed(seed + 4)
-    rng = np.random.default_rng(seed + 5)
+    rng = _rank_rng(seed + 5)
     sched = train_scheduler()
     lcm = lcm_scheduler()
     grid, k = lcm_solver_grid()
     teacher = teacher.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student = ddp(copy.deepcopy(teacher).train().requires_grad_(True))
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
     log = Logger(out, "lcm", quiet, p.log_every)
@@ -364,25 +415,31 @@ def distill_lcm(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        ema_update(target, student, p.ema_target)
+        ema_update(target, unwrap(student), p.ema_target)
         log.step(step, p.lcm_steps, loss.item())
     return target
 
 
 def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
     torch.manual_seed(seed + 6)
-    rng = np.random.default_rng(seed + 7)
-    gen = Pix2PixGenerator(p.pix2pix_ngf, p.pix2pix_depth)
-    disc = PatchDiscriminator(2 * p.pix2pix_ngf)
+    rng = _rank_rng(seed + 7)
+    gen = ddp(Pix2PixGenerator(p.pix2pix_ngf, p.pix2pix_depth))
+    disc = ddp(PatchDiscriminator(2 * p.pix2pix_ngf))
+    parallel = dist_info()[1] > 1
     og = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
     od = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
     bce = torch.nn.BCEWithLogitsLoss()
     log = Logger(out, "pix2pix", quiet, p.log_every)
-    crop = max(gen.multiple, p.crop - p.crop % gen.multiple)
+    m = unwrap(gen).multiple
+    crop = max(m, p.crop - p.crop % m)
     for step in range(p.pix2pix_steps):
         q, d, _ = data.batch(rng, p.batch, crop)
         fake = gen(q)
-        real_logit, fake_logit = disc(q, d), disc(q, fake.detach())
+        if parallel:  # DDP allows one forward per backward: real and fake in one batch
+            logits = disc(torch.cat([q, q]), torch.cat([d, fake.detach()]))
+            real_logit, fake_logit = logits.chunk(2)
+        else:
+            real_logit, fake_logit = disc(q, d), disc(q, fake.detach())
         loss_d = 0.5 * (
             bce(real_logit, torch.ones_like(real_logit))
             + bce(fake_logit, torch.zeros_like(fake_logit))
@@ -396,7 +453,7 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         loss_g.backward()
         og.step()
         log.step(step, p.pix2pix_steps, loss_g.item())
-    return gen.eval()
+    return unwrap(gen).eval()
 
 
 # ------------------------------------------------------------------------------------- recipe
@@ -479,7 +536,25 @@ def run_recipe(
     if dev.type != "cpu":
         print(f"note: training runs on the CPU path in this version (requested {dev})")
     torch.set_num_threads(threads or p.threads)
-    out = Path(out)
+    owns_group = _maybe_init_distributed()
+    try:
+        return _run_stages(p, Path(out), seed, stages, resume, package, quiet)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _save_on_main(path: Path, modules: dict, config: dict) -> None:
+    """Under torchrun only rank 0 writes; every rank waits until the file is there."""
+    if dist_info()[0] == 0:
+        ckpt.save_checkpoint(path, modules, config)
+    barrier()
+
+
+def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]:
+    is_main = dist_info()[0] == 0
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if (resume and timings_file.exists()) else {}
@@ -489,7 +564,8 @@ def run_recipe(
 
     def save_timing(name, t0):
         timings[name] = round(time.time() - t0, 1)
-        ckpt.atomic_write_bytes(timings_file, json.dumps(timings, indent=2).encode())
+        if is_main:
+            ckpt.atomic_write_bytes(timings_file, json.dumps(timings, indent=2).encode())
 
     t0 = time.time()
     data = make_training_data(p, seed)
@@ -500,7 +576,7 @@ def run_recipe(
         t0 = time.time()
         vae = train_vae(data, p, seed, out, quiet)
         save_timing("vae", t0)
-        ckpt.save_checkpoint(
+        _save_on_main(
             out / "vae.safetensors",
             {"vae": vae},
             {
@@ -524,7 +600,7 @@ def run_recipe(
 
     def latent_ckpt(name, unet, kind):
         cfg = _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings)
-        return ckpt.save_checkpoint(
+        _save_on_main(
             out / f"{name}.safetensors",
             {"unet": unet, "decoder": vae.decoder, "encoder": vae.encoder},
             cfg,
@@ -562,10 +638,10 @@ def run_recipe(
             parameters={"generator": count_parameters(gen)},
         )
         cfg["provenance"]["stage_seconds"] = timings
-        ckpt.save_checkpoint(out / "pix2pix.safetensors", {"generator": gen}, cfg)
+        _save_on_main(out / "pix2pix.safetensors", {"generator": gen}, cfg)
     paths["pix2pix"] = out / "pix2pix.safetensors"
 
-    if package:
+    if package and is_main:
         package_weights(out)
     return paths
 
