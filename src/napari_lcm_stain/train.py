@@ -316,8 +316,7 @@ def sample_timesteps(rng: np.random.Generator, n: int, high_fraction: float, hig
     """Uniform timesteps, with `high_fraction` of them drawn from [high_min, 999].
 
     1-4 step sampling only queries the teacher at high noise, where the prediction must come from
-    the qOBM condition; an A/B at 600 steps measured 1-step Pearson 0.28 vs 0.20 for uniform sampling
-    (docs/model-card.md).
+    the qOBM condition; an exploratory A/B favoured this over uniform sampling (docs/model-card.md).
     """
     t = rng.integers(0, 1000, size=n)
     high = rng.random(n) < high_fraction
