@@ -546,9 +546,14 @@ def run_recipe(
 
 
 def _save_on_main(path: Path, modules: dict, config: dict) -> None:
-    """Under torchrun only rank 0 writes; every rank waits until the file is there."""
+    """Under torchrun only rank 0 writes; every rank waits until the file is there.
+
+    Stain models get their measured `receptive_field` right away, so a run's own checkpoints tile
+    seam-free without waiting for `--package`."""
     if dist_info()[0] == 0:
         ckpt.save_checkpoint(path, modules, config)
+        if config.get("kind") in ("lcm", "teacher", "pix2pix"):
+            calibrate_receptive_field(path)
     barrier()
 
 
