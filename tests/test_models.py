@@ -27,6 +27,20 @@ def test_shapes_and_multiples():
     assert PatchDiscriminator(8)(x, y).shape[1] == 1
 
 
+def test_factor8_latent_shapes_and_errors():
+    """The packaged layout: 8x latent, one extra pixel-shuffle step in the decoder."""
+    vae, unet = VAE(8, 16, 16, factor=8), LatentUNet(8, 8, (8, 16, 16))
+    x = torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        rec, mean, _ = vae(x)
+        assert rec.shape == x.shape and mean.shape == (1, 8, 8, 12)
+        assert unet(mean, torch.tensor([999]), x).shape == mean.shape
+    assert unet.multiple == 32 and vae.factor == 8
+    assert hasattr(vae.decoder, "up0") and not hasattr(VAE(4, 8, 8).decoder, "up0")
+    with pytest.raises(ValueError, match="factor must be 4 or 8"):
+        VAE(4, 8, 8, factor=2)
+
+
 def test_scalar_timestep_broadcasts():
     unet = LatentUNet(4, 4, (8, 16))
     z, x = torch.randn(3, 4, 8, 8), torch.randn(3, 1, 32, 32)

@@ -57,13 +57,22 @@ class ResBlock(nn.Module):
 
 
 class VAE(nn.Module):
-    """DAPI autoencoder with a 4x downsampling latent; the decoder is deliberately thin."""
+    """DAPI autoencoder with a 4x or 8x downsampling latent; the decoder is deliberately thin."""
 
-    def __init__(self, latent_channels: int = 4, enc_channels: int = 32, dec_channels: int = 32):
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        enc_channels: int = 32,
+        dec_channels: int = 32,
+        factor: int = 4,
+    ):
         super().__init__()
+        if factor not in (4, 8):
+            raise ValueError(f"VAE factor must be 4 or 8, got {factor}")
         self.latent_channels = latent_channels
-        self.factor = 4
+        self.factor = factor
         c, d = enc_channels, dec_channels
+        extra = [] if factor == 4 else [nn.Conv2d(c, c, 3, stride=2, padding=1), ResBlock(c, c)]
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c // 2, 3, padding=1),
             nn.SiLU(),
@@ -71,11 +80,12 @@ class VAE(nn.Module):
             ResBlock(c, c),
             nn.Conv2d(c, c, 3, stride=2, padding=1),
             ResBlock(c, c),
+            *extra,
             ChannelNorm(c),
             nn.SiLU(),
             nn.Conv2d(c, 2 * latent_channels, 1),
         )
-        self.decoder = Decoder(latent_channels, d)
+        self.decoder = Decoder(latent_channels, d, factor)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.encoder(x).chunk(2, dim=1)
@@ -91,19 +101,31 @@ class VAE(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (1/4 res) -> image. Work at 1/4 res, two pixel-shuffle steps to full resolution."""
+    """Latent -> image: a little work at latent resolution, then pixel-shuffle steps to full size.
 
-    def __init__(self, latent_channels: int = 4, channels: int = 32):
+    factor 4: two ResBlocks at 1/4 res, shuffle to 1/2 (16 ch), one conv, shuffle to full res.
+    factor 8: one ResBlock at 1/8 res and a first shuffle to 1/4 res (channels/2), then the same
+    two steps. Everything at 1/2 res and above stays at 16 channels or fewer: on a CPU the
+    full-resolution end of the decoder costs more than the whole latent U-Net.
+    """
+
+    def __init__(self, latent_channels: int = 4, channels: int = 32, factor: int = 4):
         super().__init__()
         c = channels
         self.stem = nn.Conv2d(latent_channels, c, 3, padding=1)
-        self.blocks = nn.Sequential(ResBlock(c, c), ResBlock(c, c))
+        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(2 if factor == 4 else 1)])
+        if factor == 8:
+            self.up0 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * (c // 2), 3, padding=1))
+            self.up0.append(nn.PixelShuffle(2))
+            c = c // 2
         self.up1 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * 16, 3, padding=1), nn.PixelShuffle(2))
         self.mid_res = nn.Sequential(nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1), nn.SiLU())
         self.up2 = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.PixelShuffle(2))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(z))
+        if hasattr(self, "up0"):
+            h = self.up0(h)
         return self.up2(self.mid_res(self.up1(h)))
 
 

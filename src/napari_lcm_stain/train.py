@@ -42,8 +42,8 @@ class TrainPreset:
     batch: int = 12
     vae_crop: int = 64
     vae_steps: int = 4000
-    teacher_steps: int = 6000
-    lcm_steps: int = 2000
+    teacher_steps: int = 10000
+    lcm_steps: int = 3000
     pix2pix_steps: int = 3300
     high_t_fraction: float = 0.5
     high_t_min: int = 600
@@ -57,13 +57,23 @@ class TrainPreset:
     pix2pix_ngf: int = 16
     pix2pix_depth: int = 6
     latent_channels: int = 4
+    latent_factor: int = 4
     threads: int = 2
     log_every: int = 50
     data_seed_offset: int = 0
 
 
 PRESETS = {
-    "default": TrainPreset(name="default"),
+    # f=8 latent with 8 channels and a 3-level U-Net: the profile in docs/architecture.md puts a
+    # 1-step f=4 model at ~2x Pix2Pix's latency, and this layout at ~0.5x for the same parameters.
+    "default": TrainPreset(
+        name="default",
+        latent_factor=8,
+        latent_channels=8,
+        unet_channels=(40, 80, 160),
+        vae_channels=48,
+        vae_crop=96,
+    ),
     "tiny": TrainPreset(
         name="tiny",
         n_fields=4,
@@ -75,7 +85,8 @@ PRESETS = {
         teacher_steps=30,
         pix2pix_steps=30,
         lcm_steps=60,
-        unet_channels=(8, 16, 16, 16),
+        unet_channels=(8, 16, 16),
+        latent_factor=8,
         vae_channels=8,
         pix2pix_ngf=8,
         log_every=10,
@@ -280,7 +291,7 @@ def eps_from_v(sched, z_t, v, t):
 def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False) -> VAE:
     torch.manual_seed(seed)
     rng = _rank_rng(seed + 1)
-    vae = ddp(VAE(p.latent_channels, p.vae_channels, p.vae_channels))
+    vae = ddp(make_vae(p))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     log = Logger(out, "vae", quiet, p.log_every)
     for step in range(p.vae_steps):
@@ -325,7 +336,21 @@ def sample_timesteps(rng: np.random.Generator, n: int, high_fraction: float, hig
 
 
 def make_unet(p: TrainPreset) -> LatentUNet:
-    return LatentUNet(p.latent_channels, 4, p.unet_channels)
+    return LatentUNet(p.latent_channels, p.latent_factor, p.unet_channels)
+
+
+def make_vae(p: TrainPreset) -> VAE:
+    return VAE(p.latent_channels, p.vae_channels, p.vae_channels, p.latent_factor)
+
+
+def vae_arch(p: TrainPreset) -> dict:
+    return arch(
+        VAE,
+        latent_channels=p.latent_channels,
+        enc_channels=p.vae_channels,
+        dec_channels=p.vae_channels,
+        factor=p.latent_factor,
+    )
 
 
 def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
@@ -338,7 +363,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
     log = Logger(out, "teacher", quiet, p.log_every)
     for step in range(p.teacher_steps):
         cosine_lr(opt, p.lr, step, p.teacher_steps)
-        q, _, z0 = data.batch(rng, p.batch, p.crop)
+        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor)
         noise = torch.randn_like(z0)
         t = sample_timesteps(rng, z0.shape[0], p.high_t_fraction, p.high_t_min)
         z_t = sched.add_noise(z0, noise, t)
@@ -393,7 +418,7 @@ def distill_lcm(
 
     for step in range(p.lcm_steps):
         cosine_lr(opt, p.lr * 0.2, step, p.lcm_steps, warmup=20)
-        q, _, z0 = data.batch(rng, p.batch, p.crop)
+        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor)
         idx = rng.integers(0, len(grid), size=z0.shape[0])
         start_t = torch.from_numpy(grid[idx]).long()
         t = torch.clamp(start_t - k, min=0)
@@ -487,15 +512,10 @@ def _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings) -> dic
             "unet": arch(
                 LatentUNet,
                 latent_channels=p.latent_channels,
-                factor=4,
+                factor=p.latent_factor,
                 channels=list(p.unet_channels),
             ),
-            "vae": arch(
-                VAE,
-                latent_channels=p.latent_channels,
-                enc_channels=p.vae_channels,
-                dec_channels=p.vae_channels,
-            ),
+            "vae": vae_arch(p),
         },
         scheduler=dict(SCHEDULER_CONFIG),
         latent_scale=latent_scale,
@@ -585,17 +605,10 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
             {"vae": vae},
             {
                 **_base_config(p, data, seed, "vae"),
-                "architecture": {
-                    "vae": arch(
-                        VAE,
-                        latent_channels=p.latent_channels,
-                        enc_channels=p.vae_channels,
-                        dec_channels=p.vae_channels,
-                    )
-                },
+                "architecture": {"vae": vae_arch(p)},
             },
         )
-    vae = VAE(p.latent_channels, p.vae_channels, p.vae_channels)
+    vae = make_vae(p)
     ckpt.load_into(vae, ckpt.load_checkpoint(out / "vae.safetensors").sub("vae"), "VAE")
     vae.eval()
     raw = encode_latents(vae, data.dapi)
@@ -794,7 +807,8 @@ def _predict_planes(unet, decoder, q: np.ndarray, latent_scale: float, seed: int
     for plane in q:
         x, h, w = _pad_to(torch.from_numpy(plane)[None, None], unet.multiple)
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn((1, unet.latent_channels, x.shape[-2] // 4, x.shape[-1] // 4), generator=g)
+        f = unet.factor
+        z = torch.randn((1, unet.latent_channels, x.shape[-2] // f, x.shape[-1] // f), generator=g)
         v = unet(z, torch.tensor([t]), x)
         den = lcm.step(v, t, z).denoised
         lcm.set_timesteps(1)
@@ -856,7 +870,7 @@ def iter_finetune(
     px = float(cfg.get("pixel_size", 0.414))
     qn = np.clip((q - norm["qobm_mean"]) / norm["qobm_std"], -10, 10).astype(np.float32)
     dn, dapi_norm = dapi_to_model_units(d)
-    m = unet.multiple
+    m, fac = unet.multiple, unet.factor
     if val is not None:
         vq = _as_planes(val[0], "validation qOBM")
         vd = _as_planes(val[1], "validation DAPI")
@@ -867,7 +881,7 @@ def iter_finetune(
         tq, td = qn, dn
     else:
         H = q.shape[1]
-        cut = int(round(H * (1 - val_fraction) / 4)) * 4
+        cut = int(round(H * (1 - val_fraction) / fac)) * fac
         if cut < m or H - cut < 16:
             raise ValueError(
                 f"image too small ({q.shape[1]}x{q.shape[2]}) to hold out {val_fraction:.0%} for "
@@ -879,7 +893,8 @@ def iter_finetune(
         raise ValueError(f"training region is smaller than the model's tile multiple ({m} px)")
     with torch.no_grad():
         z_all = [
-            vae.encode(_pad_to(torch.from_numpy(p)[None, None], 4)[0])[0][0].numpy() * latent_scale
+            vae.encode(_pad_to(torch.from_numpy(p)[None, None], fac)[0])[0][0].numpy()
+            * latent_scale
             for p in td
         ]
     data = PairedData(
@@ -888,7 +903,7 @@ def iter_finetune(
         pixel_size=px,
         qobm_mean=0.0,
         qobm_std=1.0,
-        latents=np.stack([z[:, : td.shape[1] // 4, : td.shape[2] // 4] for z in z_all]),
+        latents=np.stack([z[:, : td.shape[1] // fac, : td.shape[2] // fac] for z in z_all]),
     )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -929,7 +944,7 @@ def iter_finetune(
             break
         unet.train()
         vae.decoder.train()
-        qb, db, zb = data.batch(rng, batch, patch)
+        qb, db, zb = data.batch(rng, batch, patch, fac)
         t = torch.from_numpy(np.where(rng.random(batch) < 0.5, 999, rng.choice(grid, batch))).long()
         z_t = sched.add_noise(zb, torch.randn_like(zb), t)
         c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
