@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._drain import drain
 from ._version import __version__
 
 #: (packaged model, steps) per benchmark entry
@@ -270,12 +271,7 @@ def uncertainty_by_region(
     for i in range(n):
         sim = simulate_pair(preset, size=size, seed=seed + i)
         gen = iter_stain(sim.qobm, pred, samples=samples, seed=0, pixel_size=sim.pixel_size)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                res = stop.value
-                break
+        res = drain(gen)
         err = np.abs(res.mean - sim.dapi)
         lab = sim.nuclei
         cnr = np.concatenate([[np.inf], np.abs(np.asarray(sim.nucleus_cnr, float))])

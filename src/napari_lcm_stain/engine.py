@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import tiling
+from ._drain import drain
 from ._version import __version__
 
 #: Relative pixel-size mismatch below which we do not rescale (1 %).
@@ -407,10 +408,4 @@ def stain(
     gen = iter_stain(
         image, model, steps, tile, overlap, device, seed, pixel_size, samples, **kwargs
     )
-    while True:
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return stop.value.mean
-        if progress is not None:
-            progress(done, total)
+    return drain(gen, None if progress is None else lambda ev: progress(*ev)).mean

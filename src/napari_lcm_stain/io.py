@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 
+from ._drain import drain
 from ._version import __version__
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -572,14 +573,7 @@ def stain_files(
                     out_std=None if std_o is None else std_o.array,
                     scheduler=scheduler,
                 )
-                while True:
-                    try:
-                        done, total = next(gen)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    if bar is not None:
-                        bar(done, total)
+                result = drain(gen, None if bar is None else lambda ev, b=bar: b(*ev))
                 _set_description(mean_o, _provenance(result.info, f, "mean", samples))
                 written.append(mean_o.commit())
                 if std_o is not None:

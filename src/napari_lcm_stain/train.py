@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpt
+from ._drain import drain
 from ._version import __version__
 from .device import resolve_device
 from .models import VAE, LatentUNet, PatchDiscriminator, Pix2PixGenerator, count_parameters
@@ -1006,17 +1007,15 @@ def build_from(arch_cfg: dict, state: dict | None, what: str) -> torch.nn.Module
 
 def run_finetune(*args, **kwargs) -> FinetuneResult:
     """Drain `iter_finetune` and return its result (for scripts and the CLI)."""
-    gen = iter_finetune(*args, **kwargs)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as e:
-            return e.value
+
+    def report(ev: FinetuneEvent) -> None:
         if ev.val_loss is not None:
             print(
                 f"[finetune] step {ev.step}/{ev.total} train {ev.train_loss:.4f} val {ev.val_loss:.4f}",
                 flush=True,
             )
+
+    return drain(iter_finetune(*args, **kwargs), report)
 
 
 def finetune_files(
