@@ -450,6 +450,19 @@ def test_finetune_pair_checks(make_napari_viewer):
     assert not ft.val_fraction_spin.isEnabled() and ft.val_qobm_combo.isEnabled()
 
 
+def test_finetune_dock_defaults_are_the_tested_protocol(make_napari_viewer):
+    """The dock starts from the settings `evaluate.finetune_shift_check` shows to help."""
+    import inspect
+
+    from napari_lcm_stain.evaluate import finetune_shift_check
+
+    _dock, ft = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    tested = inspect.signature(finetune_shift_check).parameters
+    assert ft.steps_spin.value() == tested["steps"].default == 300
+    assert ft.lr_spin.value() == pytest.approx(tested["lr"].default)
+    assert ft.patch_spin.value() == tested["patch"].default
+
+
 def test_finetune_bad_checkpoint_reports_and_resets(
     make_napari_viewer, qtbot, tmp_path, monkeypatch
 ):

@@ -834,7 +834,7 @@ def iter_finetune(
     qobm,
     dapi,
     model="lcm",
-    steps=200,
+    steps=300,
     lr=2e-4,
     patch=128,
     val=None,

@@ -114,7 +114,7 @@ class FinetuneWidget(QWidget):
 
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 100_000)
-        self.steps_spin.setValue(200)
+        self.steps_spin.setValue(300)
         form.addRow("Steps", self.steps_spin)
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(6)
