@@ -21,7 +21,7 @@ def _losses(out, stage):
     return rows[:, 1]
 
 
-@pytest.mark.parametrize("stage", ["vae", "teacher", "pix2pix"])
+@pytest.mark.parametrize("stage", ["vae", "decoder", "teacher", "pix2pix"])
 def test_each_stage_loss_falls(tiny_run, stage):
     out, _ = tiny_run
     loss = _losses(out, stage)
@@ -94,6 +94,41 @@ def test_predictors_from_tiny_run(tiny_run, name, steps):
     y = p(x, noise)
     assert y.shape == (1, 1, 64, 64) and float(y.min()) >= 0 and float(y.max()) <= 1
     assert p.pixel_size == pytest.approx(0.414, rel=0.2)
+
+
+def test_stain_checkpoints_carry_the_refitted_thin_decoder(tiny_run):
+    """The decoder stage's thin decoder (not the VAE's) ships in teacher and LCM; same encoder."""
+    out, paths = tiny_run
+    thin = ck.load_checkpoint(out / "decoder.safetensors").sub("vae")
+    vae = ck.load_checkpoint(out / "vae.safetensors").sub("vae")
+    for name in ("teacher", "lcm"):
+        c = ck.load_checkpoint(paths[name])
+        kwargs = c.config["architecture"]["vae"]["kwargs"]
+        assert kwargs["dec_half_channels"] == 8 and kwargs["dec_half_conv"] is False
+        for k, v in c.sub("decoder").items():
+            assert torch.equal(v, thin[f"decoder.{k}"]), k
+        for k, v in c.sub("encoder").items():
+            assert torch.equal(v, vae[f"encoder.{k}"]), k
+    assert "decoder.mid_res.1.weight" in vae and "decoder.mid_res.1.weight" not in thin
+
+
+def test_decoder_stage_rewrites_earlier_stain_checkpoints(tmp_path):
+    """A run whose teacher/LCM predate the decoder stage gets the new decoder written in."""
+    import dataclasses
+
+    p = dataclasses.replace(train.get_train_preset("tiny"), teacher_steps=5, lcm_steps=5)
+    train.run_recipe(p, tmp_path, stages=["vae"], quiet=True)
+    with pytest.raises(FileNotFoundError, match="run the decoder stage"):
+        train.run_recipe(p, tmp_path, stages=["teacher"], quiet=True)
+    old = dataclasses.replace(p, decoder_steps=0)
+    train.run_recipe(old, tmp_path, stages=["teacher", "lcm"], quiet=True)
+    unet_before = ck.load_checkpoint(tmp_path / "lcm.safetensors").sub("unet")
+    train.run_recipe(p, tmp_path, stages=["decoder"], quiet=True)
+    lcm = ck.load_checkpoint(tmp_path / "lcm.safetensors")
+    thin = ck.load_checkpoint(tmp_path / "decoder.safetensors").sub("vae")
+    assert all(torch.equal(v, thin[f"decoder.{k}"]) for k, v in lcm.sub("decoder").items())
+    assert all(torch.equal(v, unet_before[k]) for k, v in lcm.sub("unet").items())
+    assert load_predictor(tmp_path / "lcm.safetensors", 1, "cpu") is not None
 
 
 def test_resume_skips_finished_stages(tiny_run):

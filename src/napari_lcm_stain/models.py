@@ -65,6 +65,9 @@ class VAE(nn.Module):
         enc_channels: int = 32,
         dec_channels: int = 32,
         factor: int = 4,
+        dec_quarter_channels: int | None = None,
+        dec_half_channels: int = 16,
+        dec_half_conv: bool = True,
     ):
         super().__init__()
         if factor not in (4, 8):
@@ -85,7 +88,9 @@ class VAE(nn.Module):
             nn.SiLU(),
             nn.Conv2d(c, 2 * latent_channels, 1),
         )
-        self.decoder = Decoder(latent_channels, d, factor)
+        self.decoder = Decoder(
+            latent_channels, d, factor, dec_quarter_channels, dec_half_channels, dec_half_conv
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.encoder(x).chunk(2, dim=1)
@@ -104,23 +109,38 @@ class Decoder(nn.Module):
     """Latent -> image: a little work at latent resolution, then pixel-shuffle steps to full size.
 
     factor 4: two ResBlocks at 1/4 res, shuffle to 1/2 (16 ch), one conv, shuffle to full res.
-    factor 8: one ResBlock at 1/8 res and a first shuffle to 1/4 res (channels/2), then the same
-    two steps. Everything at 1/2 res and above stays at 16 channels or fewer: on a CPU the
-    full-resolution end of the decoder costs more than the whole latent U-Net.
+    factor 8: one ResBlock at 1/8 res and a first shuffle to 1/4 res (`quarter` channels, default
+    channels/2), then the same two steps. `half` channels (16; 8 in the packaged inference decoder)
+    run at 1/2 res, with an optional 3x3 conv there (`half_conv`): on a CPU the high-resolution
+    end of the decoder costs as much as the whole latent U-Net, so it is kept as thin as possible.
     """
 
-    def __init__(self, latent_channels: int = 4, channels: int = 32, factor: int = 4):
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        channels: int = 32,
+        factor: int = 4,
+        quarter: int | None = None,
+        half: int = 16,
+        half_conv: bool = True,
+    ):
         super().__init__()
         c = channels
         self.stem = nn.Conv2d(latent_channels, c, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(2 if factor == 4 else 1)])
         if factor == 8:
-            self.up0 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * (c // 2), 3, padding=1))
+            q = quarter or c // 2
+            self.up0 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * q, 3, padding=1))
             self.up0.append(nn.PixelShuffle(2))
-            c = c // 2
-        self.up1 = nn.Sequential(nn.SiLU(), nn.Conv2d(c, 4 * 16, 3, padding=1), nn.PixelShuffle(2))
-        self.mid_res = nn.Sequential(nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1), nn.SiLU())
-        self.up2 = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.PixelShuffle(2))
+            c = q
+        self.up1 = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(c, 4 * half, 3, padding=1), nn.PixelShuffle(2)
+        )
+        if half_conv:
+            self.mid_res = nn.Sequential(nn.SiLU(), nn.Conv2d(half, half, 3, padding=1), nn.SiLU())
+        else:
+            self.mid_res = nn.SiLU()
+        self.up2 = nn.Sequential(nn.Conv2d(half, 4, 3, padding=1), nn.PixelShuffle(2))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(z))

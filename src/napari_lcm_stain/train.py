@@ -25,10 +25,17 @@ from . import checkpoints as ckpt
 from ._drain import drain
 from ._version import __version__
 from .device import resolve_device
-from .models import VAE, LatentUNet, PatchDiscriminator, Pix2PixGenerator, count_parameters
+from .models import (
+    VAE,
+    LatentUNet,
+    PatchDiscriminator,
+    Pix2PixGenerator,
+    build,
+    count_parameters,
+)
 from .sampling import SCHEDULER_CONFIG, lcm_scheduler, train_scheduler
 
-STAGES = ("vae", "teacher", "lcm", "pix2pix")
+STAGES = ("vae", "decoder", "teacher", "lcm", "pix2pix")
 
 
 @dataclass
@@ -59,6 +66,12 @@ class TrainPreset:
     pix2pix_depth: int = 6
     latent_channels: int = 4
     latent_factor: int = 4
+    # Inference decoder: 0 steps = ship the VAE's own decoder; > 0 = after the VAE, refit a thinner
+    # decoder on the frozen encoder for this many steps (the latent space does not change).
+    decoder_steps: int = 0
+    dec_quarter_channels: int = 16
+    dec_half_channels: int = 8
+    dec_half_conv: bool = False
     threads: int = 2
     log_every: int = 50
     data_seed_offset: int = 0
@@ -74,6 +87,7 @@ PRESETS = {
         unet_channels=(40, 80, 160),
         vae_channels=48,
         vae_crop=96,
+        decoder_steps=3000,
     ),
     "tiny": TrainPreset(
         name="tiny",
@@ -89,6 +103,8 @@ PRESETS = {
         unet_channels=(8, 16, 16),
         latent_factor=8,
         vae_channels=8,
+        decoder_steps=30,
+        dec_quarter_channels=8,
         pix2pix_ngf=8,
         log_every=10,
         threads=1,
@@ -300,19 +316,44 @@ def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=Fals
         _, d, _ = data.batch(rng, p.batch, p.vae_crop)
         rec, mean, logvar = vae(d)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        # L1 keeps edges sharp; the gradient term keeps chromatin texture; tiny KL keeps z smooth.
-        gx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
-        gy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
-        loss = (
-            F.l1_loss(rec, d)
-            + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
-            + 1e-5 * kl
-        )
+        loss = reconstruction_loss(rec, d) + 1e-5 * kl  # tiny KL keeps z smooth
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         log.step(step, p.vae_steps, loss.item())
     return unwrap(vae).eval()
+
+
+def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """L1 keeps edges sharp; the image-gradient L1 keeps chromatin texture."""
+    gx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
+    gy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+    return F.l1_loss(rec, d) + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
+
+
+def train_decoder(data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Path, quiet=False):
+    """Refit the thin inference decoder on the frozen VAE encoder (latents sampled as in the VAE
+    stage). Returns a VAE holding the original encoder and the new decoder."""
+    torch.manual_seed(seed + 8)
+    rng = _rank_rng(seed + 9)
+    slim = make_inference_vae(p)
+    slim.encoder.load_state_dict(vae.encoder.state_dict())
+    slim.encoder.requires_grad_(False).eval()
+    dec = ddp(slim.decoder)
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
+    log = Logger(out, "decoder", quiet, p.log_every)
+    for step in range(p.decoder_steps):
+        cosine_lr(opt, 1e-3, step, p.decoder_steps)
+        _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor)
+        with torch.no_grad():
+            mean, logvar = slim.encode(d)
+            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        loss = reconstruction_loss(dec(z), d)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.step(step, p.decoder_steps, loss.item())
+    return slim.eval()
 
 
 @torch.no_grad()
@@ -344,13 +385,26 @@ def make_vae(p: TrainPreset) -> VAE:
     return VAE(p.latent_channels, p.vae_channels, p.vae_channels, p.latent_factor)
 
 
-def vae_arch(p: TrainPreset) -> dict:
+def make_inference_vae(p: TrainPreset) -> VAE:
+    """The VAE the stain checkpoints carry: the training VAE, or its refitted thin decoder."""
+    return build(vae_arch(p, inference=True))
+
+
+def vae_arch(p: TrainPreset, inference: bool = False) -> dict:
+    thin = {}
+    if inference and p.decoder_steps > 0:
+        thin = dict(
+            dec_quarter_channels=p.dec_quarter_channels,
+            dec_half_channels=p.dec_half_channels,
+            dec_half_conv=p.dec_half_conv,
+        )
     return arch(
         VAE,
         latent_channels=p.latent_channels,
         enc_channels=p.vae_channels,
         dec_channels=p.vae_channels,
         factor=p.latent_factor,
+        **thin,
     )
 
 
@@ -516,7 +570,7 @@ def _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings) -> dic
                 factor=p.latent_factor,
                 channels=list(p.unet_channels),
             ),
-            "vae": vae_arch(p),
+            "vae": vae_arch(p, inference=True),
         },
         scheduler=dict(SCHEDULER_CONFIG),
         latent_scale=latent_scale,
@@ -616,13 +670,47 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
     latent_scale = float(1.0 / (raw.std() + 1e-6))
     data.latents = (raw * latent_scale).astype(np.float32)
 
+    def inference_vae() -> VAE:
+        if p.decoder_steps <= 0:
+            return vae
+        path = out / "decoder.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} missing: run the decoder stage (it follows the VAE) before teacher/lcm"
+            )
+        thin = make_inference_vae(p)
+        ckpt.load_into(thin, ckpt.load_checkpoint(path).sub("vae"), "inference VAE")
+        return thin.eval()
+
     def latent_ckpt(name, unet, kind):
-        cfg = _latent_config(p, data, seed, kind, unet, vae, latent_scale, timings)
+        v = inference_vae()
+        cfg = _latent_config(p, data, seed, kind, unet, v, latent_scale, timings)
         _save_on_main(
             out / f"{name}.safetensors",
-            {"unet": unet, "decoder": vae.decoder, "encoder": vae.encoder},
+            {"unet": unet, "decoder": v.decoder, "encoder": v.encoder},
             cfg,
         )
+
+    if p.decoder_steps > 0 and "decoder" in stages and not done("decoder"):
+        t0 = time.time()
+        thin = train_decoder(data, vae, p, seed, out, quiet)
+        save_timing("decoder", t0)
+        _save_on_main(
+            out / "decoder.safetensors",
+            {"vae": thin},
+            {
+                **_base_config(p, data, seed, "decoder"),
+                "architecture": {"vae": vae_arch(p, inference=True)},
+            },
+        )
+        # Teacher and LCM never see the decoder (they live in latent space), so checkpoints saved
+        # before this stage existed only need the new decoder written into them.
+        for name in ("teacher", "lcm"):
+            if (out / f"{name}.safetensors").exists():
+                unet = make_unet(p)
+                state = ckpt.load_checkpoint(out / f"{name}.safetensors").sub("unet")
+                ckpt.load_into(unet, state, name)
+                latent_ckpt(name, unet, name)
 
     if "teacher" in stages and not done("teacher"):
         t0 = time.time()
@@ -997,8 +1085,6 @@ def iter_finetune(
 
 
 def build_from(arch_cfg: dict, state: dict | None, what: str) -> torch.nn.Module:
-    from .models import build
-
     module = build(arch_cfg)
     if state is not None:
         ckpt.load_into(module, state, what)
