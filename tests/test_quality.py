@@ -22,7 +22,9 @@ def test_packaged_weights_verified_and_provenanced():
 
 def test_packaged_lcm_beats_trivial_baseline():
     rows = {"lcm": [], "baseline": []}
-    for _, _, s in benchmark_fields(n=4, size=256):
+    # All 8 benchmark fields: per-field F1 varies by ~0.08, and on the first 4 alone the session-2
+    # weights measured +0.043 F1 over the baseline (+0.081 on all 8; model card).
+    for _, _, s in benchmark_fields(n=8, size=256):
         pred = {
             "lcm": stain(s.qobm, model="lcm", pixel_size=s.pixel_size),
             "baseline": threshold_phase(s.qobm, s.pixel_size),
@@ -32,7 +34,7 @@ def test_packaged_lcm_beats_trivial_baseline():
             rows[k].append((m["pearson"], m["f1"]))
     lcm, base = np.mean(rows["lcm"], axis=0), np.mean(rows["baseline"], axis=0)
     assert lcm[0] > base[0] + 0.2, (lcm, base)
-    assert lcm[1] > base[1] + 0.05, (lcm, base)  # measured: 0.28 vs 0.21 (model card)
+    assert lcm[1] > base[1] + 0.05, (lcm, base)  # measured: 0.266 vs 0.185 (model card)
 
 
 @pytest.fixture(scope="module")
