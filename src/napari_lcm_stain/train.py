@@ -132,8 +132,11 @@ class PairedData:
     qobm_std: float
     latents: np.ndarray | None = None  # (N, C, H/4, W/4), scaled
 
-    def batch(self, rng: np.random.Generator, n: int, crop: int, factor: int = 4):
-        """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and latents."""
+    def batch(
+        self, rng: np.random.Generator, n: int, crop: int, factor: int = 4, latents: bool = True
+    ):
+        """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and (if `latents` and
+        present) latents; crops start on multiples of `factor`, the latent downsampling."""
         N, H, W = self.qobm.shape
         crop = min(crop, H - H % factor, W - W % factor)
         q, d, z = [], [], []
@@ -149,7 +152,7 @@ class PairedData:
 
             q.append(aug(self.qobm[i, y : y + crop, x : x + crop]))
             d.append(aug(self.dapi[i, y : y + crop, x : x + crop]))
-            if self.latents is not None:
+            if latents and self.latents is not None:
                 f = factor
                 z.append(
                     aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
@@ -512,7 +515,7 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
     m = unwrap(gen).multiple
     crop = max(m, p.crop - p.crop % m)
     for step in range(p.pix2pix_steps):
-        q, d, _ = data.batch(rng, p.batch, crop)
+        q, d, _ = data.batch(rng, p.batch, crop, latents=False)
         fake = gen(q)
         if parallel:  # DDP allows one forward per backward: real and fake in one batch
             logits = disc(torch.cat([q, q]), torch.cat([d, fake.detach()]))
