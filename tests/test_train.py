@@ -188,3 +188,17 @@ def test_finetune_rejects_bad_pairs(tiny_run):
         next(
             train.iter_finetune(np.zeros((64, 64)), np.zeros((64, 64)), model=str(paths["pix2pix"]))
         )
+
+
+def test_batch_crops_align_with_the_latent_grid():
+    """Crops start on the latent grid; stages that need no latents (Pix2Pix) can skip them."""
+    rng = np.random.default_rng(0)
+    small = np.random.default_rng(1).random((3, 16, 16), dtype=np.float32)
+    q = np.kron(small, np.ones((8, 8), np.float32))  # 8x8 blocks: subsampling commutes with flips
+    lat = np.stack([small] * 2, axis=1)  # (3, 2, 16, 16): an f=8 "latent" of q
+    data = train.PairedData(q, q.copy(), 0.414, 0.0, 1.0, latents=lat)
+    qb, db, zb = data.batch(rng, 6, 64, factor=8)
+    assert qb.shape == (6, 1, 64, 64) and zb.shape == (6, 2, 8, 8)
+    assert torch.equal(zb[:, 0], qb[:, 0, ::8, ::8])  # same crop, same flips/rotations
+    _, _, none = data.batch(rng, 6, 64, latents=False)
+    assert none is None
