@@ -161,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.set_defaults(func=_cmd_stain)
 
-    s = sub.add_parser("train", help="train VAE -> teacher -> LCM distillation -> Pix2Pix")
+    s = sub.add_parser(
+        "train", help="train VAE -> decoder refit -> teacher -> LCM distillation -> Pix2Pix"
+    )
     s.add_argument("--preset", default="default", help="default | tiny")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stages", nargs="*", default=None, help="subset of: vae teacher lcm pix2pix")
+    s.add_argument(
+        "--stages", nargs="*", default=None, help="subset of: vae decoder teacher lcm pix2pix"
+    )
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("--device", **dev)
     s.add_argument("--package", action="store_true", help="copy results into the package weights/")

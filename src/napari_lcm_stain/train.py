@@ -601,7 +601,7 @@ def run_recipe(
     threads: int | None = None,
     anchor_weight: float | None = None,
 ) -> dict[str, Path]:
-    """Run VAE -> teacher -> LCM -> Pix2Pix into `out`, skipping stages already saved (resume)."""
+    """Run VAE -> decoder -> teacher -> LCM -> Pix2Pix into `out`, skipping finished stages."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
     if anchor_weight is not None:
         p = replace(p, anchor_weight=float(anchor_weight))
