@@ -56,7 +56,7 @@ class TrainPreset:
     high_t_fraction: float = 0.5
     high_t_min: int = 600
     lr: float = 5e-4
-    anchor_weight: float = 4.0
+    anchor_weight: float = 8.0
     ema_teacher: float = 0.999
     ema_target: float = 0.95
     huber_c: float = 1e-3
@@ -1023,6 +1023,12 @@ def iter_finetune(
 
     def selection_score(m: dict) -> float:
         # Pearson + nuclei F1 on validation (lower is better). L1 alone rewarded blurred nuclei.
+        # A step that loses either metric against the base is not eligible: nuclei F1 on a small
+        # validation region rests on a few dozen nuclei and alone can trade away real accuracy.
+        if m.get("pearson", 0.0) < before.get("pearson", 0.0) or m.get("f1", 0.0) < before.get(
+            "f1", 0.0
+        ):
+            return math.inf
         return -(m.get("pearson", 0.0) + m.get("f1", 0.0))
 
     # step 0 = the base model: fine-tuning never returns weights worse on validation than it got
