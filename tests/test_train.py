@@ -97,9 +97,12 @@ def test_predictors_from_tiny_run(tiny_run, name, steps):
 
 
 def test_stain_checkpoints_carry_the_refitted_thin_decoder(tiny_run):
-    """The decoder stage's thin decoder (not the VAE's) ships in teacher and LCM; same encoder."""
+    """The thin decoder, refitted then polished on LCM latents, ships in teacher and LCM."""
     out, paths = tiny_run
-    thin = ck.load_checkpoint(out / "decoder.safetensors").sub("vae")
+    thin = ck.load_checkpoint(out / "polish.safetensors").sub("vae")
+    refit = ck.load_checkpoint(out / "decoder.safetensors").sub("vae")
+    assert not torch.equal(thin["decoder.stem.weight"], refit["decoder.stem.weight"])
+    assert torch.equal(thin["encoder.0.weight"], refit["encoder.0.weight"])
     vae = ck.load_checkpoint(out / "vae.safetensors").sub("vae")
     for name in ("teacher", "lcm"):
         c = ck.load_checkpoint(paths[name])

@@ -162,13 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_stain)
 
     s = sub.add_parser(
-        "train", help="train VAE -> decoder refit -> teacher -> LCM distillation -> Pix2Pix"
+        "train",
+        help="train VAE -> decoder -> teacher -> LCM distillation -> decoder polish -> Pix2Pix",
     )
     s.add_argument("--preset", default="default", help="default | tiny")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
-        "--stages", nargs="*", default=None, help="subset of: vae decoder teacher lcm pix2pix"
+        "--stages",
+        nargs="*",
+        default=None,
+        help="subset of: vae decoder teacher lcm polish pix2pix",
     )
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("--device", **dev)

@@ -35,7 +35,7 @@ from .models import (
 )
 from .sampling import SCHEDULER_CONFIG, lcm_scheduler, train_scheduler
 
-STAGES = ("vae", "decoder", "teacher", "lcm", "pix2pix")
+STAGES = ("vae", "decoder", "teacher", "lcm", "polish", "pix2pix")
 
 
 @dataclass
@@ -72,6 +72,9 @@ class TrainPreset:
     dec_quarter_channels: int = 16
     dec_half_channels: int = 8
     dec_half_conv: bool = False
+    # After distillation, tune that decoder on a 50/50 mix of encoder and LCM-1 latents ("polish"):
+    # fitted on encoder latents alone it draws an 8-px grid from the LCM's smoother latents.
+    polish_steps: int = 0
     threads: int = 2
     log_every: int = 50
     data_seed_offset: int = 0
@@ -88,6 +91,7 @@ PRESETS = {
         vae_channels=48,
         vae_crop=96,
         decoder_steps=3000,
+        polish_steps=1500,
     ),
     "tiny": TrainPreset(
         name="tiny",
@@ -104,6 +108,7 @@ PRESETS = {
         latent_factor=8,
         vae_channels=8,
         decoder_steps=30,
+        polish_steps=20,
         dec_quarter_channels=8,
         pix2pix_ngf=8,
         log_every=10,
@@ -359,6 +364,49 @@ def train_decoder(data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Pa
     return slim.eval()
 
 
+def polish_decoder(
+    data: PairedData,
+    thin: VAE,
+    student: LatentUNet,
+    latent_scale: float,
+    p: TrainPreset,
+    seed: int,
+    out: Path,
+    quiet=False,
+) -> VAE:
+    """Tune the thin decoder on half encoder latents, half the LCM's 1-step latents of the same
+    crops (fresh noise each step), against the true DAPI. Returns `thin` with the tuned decoder."""
+    torch.manual_seed(seed + 10)
+    rng = _rank_rng(seed + 11)
+    lcm = lcm_scheduler()
+    lcm.set_timesteps(1)
+    t = int(lcm.timesteps[0])
+    thin.encoder.requires_grad_(False).eval()
+    student.requires_grad_(False).eval()
+    dec = ddp(thin.decoder)
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-4)
+    log = Logger(out, "polish", quiet, p.log_every)
+    half = max(1, p.batch // 2)
+    for step in range(p.polish_steps):
+        cosine_lr(opt, 3e-4, step, p.polish_steps)
+        q, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, latents=False)
+        with torch.no_grad():
+            mean, logvar = thin.encode(d[:half])
+            z_enc = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+            f = p.latent_factor
+            noise = torch.randn(
+                len(d) - half, p.latent_channels, d.shape[-2] // f, d.shape[-1] // f
+            )
+            v = student(noise, torch.full((len(noise),), t), q[half:])
+            z_lcm = lcm.step(v, t, noise).denoised / latent_scale
+        loss = reconstruction_loss(dec(torch.cat([z_enc, z_lcm])), d)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.step(step, p.polish_steps, loss.item())
+    return thin.eval()
+
+
 @torch.no_grad()
 def encode_latents(vae: VAE, dapi: np.ndarray) -> np.ndarray:
     out = []
@@ -601,7 +649,8 @@ def run_recipe(
     threads: int | None = None,
     anchor_weight: float | None = None,
 ) -> dict[str, Path]:
-    """Run VAE -> decoder -> teacher -> LCM -> Pix2Pix into `out`, skipping finished stages."""
+    """Run VAE -> decoder -> teacher -> LCM -> polish -> Pix2Pix into `out`, skipping finished
+    stages."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
     if anchor_weight is not None:
         p = replace(p, anchor_weight=float(anchor_weight))
@@ -677,6 +726,8 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         if p.decoder_steps <= 0:
             return vae
         path = out / "decoder.safetensors"
+        if p.polish_steps > 0 and (out / "polish.safetensors").exists():
+            path = out / "polish.safetensors"
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} missing: run the decoder stage (it follows the VAE) before teacher/lcm"
@@ -684,6 +735,16 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         thin = make_inference_vae(p)
         ckpt.load_into(thin, ckpt.load_checkpoint(path).sub("vae"), "inference VAE")
         return thin.eval()
+
+    def load_unet(name) -> LatentUNet:
+        unet = make_unet(p)
+        ckpt.load_into(unet, ckpt.load_checkpoint(out / f"{name}.safetensors").sub("unet"), name)
+        return unet
+
+    def rewrite_decoders():
+        for name in ("teacher", "lcm"):
+            if (out / f"{name}.safetensors").exists():
+                latent_ckpt(name, load_unet(name), name)
 
     def latent_ckpt(name, unet, kind):
         v = inference_vae()
@@ -708,12 +769,7 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         )
         # Teacher and LCM never see the decoder (they live in latent space), so checkpoints saved
         # before this stage existed only need the new decoder written into them.
-        for name in ("teacher", "lcm"):
-            if (out / f"{name}.safetensors").exists():
-                unet = make_unet(p)
-                state = ckpt.load_checkpoint(out / f"{name}.safetensors").sub("unet")
-                ckpt.load_into(unet, state, name)
-                latent_ckpt(name, unet, name)
+        rewrite_decoders()
 
     if "teacher" in stages and not done("teacher"):
         t0 = time.time()
@@ -732,6 +788,22 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         save_timing("lcm", t0)
         latent_ckpt("lcm", student, "lcm")
     paths["lcm"] = out / "lcm.safetensors"
+
+    if p.polish_steps > 0 and "polish" in stages and not done("polish"):
+        t0 = time.time()
+        polished = polish_decoder(
+            data, inference_vae(), load_unet("lcm"), latent_scale, p, seed, out, quiet
+        )
+        save_timing("polish", t0)
+        _save_on_main(
+            out / "polish.safetensors",
+            {"vae": polished},
+            {
+                **_base_config(p, data, seed, "polish"),
+                "architecture": {"vae": vae_arch(p, inference=True)},
+            },
+        )
+        rewrite_decoders()
 
     if "pix2pix" in stages and not done("pix2pix"):
         t0 = time.time()
