@@ -99,9 +99,14 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    @staticmethod
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A latent drawn from the posterior N(mean, exp(logvar))."""
+        return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+
     def forward(self, x: torch.Tensor, sample: bool = True):
         mean, logvar = self.encode(x)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        z = self.reparameterize(mean, logvar) if sample else mean
         return self.decode(z), mean, logvar
 
 

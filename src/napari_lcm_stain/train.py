@@ -354,8 +354,7 @@ def train_decoder(data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Pa
         cosine_lr(opt, 1e-3, step, p.decoder_steps)
         _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor)
         with torch.no_grad():
-            mean, logvar = slim.encode(d)
-            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+            z = slim.reparameterize(*slim.encode(d))
         loss = reconstruction_loss(dec(z), d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,8 +390,7 @@ def polish_decoder(
         cosine_lr(opt, 3e-4, step, p.polish_steps)
         q, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, latents=False)
         with torch.no_grad():
-            mean, logvar = thin.encode(d[:half])
-            z_enc = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+            z_enc = thin.reparameterize(*thin.encode(d[:half]))
             f = p.latent_factor
             noise = torch.randn(
                 len(d) - half, p.latent_channels, d.shape[-2] // f, d.shape[-1] // f
@@ -742,12 +740,23 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         return unet
 
     def rewrite_decoders():
+        v = inference_vae()
         for name in ("teacher", "lcm"):
             if (out / f"{name}.safetensors").exists():
-                latent_ckpt(name, load_unet(name), name)
+                latent_ckpt(name, load_unet(name), name, v)
 
-    def latent_ckpt(name, unet, kind):
-        v = inference_vae()
+    def save_thin_decoder(stage: str, thin: VAE) -> None:
+        _save_on_main(
+            out / f"{stage}.safetensors",
+            {"vae": thin},
+            {
+                **_base_config(p, data, seed, stage),
+                "architecture": {"vae": vae_arch(p, inference=True)},
+            },
+        )
+
+    def latent_ckpt(name, unet, kind, v: VAE | None = None):
+        v = inference_vae() if v is None else v
         cfg = _latent_config(p, data, seed, kind, unet, v, latent_scale, timings)
         _save_on_main(
             out / f"{name}.safetensors",
@@ -759,14 +768,7 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
         t0 = time.time()
         thin = train_decoder(data, vae, p, seed, out, quiet)
         save_timing("decoder", t0)
-        _save_on_main(
-            out / "decoder.safetensors",
-            {"vae": thin},
-            {
-                **_base_config(p, data, seed, "decoder"),
-                "architecture": {"vae": vae_arch(p, inference=True)},
-            },
-        )
+        save_thin_decoder("decoder", thin)
         # Teacher and LCM never see the decoder (they live in latent space), so checkpoints saved
         # before this stage existed only need the new decoder written into them.
         rewrite_decoders()
@@ -795,14 +797,7 @@ def _run_stages(p, out, seed, stages, resume, package, quiet) -> dict[str, Path]
             data, inference_vae(), load_unet("lcm"), latent_scale, p, seed, out, quiet
         )
         save_timing("polish", t0)
-        _save_on_main(
-            out / "polish.safetensors",
-            {"vae": polished},
-            {
-                **_base_config(p, data, seed, "polish"),
-                "architecture": {"vae": vae_arch(p, inference=True)},
-            },
-        )
+        save_thin_decoder("polish", polished)
         rewrite_decoders()
 
     if "pix2pix" in stages and not done("pix2pix"):
