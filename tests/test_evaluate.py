@@ -260,3 +260,71 @@ def test_quick_evaluate_with_packaged_weights(tmp_path):
     lcm, base = res["models"]["lcm-1"], res["models"]["threshold-phase"]
     assert lcm["pearson"] > base["pearson"]
     assert json.loads(out.read_text())["benchmark_version"] == 1
+
+
+def _row(**per_field):
+    return {"per_field": {k: list(map(float, v)) for k, v in per_field.items()}}
+
+
+def _rows_for_compare(f1_a, f1_b, hard_a, hard_b):
+    """Two rows over the same fields; hard_* = (tp_hard, n_hard, near) per field."""
+    n = len(f1_a)
+
+    def row(f1, hard):
+        tp, nh, near = zip(*hard)
+        return _row(
+            pearson=[0.5] * n, ssim=[0.4] * n, f1=f1, realism=[1.0] * n,
+            tp_hard=tp, n_hard=nh, hallu_near_distractors=near,
+        )  # fmt: skip
+
+    return row(f1_a, hard_a), row(f1_b, hard_b)
+
+
+def test_compare_rows_differences_and_pooled_hard_f1():
+    a, b = _rows_for_compare(
+        [0.5, 0.7, 0.6, 0.8], [0.4, 0.5, 0.5, 0.6], [(2, 10, 1)] * 4, [(1, 10, 4)] * 4
+    )
+    c = E.compare_rows(a, b, n_resamples=500)
+    assert c["f1"]["diff"] == pytest.approx(0.15)
+    assert 0 < c["f1"]["lo"] <= 0.15 <= c["f1"]["hi"]  # every field improves: interval above 0
+    assert c["ssim"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    # pooled hard F1 by hand: a = 2*8/(16+4+32), b = 2*4/(8+16+36)
+    assert c["hard_f1"]["diff"] == pytest.approx(16 / 52 - 8 / 60)
+    # every field has the same counts, so every resample gives the same pooled difference
+    assert c["hard_f1"]["lo"] == pytest.approx(c["hard_f1"]["diff"])
+
+
+def test_compare_rows_interval_straddles_zero_for_mixed_fields_and_is_paired():
+    a, b = _rows_for_compare(
+        [0.9, 0.1, 0.8, 0.2, 0.7, 0.3], [0.5] * 6, [(1, 5, 0)] * 6, [(1, 5, 0)] * 6
+    )
+    c = E.compare_rows(a, b, n_resamples=500)
+    assert c["f1"]["lo"] < 0 < c["f1"]["hi"]
+    assert c["hard_f1"]["diff"] == 0.0
+    # a constant offset on every field has a zero-width paired interval, however spread the fields
+    a2, b2 = _rows_for_compare([0.9, 0.1, 0.5], [0.8, 0.0, 0.4], [(1, 5, 0)] * 3, [(1, 5, 0)] * 3)
+    c2 = E.compare_rows(a2, b2, n_resamples=200)
+    assert c2["f1"]["lo"] == pytest.approx(0.1) and c2["f1"]["hi"] == pytest.approx(0.1)
+
+
+def test_compare_rows_errors_and_single_field():
+    a, b = _rows_for_compare([0.5, 0.6], [0.4], [(1, 2, 0)] * 2, [(1, 2, 0)])
+    with pytest.raises(ValueError, match="different fields"):
+        E.compare_rows(a, b)
+    a1, b1 = _rows_for_compare([0.5], [0.4], [(1, 2, 0)], [(0, 2, 1)])
+    c = E.compare_rows(a1, b1)
+    assert c["f1"]["lo"] is None and c["f1"]["diff"] == pytest.approx(0.1)
+
+
+def test_report_has_comparisons_with_intervals(fake_bench, tmp_path, capsys):
+    res = E.run_evaluate(json_path=tmp_path / "e.json", n=2, size=96)
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["comparisons"]) == {"lcm-1 - pix2pix", "lcm-1 - teacher-1"}
+    d = data["comparisons"]["lcm-1 - pix2pix"]
+    lcm, p2p = res["models"]["lcm-1"], res["models"]["pix2pix"]
+    assert d["f1"]["diff"] == pytest.approx(lcm["f1"] - p2p["f1"])
+    assert d["realism"]["diff"] == pytest.approx(lcm["realism"] - p2p["realism"])
+    assert len(lcm["per_field"]["f1"]) == 2
+    assert (
+        "lcm-1 - pix2pix (95 % bootstrap interval over fields): pearson" in capsys.readouterr().out
+    )

@@ -44,6 +44,7 @@ __all__ = [
     "benchmark_fields",
     "threshold_phase",
     "evaluate_rows",
+    "compare_rows",
     "format_table",
     "run_evaluate",
 ]
@@ -82,6 +83,21 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "n_true",
     "n_ignored",
 )
+#: Per-field values kept in every row (JSON "per_field"), so two rows can be compared field by field.
+PER_FIELD: tuple[str, ...] = (
+    "pearson",
+    "ssim",
+    "f1",
+    "realism",
+    "tp_hard",
+    "n_hard",
+    "hallu_near_distractors",
+)
+#: Row pairs (candidate, reference) whose differences the report gives with a bootstrap interval.
+COMPARISONS: tuple[tuple[str, str], ...] = (("lcm-1", "pix2pix"), ("lcm-1", "teacher-1"))
+#: Bootstrap resamples (of fields) for those intervals.
+N_BOOTSTRAP = 2000
+
 #: Counts summed over the benchmark for pooled (micro-averaged) scores.
 _COUNTS = (
     "tp",
@@ -259,6 +275,7 @@ def _aggregate(per_image: list[dict[str, Any]], seconds: float) -> dict[str, Any
         row[k] = float(v.mean())
         std[k] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     row["std"] = std
+    row["per_field"] = {k: [float(d[k]) for d in per_image] for k in PER_FIELD}
     tot = {k: int(sum(int(d[k]) for d in per_image)) for k in _COUNTS}
     tp, fp, fn = tot["tp"], tot["fp"], tot["fn"]
     row["pooled"] = {
@@ -307,6 +324,56 @@ def _hard_summary(row: dict[str, Any]) -> dict[str, Any]:
         "n_out_of_section": p["n_out_of_section"],
         "n_distractors": p["n_distractors"],
     }
+
+
+def _pooled_hard_f1(tp: np.ndarray, n_hard: np.ndarray, near: np.ndarray) -> float:
+    tp_s, n_s, near_s = float(np.sum(tp)), float(np.sum(n_hard)), float(np.sum(near))
+    denom = 2 * tp_s + near_s + (n_s - tp_s)
+    return 2 * tp_s / denom if denom else 1.0
+
+
+def compare_rows(
+    a: dict[str, Any], b: dict[str, Any], n_resamples: int = N_BOOTSTRAP, seed: int = 0
+) -> dict[str, dict[str, float | None]]:
+    """Row `a` minus row `b` on the same fields: per-field means of Pearson / SSIM / F1 / realism
+    and the pooled hard-subset F1, each with a 95 % paired percentile bootstrap interval over
+    fields (scipy). With 8 fields a difference is resolved only if its interval excludes 0; the
+    interval is None when there are fewer than 2 fields."""
+    from scipy.stats import bootstrap
+
+    fa, fb = a["per_field"], b["per_field"]
+    n = len(fa["f1"])
+    if len(fb["f1"]) != n:
+        raise ValueError(f"rows were scored on different fields ({n} vs {len(fb['f1'])})")
+
+    def interval(data: tuple[np.ndarray, ...], stat: Any) -> dict[str, float | None]:
+        diff = float(stat(*data))
+        if n < 2:
+            return {"diff": diff, "lo": None, "hi": None}
+        res = bootstrap(
+            data,
+            stat,
+            paired=True,
+            vectorized=False,
+            n_resamples=n_resamples,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        )
+        lo, hi = res.confidence_interval
+        return {"diff": diff, "lo": float(lo), "hi": float(hi)}
+
+    out: dict[str, dict[str, float | None]] = {}
+    for key in ("pearson", "ssim", "f1", "realism"):
+        out[key] = interval(
+            (np.asarray(fa[key]), np.asarray(fb[key])), lambda x, y: np.mean(x) - np.mean(y)
+        )
+    hard = [
+        np.asarray(f[k]) for f in (fa, fb) for k in ("tp_hard", "n_hard", "hallu_near_distractors")
+    ]
+    out["hard_f1"] = interval(
+        tuple(hard), lambda *h: _pooled_hard_f1(*h[:3]) - _pooled_hard_f1(*h[3:])
+    )
+    return out
 
 
 def evaluate_rows(
@@ -394,9 +461,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"of nuclei with |CNR|<{M.HARD_CNR_THRESHOLD:g} or in-section<{M.HARD_IN_SECTION_THRESHOLD:g}; "
         f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field."
     )
+    for pair, diffs in result.get("comparisons", {}).items():
+        lines.append(
+            f"difference {pair} (95 % bootstrap interval over fields): " + _comparison(diffs)
+        )
     for name, why in result.get("skipped", {}).items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
+
+
+def _comparison(diffs: dict[str, dict[str, float | None]]) -> str:
+    parts = []
+    for key, d in diffs.items():
+        ci = "" if d["lo"] is None else f" [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        parts.append(f"{key} {d['diff']:+.3f}{ci}")
+    return ", ".join(parts)
 
 
 def _jsonable(x: Any) -> Any:
@@ -510,6 +589,11 @@ def run_evaluate(
             },
             "weights_dir": str(wdir) if wdir else None,
             "quick": bool(quick),
+        },
+        "comparisons": {
+            f"{a} - {b}": compare_rows(models[a], models[b])
+            for a, b in COMPARISONS
+            if a in models and b in models
         },
         "skipped": skipped,
         "device": dev,
