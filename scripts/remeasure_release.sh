@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 RUN=${1:?usage: remeasure_release.sh RUN_DIR}
 M="${RUN%/}-measure"
 mkdir -p "$M"
-export OMP_WAIT_POLICY=PASSIVE
 set -x
 lcm-stain train --preset default --out "$RUN" --seed 0 --package > "$M/package.txt" 2>&1
 lcm-stain evaluate --json docs/results/evaluate.json > "$M/evaluate.txt" 2> "$M/evaluate.err"
