@@ -306,14 +306,13 @@ def _hard_summary(row: dict[str, Any]) -> dict[str, Any]:
     """Pooled hard-subset numbers of one row (sums over all fields, then ratios)."""
     p = row["pooled"]
     near, n_hard, tp_hard = p["hallu_near_distractors"], p["n_hard"], p["tp_hard"]
-    denom = 2 * tp_hard + near + (n_hard - tp_hard)
 
     def ratio(a: int, b: int) -> float:
         return a / b if b else 1.0
 
     return {
         "hard_recall": ratio(tp_hard, n_hard),
-        "hard_f1": 2 * tp_hard / denom if denom else 1.0,
+        "hard_f1": _pooled_hard_f1(tp_hard, n_hard, near),
         "low_contrast_recall": ratio(p["tp_low_contrast"], p["n_low_contrast"]),
         "out_of_section_recall": ratio(p["tp_out_of_section"], p["n_out_of_section"]),
         "hallu_near_distractors": near,
@@ -326,7 +325,8 @@ def _hard_summary(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pooled_hard_f1(tp: np.ndarray, n_hard: np.ndarray, near: np.ndarray) -> float:
+def _pooled_hard_f1(tp: Any, n_hard: Any, near: Any) -> float:
+    """Hard-subset F1 from counts (ints or per-field arrays, summed): 2TP / (2TP + FP + FN)."""
     tp_s, n_s, near_s = float(np.sum(tp)), float(np.sum(n_hard)), float(np.sum(near))
     denom = 2 * tp_s + near_s + (n_s - tp_s)
     return 2 * tp_s / denom if denom else 1.0
