@@ -21,7 +21,7 @@ CHILD = """
 import json, sys
 from dataclasses import replace
 from pathlib import Path
-from napari_lcm_stain import train
+from napari_lcm_stain import training as train
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
 p = replace(train.get_train_preset("default"), teacher_steps=steps)
 train.run_recipe(p, out=out, stages=["teacher"], quiet=True)

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_lcm_stain import metrics, stain, train
+from napari_lcm_stain import metrics, stain
 from napari_lcm_stain.simulate import get_preset, simulate_pair
+from napari_lcm_stain.training import run_recipe, stages
 
 VAL_SEED0 = 800_000
 SPECTRAL_BINS = 16
@@ -86,17 +87,17 @@ def spectral_polish(weight: float, run: Path, out: Path) -> None:
     for stage in ("vae", "decoder", "teacher", "lcm"):
         for ext in ("safetensors", "json"):
             shutil.copy(run / f"{stage}.{ext}", out / f"{stage}.{ext}")
-    plain = train.reconstruction_loss
+    plain = stages.reconstruction_loss
 
     def with_spectrum(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         gap = radial_log_power_torch(rec) - radial_log_power_torch(d)
         return plain(rec, d) + weight * gap.abs().mean()
 
-    train.reconstruction_loss = with_spectrum
+    stages.reconstruction_loss = with_spectrum
     try:
-        train.run_recipe("default", out=out, stages=["polish"], quiet=True)
+        run_recipe("default", out=out, stages=["polish"], quiet=True)
     finally:
-        train.reconstruction_loss = plain
+        stages.reconstruction_loss = plain
     print(f"wrote {out / 'lcm.safetensors'} (polish with spectral weight {weight})")
 
 

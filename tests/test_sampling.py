@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from diffusers import LCMScheduler
 
-from napari_lcm_stain import sampling, train
+from napari_lcm_stain import sampling
+from napari_lcm_stain import training as train
 
 
 def test_solver_grid_matches_lcm_scheduler_and_ddim():

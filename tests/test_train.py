@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from napari_lcm_stain import checkpoints as ck
-from napari_lcm_stain import train
+from napari_lcm_stain import finetune
+from napari_lcm_stain import training as train
 from napari_lcm_stain.sampling import load_predictor
 
 
@@ -52,14 +53,14 @@ def test_distillation_stage_learns(tiny_run):
     data = train.make_training_data(p, seed=0)
     lcm = ck.load_checkpoint(paths["lcm"])
     data.latents = None
-    vae = train.build_from(lcm.config["architecture"]["vae"], None, "VAE")
+    vae = finetune.build_from(lcm.config["architecture"]["vae"], None, "VAE")
     ck.load_into(vae.encoder, lcm.sub("encoder"), "encoder")
     data.latents = train.encode_latents(vae, data.dapi) * lcm.config["latent_scale"]
     teacher_ck = ck.load_checkpoint(paths["teacher"])
-    teacher = train.build_from(
+    teacher = finetune.build_from(
         teacher_ck.config["architecture"]["unet"], teacher_ck.sub("unet"), "t"
     )
-    student = train.build_from(lcm.config["architecture"]["unet"], lcm.sub("unet"), "s")
+    student = finetune.build_from(lcm.config["architecture"]["unet"], lcm.sub("unet"), "s")
     assert _one_step_error(student.eval(), data) < _one_step_error(teacher.eval(), data)
 
 
@@ -156,7 +157,7 @@ def test_finetune_runs_stops_and_saves(tiny_run, tmp_path):
     _, paths = tiny_run
     s = simulate_pair("shifted-20x", size=96, seed=3)
     stop = threading.Event()
-    gen = train.iter_finetune(
+    gen = finetune.iter_finetune(
         s.qobm, s.dapi, model=str(paths["lcm"]), steps=50, patch=32, stop=stop, val_every=2
     )
     events = []
@@ -180,16 +181,20 @@ def test_finetune_runs_stops_and_saves(tiny_run, tmp_path):
 def test_finetune_rejects_bad_pairs(tiny_run):
     _, paths = tiny_run
     with pytest.raises(ValueError, match="same shape"):
-        next(train.iter_finetune(np.zeros((64, 64)), np.zeros((64, 80)), model=str(paths["lcm"])))
+        next(
+            finetune.iter_finetune(np.zeros((64, 64)), np.zeros((64, 80)), model=str(paths["lcm"]))
+        )
     with pytest.raises(ValueError, match="NaN"):
         next(
-            train.iter_finetune(
+            finetune.iter_finetune(
                 np.full((64, 64), np.nan), np.zeros((64, 64)), model=str(paths["lcm"])
             )
         )
     with pytest.raises(ValueError, match="LCM checkpoint"):
         next(
-            train.iter_finetune(np.zeros((64, 64)), np.zeros((64, 64)), model=str(paths["pix2pix"]))
+            finetune.iter_finetune(
+                np.zeros((64, 64)), np.zeros((64, 64)), model=str(paths["pix2pix"])
+            )
         )
 
 

@@ -305,7 +305,7 @@ def test_get_predictor_caches_by_model_steps_device(monkeypatch):
 
 
 def test_finetune_job_relays_events_and_returns_result(monkeypatch):
-    import napari_lcm_stain.train as train
+    import napari_lcm_stain.finetune as finetune
 
     seen = {}
 
@@ -317,7 +317,7 @@ def test_finetune_job_relays_events_and_returns_result(monkeypatch):
             )
         return "RESULT"
 
-    monkeypatch.setattr(train, "iter_finetune", iter_finetune, raising=False)
+    monkeypatch.setattr(finetune, "iter_finetune", iter_finetune, raising=False)
     stop = threading.Event()
     items, out = _run(_jobs.finetune_job(np.zeros((4, 4)), np.zeros((4, 4)), stop=stop, steps=3))
     assert out == "RESULT" and seen["stop"] is stop and seen["steps"] == 3

@@ -55,7 +55,7 @@ def _cmd_stain(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import run_recipe
+    from .training import run_recipe
 
     run_recipe(
         preset=a.preset,
@@ -72,7 +72,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(a: argparse.Namespace) -> int:
-    from .train import finetune_files
+    from .finetune import finetune_files
 
     finetune_files(
         qobm=Path(a.qobm),

@@ -46,9 +46,12 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def prepare_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move a network to its device in eval mode, with the dtype/memory format of that device."""
-    module = module.to(device=device, dtype=inference_dtype(device)).eval()
+def prepare_module(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """Move a network to its device in eval mode, with the dtype (default: the device's inference
+    dtype) and memory format of that device."""
+    module = module.to(device=device, dtype=dtype or inference_dtype(device)).eval()
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     return module
@@ -61,3 +64,9 @@ def describe(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
+
+
+def mixed_precision(device: torch.device):
+    """Autocast for training steps: bfloat16 on CUDA (no grad scaler needed, unlike float16),
+    a no-op elsewhere so the CPU path stays bit-exact."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -636,8 +636,8 @@ def finetune_shift_check(
     mean and per-field Pearson / nuclei F1 before and after, plus the run's validation record.
     """
     from . import simulate
+    from .finetune import run_finetune
     from .sampling import load_predictor
-    from .train import run_finetune
 
     pair = simulate.simulate_pair(SHIFT_PRESET, size=train_size, seed=SHIFT_TRAIN_SEED)
     held = [simulate.simulate_pair(SHIFT_PRESET, size=held_size, seed=s) for s in SHIFT_HELD_SEEDS]

@@ -59,10 +59,10 @@ class Predictor:
     noise_channels = 0
     n_noise = 0
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict, device: torch.device, dtype: torch.dtype | None = None):
         self.config = config
         self.device = device
-        self.dtype = inference_dtype(device)
+        self.dtype = dtype or inference_dtype(device)
         norm = config.get("normalization", {})
         self.in_mean = float(norm.get("qobm_mean", 0.0))
         self.in_std = float(norm.get("qobm_std", 1.0))
@@ -95,10 +95,10 @@ class Predictor:
 class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps)."""
 
-    def __init__(self, unet, decoder, config: dict, device, mode: str, steps: int):
-        super().__init__(config, device)
-        self.unet = prepare_module(unet, device)
-        self.decoder = prepare_module(decoder, device)
+    def __init__(self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None):
+        super().__init__(config, device, dtype)
+        self.unet = prepare_module(unet, device, self.dtype)
+        self.decoder = prepare_module(decoder, device, self.dtype)
         self.mode = mode
         self.steps = int(steps)
         self.latent_scale = float(config["latent_scale"])

@@ -206,9 +206,9 @@ def finetune_job(
     stop: Any,
     **kwargs: Any,
 ) -> Generator[FinetuneTick, None, Any]:
-    """Relay `train.iter_finetune` events; return its FinetuneResult (best weights on Stop)."""
+    """Relay `finetune.iter_finetune` events; return its FinetuneResult (best weights on Stop)."""
     try:
-        from napari_lcm_stain.train import iter_finetune
+        from napari_lcm_stain.finetune import iter_finetune
 
         val = kwargs.get("val")
         if val is not None:

@@ -1,6 +1,6 @@
 """The "Fine-tune" dock: adapt the 1-step model to a user's own paired qOBM/DAPI images.
 
-Training runs in a napari ``thread_worker`` (`_jobs.finetune_job` around `train.iter_finetune`);
+Training runs in a napari ``thread_worker`` (`_jobs.finetune_job` around `finetune.iter_finetune`);
 Stop sets a `threading.Event` that the trainer checks every step, and the trainer then returns the
 best weights so far, so stopping early still gives a usable model.
 """

@@ -1,0 +1,74 @@
+"""Paired training data: whole fields in memory and the random aligned crops every stage draws."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .presets import TrainPreset
+
+
+@dataclass
+class PairedData:
+    """Full training fields in memory: normalised qOBM, DAPI (0-1), and optional latents."""
+
+    qobm: np.ndarray  # (N, H, W) float32, normalised
+    dapi: np.ndarray  # (N, H, W) float32
+    pixel_size: float
+    qobm_mean: float
+    qobm_std: float
+    latents: np.ndarray | None = None  # (N, C, H/f, W/f), scaled
+
+    def batch(
+        self, rng: np.random.Generator, n: int, crop: int, factor: int = 4, latents: bool = True
+    ):
+        """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and (if `latents` and
+        present) latents; crops start on multiples of `factor`, the latent downsampling."""
+        N, H, W = self.qobm.shape
+        crop = min(crop, H - H % factor, W - W % factor)
+        q, d, z = [], [], []
+        for _ in range(n):
+            i = rng.integers(N)
+            y = rng.integers(0, (H - crop) // factor + 1) * factor
+            x = rng.integers(0, (W - crop) // factor + 1) * factor
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+
+            def aug(a, k=k, flip=flip):
+                a = np.rot90(a, k, axes=(-2, -1))
+                return np.ascontiguousarray(a[..., ::-1] if flip else a)
+
+            q.append(aug(self.qobm[i, y : y + crop, x : x + crop]))
+            d.append(aug(self.dapi[i, y : y + crop, x : x + crop]))
+            if latents and self.latents is not None:
+                f = factor
+                z.append(
+                    aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
+                )
+        qt = torch.from_numpy(np.stack(q))[:, None]
+        dt = torch.from_numpy(np.stack(d))[:, None]
+        zt = torch.from_numpy(np.stack(z)) if z else None
+        return qt, dt, zt
+
+
+def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
+    """Simulate the training fields (seeded; disjoint from the evaluation benchmark's seeds)."""
+    from ..simulate import simulate_pair
+
+    qs, ds, px = [], [], []
+    for i in range(preset.n_fields):
+        name = preset.data_presets[i % len(preset.data_presets)]
+        s = simulate_pair(name, size=preset.field_size, seed=seed * 100_000 + i)
+        qs.append(s.qobm.astype(np.float32))
+        ds.append(s.dapi.astype(np.float32))
+        px.append(s.pixel_size)
+    q = np.stack(qs)
+    mean, std = float(q.mean()), float(q.std() + 1e-6)
+    return PairedData(
+        qobm=np.clip((q - mean) / std, -10, 10).astype(np.float32),
+        dapi=np.stack(ds),
+        pixel_size=float(np.median(px)),
+        qobm_mean=mean,
+        qobm_std=std,
+    )

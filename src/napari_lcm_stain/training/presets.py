@@ -1,0 +1,93 @@
+"""Training presets: every number that defines a run, stored in each checkpoint's provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The recipe's stages, in the order they run.
+STAGES = ("vae", "decoder", "teacher", "lcm", "polish", "pix2pix")
+
+
+@dataclass
+class TrainPreset:
+    """Everything that defines a training run (stored in every checkpoint's provenance)."""
+
+    name: str
+    data_presets: tuple[str, ...] = ("brain-20x", "tumour-dense-20x")
+    n_fields: int = 96
+    field_size: int = 256
+    crop: int = 128
+    batch: int = 12
+    vae_crop: int = 64
+    vae_steps: int = 4000
+    teacher_steps: int = 10000
+    lcm_steps: int = 3000
+    pix2pix_steps: int = 3300
+    high_t_fraction: float = 0.5
+    high_t_min: int = 600
+    lr: float = 5e-4
+    anchor_weight: float = 8.0
+    ema_teacher: float = 0.999
+    ema_target: float = 0.95
+    huber_c: float = 1e-3
+    unet_channels: tuple[int, ...] = (24, 48, 96, 160)
+    vae_channels: int = 32
+    pix2pix_ngf: int = 16
+    pix2pix_depth: int = 6
+    latent_channels: int = 4
+    latent_factor: int = 4
+    # Inference decoder: 0 steps = ship the VAE's own decoder; > 0 = after the VAE, refit a thinner
+    # decoder on the frozen encoder for this many steps (the latent space does not change).
+    decoder_steps: int = 0
+    dec_quarter_channels: int = 16
+    dec_half_channels: int = 8
+    dec_half_conv: bool = False
+    # After distillation, tune that decoder on a 50/50 mix of encoder and LCM-1 latents ("polish"):
+    # fitted on encoder latents alone it draws an 8-px grid from the LCM's smoother latents.
+    polish_steps: int = 0
+    threads: int = 2
+    log_every: int = 50
+    data_seed_offset: int = 0
+
+
+PRESETS = {
+    # f=8 latent with 8 channels and a 3-level U-Net: the profile in docs/architecture.md puts a
+    # 1-step f=4 model at ~2x Pix2Pix's latency, and this layout at ~0.5x for the same parameters.
+    "default": TrainPreset(
+        name="default",
+        latent_factor=8,
+        latent_channels=8,
+        unet_channels=(40, 80, 160),
+        vae_channels=48,
+        vae_crop=96,
+        decoder_steps=3000,
+        polish_steps=1500,
+    ),
+    "tiny": TrainPreset(
+        name="tiny",
+        n_fields=4,
+        field_size=64,
+        crop=64,
+        vae_crop=32,
+        batch=4,
+        vae_steps=30,
+        teacher_steps=30,
+        pix2pix_steps=30,
+        lcm_steps=60,
+        unet_channels=(8, 16, 16),
+        latent_factor=8,
+        vae_channels=8,
+        decoder_steps=30,
+        polish_steps=20,
+        dec_quarter_channels=8,
+        pix2pix_ngf=8,
+        log_every=10,
+        threads=1,
+    ),
+}
+
+
+def get_train_preset(name: str) -> TrainPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
