@@ -80,7 +80,7 @@ def test_checkpoints_carry_what_inference_needs(tiny_run):
         assert key in cfg, key
     assert cfg["scheduler"]["prediction_type"] == "v_prediction"
     assert cfg["provenance"]["preset"]["name"] == "tiny" and cfg["provenance"]["seed"] == 0
-    assert cfg["normalization"]["qobm_std"] > 0
+    assert cfg["normalization"]["type"] == "robust"  # per-image median / MAD, stored with the model
 
 
 @pytest.mark.parametrize(

@@ -161,6 +161,18 @@ def _fix_nonfinite(plane: np.ndarray, where: str, notes: list[str]) -> np.ndarra
     return plane
 
 
+def _plane_normalizer(pred, plane, where: str, notes: list[str]):
+    """(stats, per-tile transform) for one whole plane: the statistics of the checkpoint's
+    normalisation come from the whole plane, so every tile is normalised alike. Predictors
+    without `norm_stats` (duck-typed test doubles) normalise each tile on their own."""
+    if not hasattr(pred, "norm_stats"):
+        return None, pred.normalize
+    stats = pred.norm_stats(plane)
+    if stats.get("constant"):
+        notes.append(f"{where} is constant (no phase structure): its stain carries no information")
+    return stats, functools.partial(pred.normalize, stats=stats)
+
+
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize with anti-aliasing when shrinking (skimage), kept float32."""
     from skimage.transform import resize
@@ -313,13 +325,14 @@ def iter_stain(
             plane = _fix_nonfinite(plane, where, notes)
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
+            stats, transform = _plane_normalizer(pred, plane, where, notes)
             direct = k_eff == 1 and scale == 1.0 and compute is None
             mean = m2 = None
             for k in range(k_eff):
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
                         plane, pred, tile, overlap, noises[k], batch, loader=loader,
-                        normalize=True, clip=clip, context=context,
+                        normalize=stats or True, clip=clip, context=context,
                     )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles
@@ -328,7 +341,7 @@ def iter_stain(
                     target = _plane_target(mean_out, idx) if direct else None
                     gen = tiling.iter_predict_tiled(
                         plane, pred, tile, overlap, noises[k], batch, out=target,
-                        transform=pred.normalize, clip=clip, context=context,
+                        transform=transform, clip=clip, context=context,
                     )  # fmt: skip
                     base = done
                     while True:

@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from . import checkpoints as ckpt
+from . import normalization
 from .device import inference_dtype, prepare_module, resolve_device
 from .models import build
 
@@ -63,16 +64,21 @@ class Predictor:
         self.config = config
         self.device = device
         self.dtype = dtype or inference_dtype(device)
-        norm = config.get("normalization", {})
-        self.in_mean = float(norm.get("qobm_mean", 0.0))
-        self.in_std = float(norm.get("qobm_std", 1.0))
+        self.normalization = config.get("normalization") or {}
         self.pixel_size = float(config.get("pixel_size", 0.414))
         self.receptive_field = int(config.get("receptive_field", 64))
 
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        """The training normalisation of the phase image (stored in the checkpoint)."""
-        y = (np.asarray(x, dtype=np.float32) - self.in_mean) / self.in_std
-        return np.clip(y, -10.0, 10.0, out=y)
+    def norm_stats(self, plane) -> dict:
+        """Centre and scale of one whole plane under the checkpoint's normalisation: computed
+        once before tiling, so every tile of the plane is normalised alike."""
+        return normalization.plane_stats(self.normalization, plane)
+
+    def normalize(self, x: np.ndarray, stats: dict | None = None) -> np.ndarray:
+        """The training normalisation (stored in the checkpoint). With `stats` (from
+        `norm_stats` of the whole plane) `x` may be a tile; without, `x` is whole planes."""
+        if stats is None:
+            return normalization.normalize(self.normalization, x)
+        return normalization.apply(x, stats, float(self.normalization.get("clip", 10.0)))
 
     def noise_shape(self, h: int, w: int) -> tuple[int, ...] | None:
         if not self.n_noise:

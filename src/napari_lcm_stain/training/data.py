@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..normalization import fixed_config, normalize, robust_config
 from .presets import TrainPreset
 
 
@@ -17,8 +18,7 @@ class PairedData:
     qobm: np.ndarray  # (N, H, W) float32, normalised
     dapi: np.ndarray  # (N, H, W) float32
     pixel_size: float
-    qobm_mean: float
-    qobm_std: float
+    normalization: dict  # the `normalization` config the checkpoints record
     latents: np.ndarray | None = None  # (N, C, H/f, W/f), scaled
 
     def batch(
@@ -64,11 +64,13 @@ def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
         ds.append(s.dapi.astype(np.float32))
         px.append(s.pixel_size)
     q = np.stack(qs)
-    mean, std = float(q.mean()), float(q.std() + 1e-6)
+    if preset.input_norm == "fixed":  # the pre-robust recipe: one training-set mean and std
+        norm = fixed_config(float(q.mean()), float(q.std() + 1e-6))
+    else:
+        norm = robust_config()
     return PairedData(
-        qobm=np.clip((q - mean) / std, -10, 10).astype(np.float32),
+        qobm=normalize(norm, q),
         dapi=np.stack(ds),
         pixel_size=float(np.median(px)),
-        qobm_mean=mean,
-        qobm_std=std,
+        normalization=norm,
     )

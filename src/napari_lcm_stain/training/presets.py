@@ -45,6 +45,9 @@ class TrainPreset:
     # After distillation, tune that decoder on a 50/50 mix of encoder and LCM-1 latents ("polish"):
     # fitted on encoder latents alone it draws an 8-px grid from the LCM's smoother latents.
     polish_steps: int = 0
+    # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or
+    # "fixed" (one training-set mean and std: the recipe before robust normalisation)
+    input_norm: str = "robust"
     threads: int = 2
     log_every: int = 50
     data_seed_offset: int = 0

@@ -108,13 +108,7 @@ class Recipe:
         p, data, seed = self.p, self.data, self.seed
         return {
             "kind": kind,
-            "normalization": {
-                "type": "fixed",
-                "qobm_mean": data.qobm_mean,
-                "qobm_std": data.qobm_std,
-                "clip": 10.0,
-                "output": "DAPI 0-1",
-            },
+            "normalization": dict(data.normalization),
             "pixel_size": data.pixel_size,
             "version": __version__,
             "provenance": {
