@@ -107,7 +107,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(json_path=a.json, size=a.size, repeats=a.repeats, big=a.big, device=a.device)
+    run_bench(
+        json_path=a.json,
+        size=a.size,
+        repeats=a.repeats,
+        big=a.big,
+        device=a.device,
+        precision=a.precision,
+        compile=a.compile,
+    )
     return 0
 
 
@@ -221,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--big", type=int, default=8192, help="side of the streamed memory test (0: skip)"
     )
     s.add_argument("--device", **dev)
+    s.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="network dtype: auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)",
+    )
+    s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     s.set_defaults(func=_cmd_bench)
     return p
 
