@@ -77,6 +77,11 @@ def test_suite_json_shape_on_a_tiny_run(stub_stain, tmp_path, capsys):
     for name in ["in-domain", *names]:
         assert any(line.startswith(name + " ") for line in table.splitlines()), name
     assert "phase given as optical path in nm" in table
+    md = E.format_suite_markdown(data).splitlines()
+    assert len(md) == 2 + 1 + len(names)  # header, rule, in-domain, one row per variant
+    for line, v in zip(md[3:], E.INSTRUMENT_VARIANTS):
+        assert line.startswith(f"| `{v.name}` | {v.description} |")
+    assert "| no |" in next(ln for ln in md if ln.startswith("| `coarse-2x-nometa`"))
 
 
 def test_stain_gets_each_variant_as_a_user_would_give_it(stub_stain):

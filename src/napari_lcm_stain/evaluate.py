@@ -60,6 +60,7 @@ __all__ = [
     "InstrumentVariant",
     "suite_fields",
     "format_suite_table",
+    "format_suite_markdown",
     "run_instrument_suite",
 ]
 
@@ -798,6 +799,27 @@ def format_suite_table(result: dict[str, Any]) -> str:
         lines.append(f"  {name}: {g['description']}")
         for row, why in g.get("skipped", {}).items():
             lines.append(f"    skipped {row}: {why}")
+    return "\n".join(lines)
+
+
+def format_suite_markdown(result: dict[str, Any]) -> str:
+    """The suite as a markdown table for the model card: one row per variant with its one-line
+    description, nuclei F1 of every model, LCM-1 SSIM and the target columns."""
+    names = [r.name for r in SUITE_ROWS]
+    head = ["variant", "what it is", *(f"{m} F1" for m in names), "lcm-1 SSIM"]
+    head += ["LCM-1/oracle F1", "÷ in-domain", "target met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups = {"in-domain": result["in_domain"], **result["variants"]}
+    for name, g in groups.items():
+        m = g["models"]
+        sm = g.get("summary") or _suite_summary(result["in_domain"]["models"], m)
+        cells = [f"`{name}`", g["description"]]
+        cells += [f"{m[k]['f1']:.3f}" if k in m else "skipped" for k in names]
+        cells.append(f"{m['lcm-1']['ssim']:.3f}" if "lcm-1" in m else "skipped")
+        for key in ("lcm1_f1_over_oracle", "vs_in_domain"):
+            cells.append("n/a" if sm[key] is None else f"{sm[key]:.2f}")
+        cells.append("—" if name == "in-domain" else ("yes" if sm["meets_target"] else "no"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
