@@ -147,7 +147,8 @@ def make_domain_figure(out: Path = DOMAIN_OUT, size: int = 256, seeds=range(6)) 
         lo, hi = np.percentile(s.qobm, (1, 99))
         ax[0].imshow(s.qobm, cmap="gray", vmin=lo, vmax=hi)
         ax[0].set_title(
-            f"seed {seed}: qOBM, {p.pixel_size:.2f} µm/px native\nNA {p.na_objective:.2f}, "
+            f"seed {seed}: qOBM, {p.qobm_pixel_size or p.pixel_size:.2f} µm/px camera\n"
+            f"NA {p.na_objective:.2f}, "
             f"λ {p.wavelength_um:.2f} µm, α {p.tikhonov_alpha:.0e}\n{p.photons / 1e3:.1f}k "
             f"photons, section {p.optical_section_um:.1f} µm",
             fontsize=7,

@@ -171,8 +171,8 @@ def test_training_pair_contract_and_determinism():
     assert a.nucleus_cnr.shape == a.nucleus_in_section.shape == a.nucleus_kind.shape == (n,)
     assert len(a.distractor_kind) == a.distractors.max()
     assert 0.0 <= a.dapi.min() and a.dapi.max() <= 1.0
-    # the native grid covers the same area as the output
-    assert 0.25 * 0.99 < a.params.pixel_size < 0.8 * 1.01
+    # the camera pixel it drew (coarser cameras image the phase only: qobm_pixel_size)
+    assert 0.25 * 0.99 < (a.params.qobm_pixel_size or a.params.pixel_size) < 0.8 * 1.01
     # the preset name runs the same thing
     d = S.simulate_pair("domain-random", size=96, seed=3)
     np.testing.assert_array_equal(d.qobm, a.qobm)
@@ -209,9 +209,39 @@ def test_resampling_keeps_physical_sizes_and_label_bookkeeping():
     assert (up.nuclei > 0).sum() * 0.207**2 == pytest.approx(area0, rel=0.03)
 
 
-def test_training_fields_vary_in_pixel_size_and_contrast():
-    ps = [S.simulate_training_pair(s, 32).params.pixel_size for s in range(12)]
+def test_training_fields_vary_in_camera_pixel_and_keep_dapi_on_the_model_grid():
+    ps = []
+    for seed in range(12):
+        p = S.simulate_training_pair(seed, 32).params
+        ps.append(p.qobm_pixel_size or p.pixel_size)
+        if p.qobm_pixel_size is not None:  # coarser camera: ground truth simulated at 0.414
+            assert p.pixel_size == pytest.approx(0.414) and p.qobm_pixel_size > 0.414
+        else:
+            assert p.pixel_size <= 0.414
     assert min(ps) < 0.35 and max(ps) > 0.55
+
+
+def test_coarser_qobm_camera_images_only_the_phase_coarsely():
+    coarse = dataclasses.replace(BRAIN, qobm_pixel_size=0.828)
+    a = S.simulate_pair("brain-20x", size=128, seed=3)
+    b = S.simulate_pair(coarse, size=128, seed=3)
+    assert b.qobm.shape == (128, 128) and b.pixel_size == pytest.approx(0.414)
+    np.testing.assert_array_equal(a.nuclei, b.nuclei)  # same tissue, same DAPI grid
+    assert b.dapi.mean() == pytest.approx(a.dapi.mean(), rel=0.02)
+    assert np.corrcoef(a.qobm.ravel(), b.qobm.ravel())[0, 1] > 0.6
+
+    # the camera cannot carry detail finer than 0.828 µm: little energy above its Nyquist
+    def fine_energy(q):
+        f = np.abs(np.fft.fftshift(np.fft.fft2(q - q.mean()))) ** 2
+        k = np.hypot(*np.meshgrid(np.fft.fftshift(np.fft.fftfreq(128, 0.414)),
+                                  np.fft.fftshift(np.fft.fftfreq(128, 0.414))))  # fmt: skip
+        return f[k > 1 / (2 * 0.828)].sum() / f.sum()
+
+    assert fine_energy(b.qobm) < 0.3 * fine_energy(a.qobm)
+    out = S.qobm_forward(np.zeros((64, 64)), coarse, 0)
+    assert out.phase.shape == (64, 64) and out.raw.shape == (4, 32, 32)
+    with pytest.raises(ValueError, match="must not be finer"):
+        S.qobm_forward(np.zeros((32, 32)), dataclasses.replace(BRAIN, qobm_pixel_size=0.2), 0)
 
 
 def test_write_dataset_and_cli_with_domain_random(tmp_path):

@@ -83,6 +83,9 @@ class SimParams:
     name: str = "brain-20x"
     # --- qOBM optics -----------------------------------------------------------------------
     pixel_size: float = 0.414  # µm/px in the sample (6.5 µm camera pixel / ~15.7x); 20x qOBM
+    # qOBM camera pixel when it is coarser than the simulation grid (the phase is imaged on that
+    # coarser grid and interpolated back; DAPI and labels stay on the grid). None = the grid
+    qobm_pixel_size: float | None = None
     wavelength_um: float = 0.72  # LED centre wavelength (720 nm; NIR for depth in tissue)
     na_objective: float = 0.40  # objective NA (20x/0.4)
     # illumination NA / objective NA (back-scattered light fills the pupil: σ ≈ 1)
@@ -469,6 +472,8 @@ def qobm_forward(
         raise ValueError(
             f"reconstruction must be 'tikhonov' or 'gradient', got {p.reconstruction!r}"
         )
+    if p.qobm_pixel_size is not None and p.qobm_pixel_size != p.pixel_size:
+        return _qobm_on_coarser_camera(phi, p, rng)
     htf = _half(qobm_transfer_functions(shape, p))  # (2, H, W//2+1), H = i*htf
     fphi = sfft.rfft2(phi)
     # modulation for +x and +y sources; the opposed sources have the mirrored (negated) WOTF
@@ -508,6 +513,33 @@ def qobm_forward(
         dpc=dpc[0].astype(np.float32),
         noise_std=float(np.std(phase - clean)),
     )
+
+
+def _qobm_on_coarser_camera(phi: np.ndarray, p: SimParams, rng) -> QobmOutput:
+    """qOBM with a camera pixel ``p.qobm_pixel_size`` coarser than the grid of ``phi``: the true
+    phase is resampled (anti-aliased) to the camera grid, imaged and reconstructed there, and the
+    phase is interpolated back (linear) to the grid. ``raw`` / ``dpc`` stay on the camera grid."""
+    from skimage.transform import resize
+
+    if p.qobm_pixel_size < p.pixel_size:
+        raise ValueError(
+            f"qobm_pixel_size ({p.qobm_pixel_size:g} µm) must not be finer than pixel_size "
+            f"({p.pixel_size:g} µm): simulate at the camera's pixel size instead"
+        )
+    h, w = phi.shape
+    hc = max(8, round(h * p.pixel_size / p.qobm_pixel_size))
+    wc = max(8, round(w * p.pixel_size / p.qobm_pixel_size))
+    cam = replace(p, pixel_size=h * p.pixel_size / hc, qobm_pixel_size=None)
+    out = qobm_forward(
+        resize(phi, (hc, wc), order=1, anti_aliasing=True, preserve_range=True), cam, rng
+    )
+
+    def up(a):
+        return resize(a, (h, w), order=1, preserve_range=True).astype(np.float32)
+
+    phase, clean = up(out.phase), up(out.phase_clean)
+    return QobmOutput(phase=phase, phase_clean=clean, raw=out.raw, dpc=out.dpc,
+                      noise_std=float(np.std(phase - clean)))  # fmt: skip
 
 
 def _gradient_model(htf: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
@@ -1421,10 +1453,12 @@ def simulate_training_pair(
     """One domain-randomised training field at the model's pixel size.
 
     Draws an instrument and tissue with :func:`sample_instrument` from
-    ``numpy.random.default_rng(seed)``, simulates it at its own (sampled) pixel size over the same
-    area, and resamples qOBM and DAPI (anti-aliased linear, scikit-image) and the labels (nearest)
-    to ``pixel_size``. ``params`` of the result records the instrument, with its native pixel
-    size; ``pixel_size`` is the output's. Deterministic per (seed, size, pixel_size).
+    ``numpy.random.default_rng(seed)``. A camera finer than ``pixel_size`` is simulated on its own
+    grid over the same area, then qOBM and DAPI are resampled (anti-aliased linear, scikit-image)
+    and the labels by nearest neighbour; a coarser one images only the phase on its grid
+    (``qobm_pixel_size``), interpolated back, while ground truth and DAPI stay at ``pixel_size``.
+    ``params`` records the instrument (camera pixel: ``qobm_pixel_size or pixel_size``);
+    ``pixel_size`` is the output's. Deterministic per (seed, size, pixel_size).
     """
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -1433,12 +1467,19 @@ def simulate_training_pair(
     H, W = _parse_size(size)
     rng = np.random.default_rng(int(seed))
     p = sample_instrument(rng)
-    # native grid over the same area; the native pixel is adjusted (< 0.5 px over the field) so
-    # the resampling factor is exact
+    scene_seed = int(rng.integers(2**31))
+    if p.pixel_size > pixel_size:
+        # a coarser qOBM camera: ground truth and DAPI stay on the model's grid (the DAPI is the
+        # output convention, not the instrument); only the phase is imaged on the camera grid
+        p = replace(p, qobm_pixel_size=p.pixel_size, pixel_size=float(pixel_size))
+        s = simulate_pair(p, size=(H, W), seed=scene_seed)
+        return replace(s, preset=RANDOM_PRESET, seed=int(seed))
+    # a finer camera: simulate on its grid over the same area (the native pixel is adjusted by
+    # < 0.5 px over the field so the resampling factor is exact), then resample everything
     hn = max(8, round(H * pixel_size / p.pixel_size))
     wn = max(8, round(W * pixel_size / p.pixel_size))
     p = replace(p, pixel_size=float(H * pixel_size / hn))
-    s = simulate_pair(p, size=(hn, wn), seed=int(rng.integers(2**31)))
+    s = simulate_pair(p, size=(hn, wn), seed=scene_seed)
     return _resample_sample(s, (H, W), pixel_size, preset=RANDOM_PRESET, seed=int(seed))
 
 
