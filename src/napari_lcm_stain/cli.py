@@ -91,9 +91,10 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import run_evaluate
+    from .evaluate import run_evaluate, run_instrument_suite
 
-    run_evaluate(
+    run = run_instrument_suite if a.suite == "instruments" else run_evaluate
+    run(
         json_path=a.json,
         n=a.n,
         size=a.size,
@@ -209,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("evaluate", help="score all models on the held-out simulated benchmark")
+    s.add_argument(
+        "--suite",
+        choices=["benchmark", "instruments"],
+        default="benchmark",
+        help="benchmark: the v1 benchmark; instruments: held-out instrument variants + in-domain",
+    )
     s.add_argument("--json", default=None)
-    s.add_argument("--n", type=int, default=None, help="number of benchmark fields")
+    s.add_argument("--n", type=int, default=None, help="number of fields (per variant)")
     s.add_argument("--size", type=int, default=None)
     s.add_argument("--device", **dev)
     s.add_argument("--quick", action="store_true", help="small subset, for smoke tests")
