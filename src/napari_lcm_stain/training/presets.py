@@ -67,6 +67,25 @@ PRESETS = {
         vae_crop=96,
         decoder_steps=3000,
         polish_steps=1500,
+        # instrument robustness: half the fields from fixed presets, half with a new instrument
+        # and tissue drawn per field (simulate.sample_instrument); robust input, augmentation
+        data_presets=("brain-20x", "tumour-dense-20x", "domain-random", "domain-random"),
+        n_fields=128,
+    ),
+    # The recipe of the weights packaged in session 3 (runs/v4, commit 458f38a): training-set
+    # mean/std input, the two fixed presets, no augmentation. Their configs were then given the
+    # robust normalisation by scripts/robust_norm_for_fixed.py.
+    "v4": TrainPreset(
+        name="v4",
+        latent_factor=8,
+        latent_channels=8,
+        unet_channels=(40, 80, 160),
+        vae_channels=48,
+        vae_crop=96,
+        decoder_steps=3000,
+        polish_steps=1500,
+        input_norm="fixed",
+        augment=False,
     ),
     # The default layout at about a quarter of its steps and half its fields (~15 min of stage
     # time on 2 cores): for ablations on validation seeds before a release training.
