@@ -110,6 +110,36 @@ def test_write_ome_tiff_roundtrip_is_atomic(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["w.ome.tif"]  # no temp file left
 
 
+@pytest.mark.parametrize("fallocate", [True, False], ids=["posix_fallocate", "zeros written"])
+def test_tiff_output_space_is_allocated_up_front(tmp_path, monkeypatch, fallocate):
+    """Issue 15 item 1: no sparse file filled through mmap (SIGBUS on a full disk)."""
+    import os
+
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    out = io.OutputImage(tmp_path / "a.ome.tif", (3, 256, 512), {"axes": "ZYX"})
+    st = os.stat(out.tmp)
+    assert st.st_blocks * 512 >= 3 * 256 * 512 * 4  # the data region has its disk blocks
+    out.array[1, 2, 3] = 7.0
+    assert out.commit() == tmp_path / "a.ome.tif"
+    a = np.asarray(io.read_image(tmp_path / "a.ome.tif")[0])
+    assert a.shape == (3, 256, 512) and a[1, 2, 3] == 7.0 and a.sum() == 7.0
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.ome.tif"]
+
+
+def test_reserve_reports_a_full_disk_as_oserror(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, offset, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        io.OutputImage(tmp_path / "a.ome.tif", (64, 64))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unsupported_axes_fall_back_to_default(tmp_path):
     p = io.write_image(tmp_path / "q.ome.tif", np.zeros((2, 8, 8)), {"axes": "QYX"})
     assert io.read_image(p)[1]["axes"] == "ZYX"
