@@ -692,7 +692,7 @@ def test_trailing_samples_axis_is_refused(capsys, tmp_path):
 
 
 def test_16_bit_camera_image_warns(capsys, tmp_path):
-    """Item 13: raw 0..65535 counts are clipped by the model: a note says so (once)."""
+    """Item 13: a 16-bit camera frame (0..65535) is not phase: a note says so (once)."""
     cam = (np.linspace(0, 65535, 48 * 64).reshape(48, 64)).astype(np.uint16)
     p = tmp_path / "cam.tif"
     tifffile.imwrite(p, cam)
@@ -701,8 +701,9 @@ def test_16_bit_camera_image_warns(capsys, tmp_path):
     assert out.count("raw camera counts") == 1 and "up to 65535 (uint16)" in out
     with pytest.warns(UserWarning, match="raw camera counts"):
         engine.stain(np.stack([cam, cam]), FakePredictor(), **KW)
-    res = drain(engine.iter_stain(blobs((32, 32)), FakePredictor(), **KW))
-    assert not any("camera" in w for w in res.info["warnings"])  # phase-like input: no note
+    for phase in (blobs((32, 32)), blobs((32, 32)) * 1000):  # radians, or float nm: no note
+        res = drain(engine.iter_stain(phase, FakePredictor(), **KW))
+        assert not any("camera" in w for w in res.info["warnings"])
 
 
 def test_batch_names_the_bad_file_and_goes_on(capsys, tmp_path):

@@ -26,7 +26,8 @@ PIXEL_SIZE_TOLERANCE = 0.01
 #: almost certainly wrong (a unit slip such as nm for µm), and would allocate gigabytes or shrink
 #: the image to a few pixels.
 RESCALE_RANGE = (0.125, 8.0)
-#: Largest |value| a qOBM phase image (radians) plausibly holds; beyond it, it looks like raw counts.
+#: Largest |value| a qOBM phase image in radians plausibly holds; an integer image beyond it may be
+#: a raw camera frame (intensity, not phase), which gets a note.
 PHASE_LIMIT = 100.0
 MAX_NDIM = 5
 
@@ -141,15 +142,18 @@ def rescale_factor(pixel_size, model_pixel_size, source: str = "pixel_size") -> 
 
 
 def _check_phase_range(plane: np.ndarray, where: str, notes: list[str]) -> None:
-    """Warn when values are far beyond a phase image's radians (e.g. a 16-bit camera frame)."""
+    """Note an integer image far beyond a phase image's radians: maybe a raw camera frame."""
+    if plane.dtype.kind not in "iu":
+        return
     lo, hi = float(plane.min()), float(plane.max())
     peak = hi if hi >= -lo else lo
     if abs(peak) <= PHASE_LIMIT:
         return
     msg = (
-        f"{where} has values up to {peak:.6g} ({plane.dtype}), beyond the ±{PHASE_LIMIT:g} of a "
-        "qOBM phase image in radians: it looks like raw camera counts, which the model clips, so "
-        "the stain is not meaningful; convert the image to phase (radians) first"
+        f"{where} has values up to {peak:.6g} ({plane.dtype}), far beyond the few radians of a "
+        "qOBM phase image: if these are raw camera counts (an intensity frame), the stain is not "
+        "meaningful, reconstruct the phase first; phase in other units (e.g. nm of optical path) "
+        "is fine for the packaged models, which normalise each plane by its own statistics"
     )
     notes.append(msg)
     warnings.warn(msg, stacklevel=3)
