@@ -617,6 +617,7 @@ def test_simulate_and_bench_refuse_to_overwrite(capsys, tmp_path):
     assert (sim / "000_dapi.ome.tif").read_bytes() == b"mine"
     assert cli.main([str(a) for a in [*args, "--overwrite"]]) == 0
     assert io.read_image(sim / "000_dapi.ome.tif")[0].shape == (16, 16)
+    assert sorted(os.listdir(sim)) == sorted(f"000_{k}" for k in cli.SIM_FILES)  # all checked
     js = tmp_path / "bench.json"
     js.write_text("{}")
     fails_cleanly(capsys, ["bench", "--json", js, "--size", "16", "--big", "0"],

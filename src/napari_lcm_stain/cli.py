@@ -26,6 +26,10 @@ def _on_sigterm(signum, frame):
     raise Terminated
 
 
+#: What `simulate.write_dataset` writes for pair i: f"{i:03d}_{name}" (a test keeps them in step).
+SIM_FILES = ("qobm.ome.tif", "dapi.ome.tif", "nuclei.ome.tif", "distractors.ome.tif", "meta.json")
+
+
 def _refuse_existing(paths, flag: str) -> None:
     """`--overwrite` is needed to replace files a command would write (as `stain` does)."""
     existing = [str(p) for p in paths if Path(p).exists()]
@@ -49,15 +53,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from .simulate import write_dataset
 
-    if not a.overwrite and a.n >= 1:  # the names write_dataset gives sample i
-        kinds = (
-            "qobm.ome.tif",
-            "dapi.ome.tif",
-            "nuclei.ome.tif",
-            "distractors.ome.tif",
-            "meta.json",
-        )
-        _refuse_existing([Path(a.out) / f"{i:03d}_{k}" for i in range(a.n) for k in kinds], "--out")
+    if not a.overwrite and a.n >= 1:
+        targets = [Path(a.out) / f"{i:03d}_{k}" for i in range(a.n) for k in SIM_FILES]
+        _refuse_existing(targets, "--out")
     paths = write_dataset(
         Path(a.out), preset=a.preset, n=a.n, size=a.size, seed=a.seed, z_planes=a.z_planes
     )
