@@ -253,3 +253,22 @@ def test_cli_stain_end_to_end(tmp_path, fake_model, capsys):
     np.testing.assert_array_equal(np.asarray(mean), ref)
     rc = cli.main(["stain", str(tmp_path / "in.ome.tif"), "-o", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_signals_wait_until_outputs_are_committed():
+    """Issue 15 item 3: Ctrl-C during the renames of a mean/_std pair arrives after them."""
+    import os
+    import signal
+    import threading
+
+    order = []
+    torch_like = threading.Thread(target=threading.Event().wait, args=(2,), daemon=True)
+    torch_like.start()  # another thread, which the kernel may pick to receive the signal
+    with pytest.raises(KeyboardInterrupt):
+        with io._signals_deferred():
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100000))  # bytecode for a pending handler to run at
+            order.append("block finished")
+    assert order == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

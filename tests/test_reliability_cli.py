@@ -604,6 +604,14 @@ def test_stale_temp_files_of_dead_runs_are_removed(capsys, tmp_path, good):
     assert "removed" in capsys.readouterr().out
     assert not stale.exists() and alive.exists() and other.exists()
     assert (out / "in_dapi.ome.tif").exists()
+    # a run killed while swapping outputs: its backup is the previous output
+    backup = out / f".in_dapi.ome.tif.old-{dead.pid}"
+    os.replace(out / "in_dapi.ome.tif", backup)
+    fails_cleanly(capsys, ["stain", good, "-o", out, *T], "in_dapi.ome.tif exists.*--overwrite")
+    assert (out / "in_dapi.ome.tif").exists() and not backup.exists()  # put back, not replaced
+    os.link(out / "in_dapi.ome.tif", backup)  # beside its output: a leftover, removed
+    assert cli.main(["stain", str(good), "-o", str(out), *T, "--overwrite"]) == 0
+    assert not backup.exists()
 
 
 def test_simulate_and_bench_refuse_to_overwrite(capsys, tmp_path):

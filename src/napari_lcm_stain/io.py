@@ -368,17 +368,28 @@ def _create_tiff(path: Path, shape, metadata, description) -> np.memmap:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT / SIGTERM back (main thread, POSIX) until the block has finished."""
-    sigs = {signal.SIGINT, getattr(signal, "SIGTERM", signal.SIGINT)}
-    can = (
-        hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    )
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if can else None
+    """Hold SIGINT / SIGTERM back until the block has finished, then deliver the first one.
+
+    Python runs signal handlers in the main thread only, so (unlike `pthread_sigmask`, which the
+    kernel bypasses by delivering to another thread, e.g. one of torch's) swapping the handlers
+    there defers them reliably. Elsewhere this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    old = {s: signal.getsignal(s) for s in sigs}
+    old = {s: h for s, h in old.items() if h is not None}  # None: set outside Python, leave it
+    for s in old:
+        signal.signal(s, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def commit_together(outputs) -> list[Path]:
@@ -771,18 +782,18 @@ def _model_label(model, info: dict, pred) -> str:
     return name
 
 
-def _check_targets(plan, files, samples: int, overwrite: bool) -> list[Path]:
-    targets = []
-    for o, _fmt in plan:
-        for t in [o] + ([_std_path(o)] if samples > 1 else []):
-            if any(_same_file(t, i) for i in files):
-                raise ValueError(f"output {t} is one of the inputs: choose another -o")
-            if t.exists() and not overwrite:
-                raise FileExistsError(
-                    f"{t} exists: pass --overwrite to replace it, or choose another -o"
-                )
-            targets.append(t)
-    return targets
+def _targets(plan, samples: int) -> list[Path]:
+    return [t for o, _fmt in plan for t in [o] + ([_std_path(o)] if samples > 1 else [])]
+
+
+def _check_targets(targets: list[Path], files: list[Path], overwrite: bool) -> None:
+    for t in targets:
+        if any(_same_file(t, i) for i in files):
+            raise ValueError(f"output {t} is one of the inputs: choose another -o")
+        if t.exists() and not overwrite:
+            raise FileExistsError(
+                f"{t} exists: pass --overwrite to replace it, or choose another -o"
+            )
 
 
 def stain_files(
@@ -819,14 +830,15 @@ def stain_files(
     notes: list[str] = []
     files = _expand_inputs(inputs, pattern, notes)
     plan = plan_outputs(files, Path(output), out_format)
-    targets = _check_targets(plan, files, samples, overwrite)
+    targets = _targets(plan, samples)
+    for t in remove_stale_temps(targets):  # first: a restored previous output needs --overwrite
+        notes.append(f"removed {t}, a temporary file left by a stopped run")
+    _check_targets(targets, files, overwrite)
     _check_params(tile, overlap, samples, seed, pixel_size, steps)
     pred = None if scheduler is not None else get_predictor(model, steps, device)
     if pred is not None:  # e.g. an overlap that leaves no stride: before any output exists
         side = 4 * (int(tile) + int(overlap) + int(pred.multiple))
         tiling.make_grid((side, side), pred.multiple, tile, overlap, tiling.model_context(pred))
-    for t in remove_stale_temps(targets):
-        notes.append(f"removed {t}, a temporary file left by a stopped run")
     for note in notes:
         say(f"note: {note}")
     Path(plan[0][0]).parent.mkdir(parents=True, exist_ok=True)
