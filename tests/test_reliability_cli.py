@@ -796,6 +796,8 @@ def test_wrote_line_names_the_checkpoint_and_the_wall_time(capsys, tmp_path, goo
     assert cli.main(["stain", str(good), "-o", str(out), "--model", str(ft), *T]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("wrote"))
     assert "(fine-tuned LCM-1 from ft.safetensors, 1 plane(s)" in line
+    with tifffile.TiffFile(out) as t:  # the provenance names the file too
+        assert str(ft.resolve()) in t.ome_metadata
     real = engine.get_predictor
 
     def slow(*a, **k):

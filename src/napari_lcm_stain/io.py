@@ -752,7 +752,8 @@ def _provenance(info: dict, source: Path, kind: str, samples: int) -> str:
         "version": __version__,
         "content": kind,
         "source": str(source),
-        **{k: info.get(k) for k in ("model", "steps", "seed", "samples", "tile", "overlap")},
+        **{k: info.get(k) for k in ("model", "checkpoint", "steps", "seed", "samples", "tile")},
+        "overlap": info.get("overlap"),
         **{k: info.get(k) for k in ("pixel_size", "model_pixel_size", "rescale", "warnings")},
     }
     if kind == "std":
@@ -774,12 +775,19 @@ class BatchError(ValueError):
 def _model_label(model, info: dict, pred) -> str:
     """'LCM-1' for a packaged model; 'fine-tuned LCM-1 from ft.safetensors' for a checkpoint."""
     name = info.get("model", "model")
-    if isinstance(model, (str, os.PathLike)) and str(model).lower() not in (
-        "lcm", "pix2pix", "teacher",
-    ):  # fmt: skip
+    if _checkpoint(model):
         tuned = "fine-tuned " if "finetune" in (getattr(pred, "config", None) or {}) else ""
         return f"{tuned}{name} from {Path(model).name}"
     return name
+
+
+def _checkpoint(model) -> str | None:
+    """The checkpoint file `model` names (None for a packaged name or a loaded predictor)."""
+    if isinstance(model, (str, os.PathLike)) and str(model).lower() not in (
+        "lcm", "pix2pix", "teacher",
+    ):  # fmt: skip
+        return str(Path(model).resolve())
+    return None
 
 
 def _targets(plan, samples: int) -> list[Path]:
@@ -851,6 +859,7 @@ def stain_files(
                 f, o, fmt, pred if pred is not None else model, bar,
                 steps=steps, tile=tile, overlap=overlap, device=device, seed=seed,
                 pixel_size=pixel_size, samples=samples, scheduler=scheduler,
+                checkpoint=_checkpoint(model),
             )  # fmt: skip
         except (ValueError, TypeError) as e:
             if len(files) == 1:
@@ -905,7 +914,8 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = drain(gen, None if bar is None else lambda ev, b=bar: b(*ev))
-            info = {**result.info, "warnings": meta["notes"] + result.info["warnings"]}
+            warned = meta["notes"] + result.info["warnings"]
+            info = {**result.info, "warnings": warned, "checkpoint": kw["checkpoint"]}
             for out, kind in zip(outs, ("mean", "std")):
                 _set_description(out, _provenance(info, f, kind, samples))
             return commit_together(outs), info
