@@ -768,7 +768,8 @@ def test_folder_skips_dapi_labels_and_outputs_with_a_note(capsys, tmp_path):
 
 def test_every_option_has_help_with_its_default():
     """Item 21: every option of every subcommand says what it does and its default."""
-    from napari_lcm_stain import simulate
+    from napari_lcm_stain import simulate, training
+    from napari_lcm_stain.training import presets  # noqa: F401 (training.presets)
 
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -781,8 +782,10 @@ def test_every_option_has_help_with_its_default():
             if act.required or isinstance(act, argparse._StoreTrueAction) or act.nargs == "+":
                 continue
             assert "default" in act.help, f"{name} {flag}: help does not give the default"
-    sim_help = subs.choices["simulate"].format_help()
-    assert all(p in sim_help for p in simulate.PRESETS)
+    assert sorted(cli.SIM_PRESETS) == sorted(simulate.PRESETS)
+    assert sorted(cli.TRAIN_PRESETS) == sorted(training.presets.PRESETS)
+    assert all(p in subs.choices["simulate"].format_help() for p in simulate.PRESETS)
+    assert all(p in subs.choices["train"].format_help() for p in training.presets.PRESETS)
     ev = " ".join(subs.choices["evaluate"].format_help().split())
     assert re.search(r"default run .* takes about .* on a CPU \(\d+ s for", ev)
     stain_help = " ".join(subs.choices["stain"].format_help().split())

@@ -144,9 +144,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-#: Simulator presets, listed in `simulate --help` (tests check this against simulate.PRESETS,
-#: which is not imported here so that `--help` stays instant).
+#: Simulator and training presets, listed in `--help` (tests check them against simulate.PRESETS
+#: and training.presets.PRESETS, which are not imported here so that `--help` stays instant).
 SIM_PRESETS = ("brain-20x", "brain-60x", "shifted-20x", "tumour-dense-20x")
+TRAIN_PRESETS = ("default", "small", "tiny")
 D = " (default: %(default)s)"
 
 
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train VAE -> decoder -> teacher -> LCM distillation -> decoder polish -> Pix2Pix",
     )
-    s.add_argument("--preset", default="default", help="training preset: default | tiny" + D)
+    s.add_argument(
+        "--preset", default="default", help=f"training preset: {' | '.join(TRAIN_PRESETS)}" + D
+    )
     s.add_argument("--out", required=True, help="run folder (resumed if it exists) (required)")
     s.add_argument("--seed", **seed)
     s.add_argument(
