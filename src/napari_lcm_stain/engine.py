@@ -23,6 +23,13 @@ from .device import auto_batch
 
 #: Relative pixel-size mismatch below which we do not rescale (1 %).
 PIXEL_SIZE_TOLERANCE = 0.01
+#: Accepted rescale factors (input µm/px divided by the model's): 1/8 to 8. Beyond them the value is
+#: almost certainly wrong (a unit slip such as nm for µm), and would allocate gigabytes or shrink
+#: the image to a few pixels.
+RESCALE_RANGE = (0.125, 8.0)
+#: Largest |value| a qOBM phase image in radians plausibly holds; an integer image beyond it may be
+#: a raw camera frame (intensity, not phase), which gets a note.
+PHASE_LIMIT = 100.0
 MAX_NDIM = 5
 
 
@@ -112,6 +119,45 @@ def _check_params(tile, overlap, samples, seed, pixel_size, steps):
             raise ValueError(f"pixel_size must be a positive number of µm/px, got {pixel_size!r}")
         return ps
     return None
+
+
+def rescale_factor(pixel_size, model_pixel_size, source: str = "pixel_size") -> float:
+    """Input / model pixel-size ratio (1.0 within 1 % or when either is unknown).
+
+    A ratio outside `RESCALE_RANGE` is refused; `source` says where the value came from (a flag,
+    the file's metadata, the layer scale) so the message can name it.
+    """
+    if pixel_size is None or not model_pixel_size:
+        return 1.0
+    scale = float(pixel_size) / float(model_pixel_size)
+    if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
+        return 1.0
+    lo, hi = RESCALE_RANGE
+    if not lo <= scale <= hi:
+        raise ValueError(
+            f"pixel size {float(pixel_size):g} µm/px (from {source}) is {scale:.3g} times the "
+            f"model's {float(model_pixel_size):g} µm/px, outside the supported {lo:g}-{hi:g}: "
+            "check the value and its unit (µm per pixel, not nm or mm)"
+        )
+    return scale
+
+
+def _check_phase_range(plane: np.ndarray, where: str, notes: list[str]) -> None:
+    """Note an integer image far beyond a phase image's radians: maybe a raw camera frame."""
+    if plane.dtype.kind not in "iu":
+        return
+    lo, hi = float(plane.min()), float(plane.max())
+    peak = hi if hi >= -lo else lo
+    if abs(peak) <= PHASE_LIMIT:
+        return
+    msg = (
+        f"{where} has values up to {peak:.6g} ({plane.dtype}), far beyond the few radians of a "
+        "qOBM phase image: if these are raw camera counts (an intensity frame), the stain is not "
+        "meaningful, reconstruct the phase first; phase in other units (e.g. nm of optical path) "
+        "is fine for the packaged models, which normalise each plane by its own statistics"
+    )
+    notes.append(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def _is_predictor(obj) -> bool:
@@ -243,6 +289,7 @@ def iter_stain(
     scheduler=None,
     loader: Callable[[], object] | None = None,
     context: int | None = None,
+    pixel_size_source: str = "pixel_size",
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -258,6 +305,8 @@ def iter_stain(
     `loader` (picklable, zero-arg) lets workers build the predictor instead of receiving it.
     `context`: input-only margin (px) around each tile; None = the model's receptive-field
     radius (`tiling.model_context`), so tiled output matches whole-image output.
+    `pixel_size_source`: where `pixel_size` came from, named in the message when its rescale
+    factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
@@ -269,11 +318,7 @@ def iter_stain(
     notes: list[str] = []
 
     model_px = getattr(pred, "pixel_size", None)
-    scale = 1.0
-    if px is not None and model_px:
-        scale = px / float(model_px)
-        if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
-            scale = 1.0
+    scale = rescale_factor(px, model_px, pixel_size_source)
     work = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
     if scale != 1.0:
         notes.append(
@@ -317,6 +362,7 @@ def iter_stain(
     noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
     clip = (0.0, 1.0)
     done = 0
+    range_noted = False
     try:
         yield done, total
         for idx in np.ndindex(*lead) if lead else [()]:
@@ -328,6 +374,10 @@ def iter_stain(
             if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
+            if not range_noted:
+                n_notes = len(notes)
+                _check_phase_range(plane, where, notes)
+                range_noted = len(notes) > n_notes  # one note per image, not one per plane
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
             stats, transform = _plane_normalizer(pred, plane, where, notes)
