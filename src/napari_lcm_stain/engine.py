@@ -23,6 +23,8 @@ from ._version import __version__
 #: Relative pixel-size mismatch below which we do not rescale (1 %).
 PIXEL_SIZE_TOLERANCE = 0.01
 MAX_NDIM = 5
+#: Seeds torch's generator accepts (a signed or unsigned 64-bit integer).
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -53,6 +55,10 @@ def validate_image(image):
         )
     if image is None:
         raise TypeError("stain() needs an image array, got None")
+    if type(image).__module__.split(".")[0] == "torch" and hasattr(image, "detach"):
+        image = image.detach().cpu()  # a tensor that requires grad cannot become numpy
+    if isinstance(image, np.ma.MaskedArray):
+        image = _unmask(image)
     arr = image if _is_lazy(image) else np.asarray(image)
     try:
         dtype = np.dtype(arr.dtype)
@@ -90,12 +96,35 @@ def validate_image(image):
     return arr
 
 
+def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
+    """A masked array's masked pixels become NaN in a float copy, so they are filled like NaN
+    pixels (the plane's finite median) instead of being stained from their hidden values."""
+    mask = np.ma.getmaskarray(image)
+    if not mask.any():
+        return np.ma.getdata(image)
+    if image.dtype.kind not in "biuf":
+        return np.ma.getdata(image)  # validate_image names the bad dtype
+    dtype = np.float64 if image.dtype.itemsize > 4 else np.float32
+    warnings.warn(
+        f"masked array: its {int(mask.sum())} masked pixels are treated as missing (filled with "
+        "the plane's finite median before staining); the result is a plain array",
+        stacklevel=4,
+    )
+    return np.ma.filled(image.astype(dtype), np.nan)
+
+
 def _check_params(tile, overlap, samples, seed, pixel_size, steps):
     for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0), ("samples", samples, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    lo, hi = SEED_RANGE
+    if not lo <= int(seed) <= hi - (int(samples) - 1):
+        raise ValueError(
+            f"seed {seed} is out of range: use an integer from {lo} to {hi} (with samples=K, "
+            "seed+K-1 must be in range too), e.g. seed % 2**32"
+        )
     if steps is not None and (
         isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
     ):
@@ -285,6 +314,11 @@ def iter_stain(
     for name, o in (("out", mean_out), ("out_std", std_out)):
         if o is not None and tuple(o.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(o.shape)}, expected the input's {shape}")
+        if o is not None and np.dtype(o.dtype).kind != "f":
+            raise ValueError(
+                f"{name} has dtype {np.dtype(o.dtype)}: the stain is a 0-1 float, so an integer "
+                "or bool output would hold only 0 and 1; allocate it as float32"
+            )
 
     if scheduler is not None:
         compute, close = _scheduler_context(scheduler)
