@@ -404,6 +404,28 @@ def test_determinism_on_cpu_is_bit_identical():
     assert np.abs(a - stain(img, REAL, device="cpu", seed=8)).max() > 1e-4
 
 
+#: docs/engine.md "Reproducibility" states this bound for different torch thread counts.
+THREAD_TOLERANCE = "1e-5"
+
+
+@needs_real
+def test_thread_count_changes_the_stain_by_less_than_the_stated_tolerance():
+    from pathlib import Path
+
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "engine.md").read_text().split())
+    assert f"agrees within **{THREAD_TOLERANCE}** absolute" in doc
+    img = blobs((2, 96, 80)) * 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stain(img, REAL, device="cpu", seed=3)
+        torch.set_num_threads(2)
+        two = stain(img, REAL, device="cpu", seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(one - two).max() <= float(THREAD_TOLERANCE)
+
+
 # ------------------------------------------------------------------------------ documentation
 
 ERROR_TYPES = {
