@@ -30,7 +30,6 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 PACKAGED = {"lcm": "lcm", "teacher": "teacher", "pix2pix": "pix2pix"}
 HASH_FILE = "SHA256SUMS.json"
 WEIGHTS_HASH_KEY = "weights_sha256"
-STAIN_KINDS = ("lcm", "teacher", "pix2pix")
 
 
 class CheckpointError(ValueError):
