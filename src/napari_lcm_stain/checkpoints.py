@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,14 +97,17 @@ class _PixelConfig(_Config):
 
 
 _SCHEMAS = {"lcm": _LatentConfig, "teacher": _LatentConfig, "pix2pix": _PixelConfig}
+_JSON_TYPES = {list: "an array", type(None): "null", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number"}  # fmt: skip
 
 
 def validate_config(config, where: Path) -> dict:
     """Check a checkpoint config's structure; a `CheckpointError` names the first bad field."""
     if not isinstance(config, dict):
+        got = _JSON_TYPES.get(type(config), type(config).__name__)
         raise CheckpointError(
-            f"config {where} must be a JSON object {{...}}, got {type(config).__name__}: restore "
-            "the .json saved with the checkpoint"
+            f"config {where} must be a JSON object {{...}}, got {got}: restore the .json saved "
+            "with the checkpoint"
         )
     schema = _SCHEMAS.get(config.get("kind"), _Config)
     try:
@@ -111,9 +115,14 @@ def validate_config(config, where: Path) -> dict:
     except ValidationError as e:
         err = e.errors()[0]
         field_name = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] in ("model_type", "dict_type"):  # not the name of our pydantic class
+            msg = "Input should be a JSON object {...}"
+        if err["type"] != "missing":
+            msg += f", got {reprlib.repr(err['input'])}"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise CheckpointError(
-            f"config {where} is not a valid checkpoint config: {field_name}: {err['msg']}{more}; "
+            f"config {where} is not a valid checkpoint config: {field_name}: {msg}{more}; "
             "restore the .json saved with the checkpoint or re-export it"
         ) from None
     return config
