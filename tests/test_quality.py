@@ -13,8 +13,10 @@ pytestmark = pytest.mark.slow
 
 def test_packaged_weights_verified_and_provenanced():
     hashes = ck.packaged_hashes()
-    assert set(hashes) == {"lcm.safetensors", "teacher.safetensors", "pix2pix.safetensors"}
-    for name in ("lcm", "teacher", "pix2pix"):
+    # the tensors and their configs (an edited lcm.json is refused too)
+    names = ("lcm", "teacher", "pix2pix")
+    assert set(hashes) == {f"{n}{ext}" for n in names for ext in (".safetensors", ".json")}
+    for name in names:
         cfg = ck.load_packaged(name).config
         assert cfg["provenance"]["preset"]["name"] == "default"
         assert "command" in cfg["provenance"] and cfg["pixel_size"] == pytest.approx(0.414)
