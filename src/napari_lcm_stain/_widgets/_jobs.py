@@ -8,10 +8,13 @@ way every failure reaches the user as a message.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,8 @@ class StainOutcome:
     devices: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # engine remarks (e.g. rescaled pixel size)
     seconds: float = 0.0
+    #: (role, label) -> what the writer stores with that layer (see `provenance`)
+    provenance: dict[tuple[str, str], dict] = field(default_factory=dict)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -94,6 +99,32 @@ def get_predictor(cache: dict, model: Any, steps: int | None, device: str) -> An
     return cache[key]
 
 
+def checkpoint_identity(model: Any, cache: dict) -> tuple[str | None, str | None]:
+    """(checkpoint file, its SHA-256) of a model; (None, None) for an in-memory model."""
+    from napari_lcm_stain import checkpoints
+
+    if isinstance(model, str) and model.lower() in checkpoints.PACKAGED:
+        path = checkpoints.packaged_path(model.lower())
+        return path.name, checkpoints.packaged_hashes().get(path.name)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        key = ("sha256", str(path.resolve()))
+        if key not in cache and path.is_file():
+            cache[key] = checkpoints.sha256(path)
+        return str(path), cache.get(key)
+    return None, None  # e.g. a fine-tuned model not saved yet
+
+
+def provenance(info: dict, model: Any, source: str, kind: str, cache: dict) -> dict:
+    """Model, checkpoint and hash, steps, seed, pixel size, version: stored with the layer and
+    written into OME metadata by the plugin's writer."""
+    from napari_lcm_stain.io import _provenance
+
+    prov = json.loads(_provenance(info, source, kind, int(info.get("samples") or 1)))
+    prov["checkpoint"], prov["checkpoint_sha256"] = checkpoint_identity(model, cache)
+    return prov
+
+
 def _planes(a: np.ndarray) -> Iterator[tuple[int, ...]]:
     yield from np.ndindex(*a.shape[:-2]) if a.ndim > 2 else iter([()])
 
@@ -110,6 +141,7 @@ def stain_job(
     truth: Any,
     truth_labels: Any,
     cache: dict,
+    source: str = "",
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
     """Stain ``image`` with each job's model; with ``truth``, score each output against it."""
     try:
@@ -137,9 +169,17 @@ def stain_job(
             offset += total
             mean = np.asarray(result.mean, dtype=np.float32)
             out.outputs.append((job.role, job.label, mean))
+            info = getattr(result, "info", None)
+            if isinstance(info, dict):
+                out.provenance[(job.role, job.label)] = provenance(
+                    info, job.model, source, "mean", cache
+                )
             if job.samples > 1 and result.std is not None:
                 out.outputs.append(("uncertainty", job.label, np.asarray(result.std, np.float32)))
-            info = getattr(result, "info", None)
+                if isinstance(info, dict):
+                    out.provenance[("uncertainty", job.label)] = provenance(
+                        info, job.model, source, "std", cache
+                    )
             for note in info.get("warnings", []) if isinstance(info, dict) else []:
                 if note not in out.notes:
                     out.notes.append(str(note))

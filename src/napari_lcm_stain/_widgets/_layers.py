@@ -144,23 +144,27 @@ def base_data(layer: Layer) -> Any:
 
 
 def layer_pixel_size(layer: Layer) -> float | None:
-    """µm per pixel of a layer if known: metadata 'pixel_size(_um)', else a length-unit scale.
+    """µm per pixel of a layer if known: metadata 'pixel_size(_um)', else a length-unit scale."""
+    return pixel_size_of(layer.metadata, layer.scale, getattr(layer, "units", None))
+
+
+def pixel_size_of(metadata: Any, scale: Any, units: Any) -> float | None:
+    """µm per pixel from a layer's metadata, scale and units (the state a napari writer gets).
 
     A scale of 1 in 'pixel' units (napari's default) says nothing, so None lets the model assume
     its training pixel size.
     """
-    md = layer.metadata if isinstance(layer.metadata, dict) else {}
+    md = metadata if isinstance(metadata, dict) else {}
     for key in ("pixel_size", "pixel_size_um"):
         meta = md.get(key)
         if isinstance(meta, (int, float)) and not isinstance(meta, bool):
             if np.isfinite(meta) and meta > 0:
                 return float(meta)
-    units = getattr(layer, "units", None)
     if units:
         unit = str(units[-1]).lower()
         factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(unit)
         if factor is not None:
-            return float(layer.scale[-1]) * factor
+            return float(scale[-1]) * factor
     return None
 
 
@@ -213,6 +217,7 @@ def upsert_output(
     translate: tuple[float, ...],
     units: tuple[Any, ...] | None,
     plane: tuple[int, ...] = (),
+    provenance: dict | None = None,
 ) -> Image:
     """Add an output layer, or replace the data of the plugin's previous one in place.
 
@@ -222,6 +227,8 @@ def upsert_output(
     scale, translate = tuple(scale)[-nd:], tuple(translate)[-nd:]
     units = tuple(units)[-nd:] if units else None
     meta = {"source": source, "role": role, "label": label, "plane": list(plane)}
+    if provenance:
+        meta["provenance"] = provenance
     if role == ROLE_UNCERTAINTY:
         hi = float(np.percentile(data, 99.5)) if data.size else 0.0
         style = {"colormap": "magma", "contrast_limits": (0.0, max(hi, 1e-3))}

@@ -449,6 +449,7 @@ class StainWidget(QWidget):
             truth=truth,
             truth_labels=labels,
             cache=self._cache,
+            source=source.name,
             _start_thread=False,
         )
         worker.yielded.connect(self._on_progress)
@@ -534,6 +535,7 @@ class StainWidget(QWidget):
                 translate=info["translate"],
                 units=info["units"],
                 plane=info["plane"],
+                provenance=outcome.provenance.get((role, label)),
             )
         self.last_outcome = outcome
         self._shown_plane = info["plane"] if self._follow else None
