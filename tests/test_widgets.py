@@ -245,6 +245,36 @@ def test_picker_offers_single_channel_images_and_explains_the_rest(make_napari_v
     viewer.window.remove_dock_widget(_dock)
 
 
+def test_qobm_picker_follows_the_layer_selection_until_picked_by_hand(make_napari_viewer, models):
+    viewer = make_napari_viewer()
+    img = np.zeros((32, 32), np.float32)
+    a = viewer.add_image(img, name="field A phase")
+    b = viewer.add_image(img, name="field B phase")
+    dapi = viewer.add_image(img, name="DAPI")
+    widget = _stain_dock(viewer)
+    combo = widget.layer_combo
+    viewer.layers.selection.active = b
+    assert combo.layer() == b
+    viewer.layers.selection.active = a
+    assert combo.layer() == a
+    viewer.layers.selection.active = dapi  # a DAPI-named layer is never the qOBM by itself
+    assert combo.layer() == a
+    labels = viewer.add_labels(np.zeros((32, 32), np.int32), name="cells")
+    viewer.layers.selection.active = labels  # not offered: nothing changes
+    assert combo.layer() == a
+    c = viewer.add_image(img, name="field C phase")  # a layer just added does not take over
+    assert combo.layer() == a
+    viewer.layers.selection.active = b  # ... until the user selects layers
+    viewer.layers.selection.active = c
+    assert combo.layer() == c
+
+    index = combo.findData("field B phase")  # picked by hand: the selection no longer moves it
+    combo.setCurrentIndex(index)
+    combo.activated.emit(index)
+    viewer.layers.selection.active = a
+    assert combo.layer() == b
+
+
 def test_cancel_mid_run_leaves_no_layer_and_idle_ui(make_napari_viewer, qtbot, slow_models):
     viewer = make_napari_viewer()
     _field(viewer, size=256, with_truth=False)

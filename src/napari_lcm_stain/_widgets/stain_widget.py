@@ -126,9 +126,14 @@ class StainWidget(QWidget):
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
 
         self.layer_combo = LayerCombo(
-            self.viewer, default=lambda: default_qobm(self.viewer.layers, self._active_layer())
+            self.viewer,
+            default=lambda: default_qobm(self.viewer.layers, self._active_layer()),
+            follow_selection=True,
         )
-        self.layer_combo.setToolTip("Single-channel qOBM phase image to stain.")
+        self.layer_combo.setToolTip(
+            "Single-channel qOBM phase image to stain. Follows the layer selected in the layer "
+            "list until you pick one here."
+        )
         form.addRow("qOBM layer", self.layer_combo)
         self.layer_note = QLabel()
         self.layer_note.setWordWrap(True)
