@@ -375,3 +375,22 @@ def test_bad_ground_truth_skips_metrics_but_keeps_outputs(monkeypatch):
     assert out.metrics == {}
     assert len(out.notes) == 1 and out.notes[0].startswith("metrics for LCM skipped: ")
     assert "NaN" in out.notes[0]
+
+
+def test_docks_share_the_base_and_not_each_others_privates():
+    import ast
+    from pathlib import Path
+
+    from napari_lcm_stain._widgets import _base, finetune_widget, stain_widget
+
+    for dock in (stain_widget.StainWidget, finetune_widget.FinetuneWidget):
+        assert issubclass(dock, _base.DockBase)
+    tree = ast.parse(Path(finetune_widget.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert (
+        "stain_widget" not in imported and "napari_lcm_stain._widgets.stain_widget" not in imported
+    )
+    # the side-by-side grid lives in its own module, not in the Stain dock
+    assert not hasattr(stain_widget.StainWidget, "_apply_grid")
