@@ -422,6 +422,119 @@ def test_open_sample_and_stain(make_napari_viewer, qtbot, models):
     np.testing.assert_allclose(out.scale, q.scale)
 
 
+# ----------------------------------------------------------------------------- live staining
+
+
+def _frames(n=20, size=64):
+    s = simulate_pair("brain-20x", size=size, seed=4, z_planes=n)
+    return s.qobm.astype(np.float32)
+
+
+def _append_by_timer(qtbot, layer, frames, interval_ms):
+    """Append the frames to ``layer`` one by one from a QTimer, as an acquisition would."""
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.setInterval(interval_ms)
+
+    def append():
+        n = layer.data.shape[0]
+        if n >= len(frames):
+            timer.stop()
+            return
+        layer.data = np.concatenate([layer.data, frames[n][None]])
+
+    timer.timeout.connect(append)
+    timer.start()
+    qtbot.waitUntil(lambda: layer.data.shape[0] == len(frames), timeout=TIMEOUT)
+    return timer
+
+
+def _check_live_keys(live, n_frames):
+    """Every frame stained or counted as skipped, newest-first order, none twice, last stained."""
+    keys = live.stained
+    assert len(set(keys)) == len(keys), keys  # none twice
+    indices = [k[0] for k in keys]
+    assert indices == sorted(indices) and indices[-1] == n_frames - 1
+    assert len(keys) + live.skipped == n_frames, (keys, live.skipped)
+
+
+def test_live_stains_appended_frames_with_the_engine(make_napari_viewer, qtbot, models):
+    from napari_lcm_stain.engine import stain
+
+    frames = _frames()
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[:1], name="live phase", scale=(1, 0.4, 0.4))
+    widget = _stain_dock(viewer)
+    widget.seed_spin.setValue(3)
+    predictor = _jobs.get_predictor(widget._cache, "lcm", 1, "auto")  # loaded before frames come
+    widget.live_button.click()
+    assert widget.is_running and not widget.stain_button.isEnabled()
+    live = widget.live
+    qtbot.waitUntil(lambda: live.stained == [(0, 0)], timeout=TIMEOUT)  # the frame already there
+    _append_by_timer(qtbot, layer, frames, interval_ms=40)
+    qtbot.waitUntil(lambda: bool(live.stained) and live.stained[-1][0] == 19, timeout=TIMEOUT)
+    widget.live_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.stain_button.isEnabled() and widget.last_error is None, widget.last_error
+
+    _check_live_keys(live, 20)
+    shown = viewer.layers["live phase · DAPI live (LCM)"]
+    stack = viewer.layers["live phase · DAPI live stack (LCM)"]
+    assert shown.data.shape == (64, 64) and stack.data.shape == (len(live.stained), 64, 64)
+    np.testing.assert_array_equal(stack.data[-1], shown.data)
+    np.testing.assert_allclose(shown.scale, (0.4, 0.4))
+    assert shown.metadata[PLUGIN_KEY]["provenance"]["frame"] == [19, 0]
+    # the staining is the core engine's, with the dock's settings
+    expected = stain(frames[19], predictor, 1, 128, 16, "auto", seed=3, pixel_size=None)
+    np.testing.assert_allclose(shown.data, expected, atol=1e-5)
+    # frames/s and latency are shown
+    text = widget.live_label.text()
+    assert f"{len(live.stained)} stained, {live.skipped} skipped" in text
+    assert "frames/s" in text and "latency" in text and live.latency > 0
+    np.testing.assert_array_equal(layer.data, frames)  # the input is never touched
+
+
+def test_live_falls_behind_skips_to_the_newest_frame(make_napari_viewer, qtbot, monkeypatch):
+    slow = TinyPredictor("lcm", stochastic=True, delay=0.25)  # slower than the frames come
+    monkeypatch.setattr(_jobs, "get_predictor", lambda *_a: slow)
+    frames = _frames()
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[:1], name="live phase")
+    widget = _stain_dock(viewer)
+    worker = widget.set_live(True)
+    assert worker is not None and widget.live_button.isChecked()
+    live = widget.live
+    _append_by_timer(qtbot, layer, frames, interval_ms=10)
+    qtbot.waitUntil(lambda: bool(live.stained) and live.stained[-1][0] == 19, timeout=TIMEOUT)
+    widget.cancel_button.click()  # Cancel stops live staining too
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert not widget.live_button.isChecked()
+    _check_live_keys(live, 20)
+    assert live.skipped > 0 and len(live.stained) < 20
+    assert "Live staining stopped" in widget.status.text()
+
+
+def test_live_on_a_2d_layer_stains_each_replacement(make_napari_viewer, qtbot, models):
+    frames = _frames(n=3)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[0], name="camera phase")
+    widget = _stain_dock(viewer)
+    widget.set_live(True)
+    live = widget.live
+    qtbot.waitUntil(lambda: len(live.stained) == 1, timeout=TIMEOUT)
+    for i in (1, 2):
+        layer.data = frames[i]
+        qtbot.waitUntil(lambda i=i: len(live.stained) == i + 1, timeout=TIMEOUT)
+    widget.set_live(False)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert live.stained == [(0, 1), (0, 2), (0, 3)] and live.skipped == 0
+    assert viewer.layers["camera phase · DAPI live stack (LCM)"].data.shape == (3, 64, 64)
+    layer.data = frames[0]  # after stopping, changes are no longer followed
+    qtbot.wait(200)
+    assert len(live.stained) == 3
+
+
 # ----------------------------------------------------------------------------- fine-tune dock
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -275,3 +276,89 @@ def _finite(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if np.isfinite(v) else None
+
+
+# ----------------------------------------------------------------------------- live staining
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """A frame to stain: its key (frame index, revision), pixels, and when it arrived."""
+
+    key: tuple[int, int]
+    data: Any
+    arrived: float
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    frame: LiveFrame
+    dapi: np.ndarray
+    seconds: float  # staining only
+    provenance: dict
+
+
+class LatestFrame:
+    """A one-slot mailbox between the UI and the live worker: the newest frame wins.
+
+    `put` replaces a frame the worker has not taken yet (that frame counts as skipped); `take`
+    waits for a frame. So a worker that falls behind always jumps to the newest frame.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: LiveFrame | None = None
+        self.skipped = 0
+
+    def put(self, frame: LiveFrame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.skipped += 1
+            self._frame = frame
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> LiveFrame | None:
+        with self._cond:
+            if self._frame is None:
+                self._cond.wait(timeout)
+            frame, self._frame = self._frame, None
+            return frame
+
+
+def live_job(
+    mailbox: LatestFrame,
+    stop: threading.Event,
+    *,
+    model: Any,
+    steps: int | None,
+    tile: int,
+    overlap: int,
+    device: str,
+    seed: int,
+    pixel_size: float | None,
+    cache: dict,
+    source: str = "",
+) -> Generator[LiveResult, None, JobFailure | None]:
+    """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
+    try:
+        from napari_lcm_stain._drain import drain
+        from napari_lcm_stain.engine import iter_stain
+
+        predictor = get_predictor(cache, model, steps, device)
+        while not stop.is_set():
+            frame = mailbox.take(timeout=0.05)
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            result = drain(
+                iter_stain(frame.data, predictor, steps, tile, overlap, device, seed, pixel_size)
+            )
+            prov = provenance(result.info, model, source, "mean", cache)
+            prov["frame"] = list(frame.key)
+            yield LiveResult(
+                frame, np.asarray(result.mean, np.float32), time.perf_counter() - t0, prov
+            )
+        return None
+    except Exception as exc:  # noqa: BLE001 - see module doc
+        logger.exception("live staining failed")
+        return JobFailure(failure_message(exc))

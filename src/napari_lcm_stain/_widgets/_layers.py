@@ -32,6 +32,8 @@ DAPI_COLORMAP = Colormap(
 ROLE_STAIN = "stain"
 ROLE_PIX2PIX = "pix2pix"
 ROLE_UNCERTAINTY = "uncertainty"
+ROLE_LIVE = "live"  # live staining: the newest stained frame
+ROLE_LIVE_STACK = "live stack"  # live staining: the stained frames in order
 
 _QOBM_HINT = re.compile(r"qobm|phase|oblique|label.?free", re.IGNORECASE)
 _DAPI_HINT = re.compile(r"dapi|hoechst|nuclear stain|fluor", re.IGNORECASE)
@@ -184,6 +186,8 @@ def output_name(source: str, role: str, label: str) -> str:
         return f"{source} · DAPI (Pix2Pix)"
     if role == ROLE_UNCERTAINTY:
         return f"{source} · uncertainty" + ("" if label == "LCM" else f" ({label})")
+    if role in (ROLE_LIVE, ROLE_LIVE_STACK):
+        return f"{source} · DAPI {role} ({label})"
     return f"{source} · DAPI ({label})"
 
 

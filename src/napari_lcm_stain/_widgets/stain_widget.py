@@ -35,6 +35,7 @@ from ._layers import (
     same_layer,
     upsert_output,
 )
+from ._live import LiveStain
 from ._qt_helpers import LayerCombo, fit_table_height
 
 
@@ -175,6 +176,17 @@ class StainWidget(DockBase):
             "Stain layer", self.run, tip="Run the virtual stain (in the background)."
         )
         self.cancel_button = ui.button("Cancel", self.cancel, enabled=False)
+        self.live_button = ui.button(
+            "Live",
+            lambda: None,
+            tip="Stain each new frame of the qOBM layer as it arrives (frames appended along its "
+            "first axis, or its data replaced), in the background with the model and settings "
+            "above. When staining falls behind it jumps to the newest frame.",
+        )
+        self.live_button.setCheckable(True)
+        self.live_button.toggled.connect(self.set_live)
+        self.live_label = ui.note_label()
+        self.live: LiveStain | None = None
         self.status.setText("Ready.")
 
         self.grid_button = ui.button(
@@ -196,6 +208,7 @@ class StainWidget(DockBase):
             form,
             self.advanced,
             ui.row((self.stain_button, 2), (self.cancel_button, 1)),
+            ui.row(self.live_button, (self.live_label, 1)),
             self.status,
             self.grid_button,
             self.metrics_table,
@@ -305,8 +318,8 @@ class StainWidget(DockBase):
         return float(value) if value > 0 else layer_pixel_size(layer)
 
     # ------------------------------------------------------------------ running
-    def run(self, plane_only: bool | None = None) -> Any:
-        """Start staining the chosen layer; returns the worker (None if nothing was started)."""
+    def _source_to_stain(self) -> Layer | None:
+        """The qOBM layer, or None (with a message) when nothing can start now."""
         if self.is_running:
             show_info("A staining run is already going; cancel it first.")
             return None
@@ -316,6 +329,22 @@ class StainWidget(DockBase):
                 "No qOBM layer to stain: add a single-channel image layer "
                 "(or File > Open Sample > LCM Virtual Stain)."
             )
+        return source
+
+    def _engine_settings(self, source: Layer) -> dict[str, Any]:
+        return {
+            "tile": self.tile_spin.value(),
+            "overlap": self.overlap_spin.value(),
+            "device": self.device_combo.currentData(),
+            "seed": self.seed_spin.value(),
+            "pixel_size": self._pixel_size(source),
+            "cache": self._cache,
+        }
+
+    def run(self, plane_only: bool | None = None) -> Any:
+        """Start staining the chosen layer; returns the worker (None if nothing was started)."""
+        source = self._source_to_stain()
+        if source is None:
             return None
         if plane_only is None:
             plane_only = self.plane_check.isChecked()
@@ -355,15 +384,10 @@ class StainWidget(DockBase):
             on_yield=self._on_progress,
             on_return=self._on_returned,
             on_abort=self._on_aborted,
-            tile=self.tile_spin.value(),
-            overlap=self.overlap_spin.value(),
-            device=self.device_combo.currentData(),
-            seed=self.seed_spin.value(),
-            pixel_size=self._pixel_size(source),
             truth=truth,
             truth_labels=labels,
-            cache=self._cache,
             source=source.name,
+            **self._engine_settings(source),
         )
         self._cancelled = False
         self.status.setText(f"Staining '{source.name}'{where}…")
@@ -395,6 +419,9 @@ class StainWidget(DockBase):
         """Stop the running worker after its current tile; nothing is added to the viewer."""
         worker = self._job.get("worker")
         if worker is None:
+            return
+        if self.live_button.isChecked():
+            self.live_button.setChecked(False)  # stops live staining
             return
         self._cancelled = True
         self._restart_plane = False
@@ -450,9 +477,50 @@ class StainWidget(DockBase):
 
     def worker_done(self) -> None:
         self._set_busy(False)
+        if self.live_button.isChecked():  # live staining ended by itself (a failure)
+            self.live_button.blockSignals(True)
+            self.live_button.setChecked(False)
+            self.live_button.blockSignals(False)
+        if self.live is not None and self.live.source is not None:
+            self.live.source = None
+            if not self.last_error:
+                self.status.setText(f"Live staining stopped. {self.live.summary()}")
         if self._restart_plane:
             self._restart_plane = False
             self._restain_plane()
+
+    # ------------------------------------------------------------------ live staining
+    def set_live(self, on: bool) -> Any:
+        """Start (returns the worker) or stop live staining of the qOBM layer (see `_live`)."""
+        if self.live_button.isChecked() != on:
+            self.live_button.setChecked(on)  # re-enters through the toggled signal
+            return self._job.get("worker") if on and self.live is not None else None
+        if not on:
+            if self.live is not None and self.is_running:
+                self.status.setText("Stopping live staining after the current frame…")
+                self.live.stop()
+            return None
+        source = self._source_to_stain()
+        if source is None:
+            self.live_button.blockSignals(True)
+            self.live_button.setChecked(False)
+            self.live_button.blockSignals(False)
+            return None
+        choice = self.model_choice()
+        self.live = LiveStain(self)
+        worker = self.live.start(
+            source,
+            choice.label,
+            model=choice.model,
+            steps=self.steps_spin.value() if choice.uses_steps else None,
+            **self._engine_settings(source),
+        )
+        self._cancelled = False
+        self.status.setText(f"Live: staining each new frame of '{source.name}'…")
+        self.live_label.setText(self.live.summary())
+        self._set_busy(True)
+        worker.start()
+        return worker
 
     # ------------------------------------------------------------------ current plane only
     def _followed_source(self) -> Layer | None:
