@@ -111,6 +111,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(a: argparse.Namespace) -> int:
+    from .watch import run_from_args
+
+    return run_from_args(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lcm-stain",
@@ -222,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", **dev)
     s.set_defaults(func=_cmd_bench)
+
+    from .watch import add_arguments as watch_arguments
+
+    s = sub.add_parser("watch", help="stain each new TIFF in a folder once it is fully written")
+    watch_arguments(s)
+    s.set_defaults(func=_cmd_watch)
     return p
 
 
