@@ -46,6 +46,7 @@ class LiveStain:
         self.stained: list[tuple[int, int]] = []  # frame keys, in the order they were stained
         self.gaps = 0  # frames appended together with a newer one: never handed over
         self.latencies: deque[float] = deque(maxlen=WINDOW)  # frame in -> layer updated (s)
+        self.stain_seconds: deque[float] = deque(maxlen=WINDOW)  # the engine's part of it
         self._done_at: deque[float] = deque(maxlen=WINDOW)
         self._n_frames = 0
         self._revision = 0
@@ -181,6 +182,7 @@ class LiveStain:
         )
         now = time.perf_counter()
         self.latencies.append(now - result.frame.arrived)
+        self.stain_seconds.append(result.seconds)
         self._done_at.append(now)
         self.stained.append(result.frame.key)
         scale, translate, units = g["stack"]
