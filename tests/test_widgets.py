@@ -535,6 +535,30 @@ def test_live_on_a_2d_layer_stains_each_replacement(make_napari_viewer, qtbot, m
     assert len(live.stained) == 3
 
 
+def test_watch_folder_entry_stains_new_files_into_a_layer(
+    make_napari_viewer, qtbot, models, tmp_path
+):
+    import tifffile
+
+    src, out = tmp_path / "acquisition", tmp_path / "stained"
+    src.mkdir()
+    viewer = make_napari_viewer()
+    widget = _stain_dock(viewer)
+    assert widget.start_watch(src, out) is not None
+    assert widget.watch_button.isChecked() and widget.is_running
+    qtbot.waitUntil(lambda: widget.live_label.text().startswith("watching"), timeout=TIMEOUT)
+    frame = _frames(n=1)[0]
+    tifffile.imwrite(src / "frame 1.tif", frame)
+    qtbot.waitUntil(lambda: len(widget.watch_outputs) == 1, timeout=TIMEOUT)
+    layer = viewer.layers["acquisition · DAPI live (watch)"]
+    np.testing.assert_array_equal(layer.data, tifffile.imread(out / "frame 1_dapi.ome.tif"))
+    assert layer.metadata[PLUGIN_KEY]["provenance"]["source"].endswith("frame 1.tif")
+    widget.watch_button.click()  # stops the watch
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert not widget.watch_button.isChecked() and widget.last_error is None, widget.last_error
+    assert widget.status.text() == "Folder watch stopped: 1 file(s) stained, 0 not stained."
+
+
 # ----------------------------------------------------------------------------- fine-tune dock
 
 

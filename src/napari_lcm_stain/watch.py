@@ -92,12 +92,14 @@ def watch_folder(
     poll: float = 0.1,
     stop: threading.Event | None = None,
     log: Callable[[str], None] = print,
+    on_written: Callable[[Path, list[Path]], None] | None = None,
     **stain_kwargs: Any,
 ) -> WatchReport:
     """Stain every TIFF that appears in ``folder`` into ``output`` until ``stop`` or Ctrl-C.
 
     ``stain_kwargs`` go to `io.stain_files` (steps, tile, overlap, device, seed, pixel_size,
-    out_format, overwrite); ``existing`` also stains the TIFFs already in the folder.
+    out_format, overwrite); ``existing`` also stains the TIFFs already in the folder;
+    ``on_written(input, outputs)`` is called after each stained file.
     """
     from .engine import get_predictor
 
@@ -126,7 +128,11 @@ def watch_folder(
     try:
         while stop is None or not stop.is_set():
             for path in staging.stable(settle):
-                _stain_one(path, output, report, log, settle, model=predictor, **stain_kwargs)
+                written = _stain_one(
+                    path, output, report, log, settle, model=predictor, **stain_kwargs
+                )
+                if written and on_written is not None:
+                    on_written(path, written)
             time.sleep(poll)
     except KeyboardInterrupt:
         log("interrupted: stopping")
@@ -139,7 +145,7 @@ def watch_folder(
 
 def _stain_one(
     path: Path, output: Path, report: WatchReport, log: Callable[[str], None], settle: float, **kw
-) -> None:
+) -> list[Path]:
     complete = time.perf_counter() - settle  # the file stopped changing ``settle`` s ago
     try:
         written = stain_files([path], output, quiet=True, **kw)
@@ -147,13 +153,13 @@ def _stain_one(
         note = f"{path.name}: not stained: {exc}"
         report.notes[path] = note
         log(f"note: {note} (tried again if the file changes)")
-        return
+        return []
     report.notes.pop(path, None)
     report.written += written
     report.latencies.append(time.perf_counter() - complete)
-    log(
-        f"wrote {', '.join(str(w) for w in written)} ({report.latencies[-1]:.2f} s after {path.name} was complete)"
-    )
+    names = ", ".join(str(w) for w in written)
+    log(f"wrote {names} ({report.latencies[-1]:.2f} s after {path.name} was complete)")
+    return written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -362,3 +362,36 @@ def live_job(
     except Exception as exc:  # noqa: BLE001 - see module doc
         logger.exception("live staining failed")
         return JobFailure(failure_message(exc))
+
+
+def watch_job(
+    folder: Any, output: Any, stop: threading.Event, *, model: Any, cache: dict, **kwargs: Any
+) -> Generator[str | tuple[Any, list], None, Any]:
+    """`watch.watch_folder` in the background: yields its log lines and (input, outputs) pairs,
+    returns its WatchReport (or a JobFailure) once ``stop`` is set."""
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        from napari_lcm_stain.watch import watch_folder
+
+        try:
+            predictor = get_predictor(cache, model, kwargs.get("steps"), kwargs.get("device"))
+            result["report"] = watch_folder(
+                folder, output, model=predictor, stop=stop, log=events.put,
+                on_written=lambda src, outs: events.put((src, outs)), **kwargs,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - see module doc
+            logger.exception("watching a folder failed")
+            result["failure"] = JobFailure(failure_message(exc))
+
+    thread = threading.Thread(target=run, name="lcm-stain watch", daemon=True)
+    thread.start()
+    while thread.is_alive() or not events.empty():
+        try:
+            yield events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return result.get("failure") or result.get("report")

@@ -7,6 +7,7 @@ before any layer is made, so a cancelled or failed run never leaves a half-made 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,16 @@ import numpy as np
 from napari.layers import Layer
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QComboBox, QFormLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QWidget
 from superqt import QCollapsible
 
+from .._reader_writer import read_layers
 from . import _base as ui
 from . import _jobs
 from ._base import BROWSE, DEVICES, DockBase
 from ._grid import SideBySide
 from ._layers import (
+    ROLE_LIVE,
     ROLE_PIX2PIX,
     ROLE_STAIN,
     ROLE_UNCERTAINTY,
@@ -187,6 +190,18 @@ class StainWidget(DockBase):
         self.live_button.toggled.connect(self.set_live)
         self.live_label = ui.note_label()
         self.live: LiveStain | None = None
+        self.watch_button = ui.button(
+            "Watch folder…",
+            lambda: None,
+            tip="Stain each new TIFF written into a folder, as `lcm-stain watch` does: pick the "
+            "folder, then where the stained files go. The newest result is shown as a layer.",
+        )
+        self.watch_button.setCheckable(True)
+        self.watch_button.toggled.connect(self._on_watch_toggled)
+        self._watch_stop: threading.Event | None = None
+        self._watch_name = ""
+        #: stained files written by the folder watch, in order
+        self.watch_outputs: list[Path] = []
         self.status.setText("Ready.")
 
         self.grid_button = ui.button(
@@ -208,7 +223,7 @@ class StainWidget(DockBase):
             form,
             self.advanced,
             ui.row((self.stain_button, 2), (self.cancel_button, 1)),
-            ui.row(self.live_button, (self.live_label, 1)),
+            ui.row(self.live_button, self.watch_button, (self.live_label, 1)),
             self.status,
             self.grid_button,
             self.metrics_table,
@@ -331,13 +346,14 @@ class StainWidget(DockBase):
             )
         return source
 
-    def _engine_settings(self, source: Layer) -> dict[str, Any]:
+    def _engine_settings(self, source: Layer | None) -> dict[str, Any]:
+        pixel_size = self.pixel_spin.value() or None
         return {
             "tile": self.tile_spin.value(),
             "overlap": self.overlap_spin.value(),
             "device": self.device_combo.currentData(),
             "seed": self.seed_spin.value(),
-            "pixel_size": self._pixel_size(source),
+            "pixel_size": self._pixel_size(source) if source is not None else pixel_size,
             "cache": self._cache,
         }
 
@@ -423,6 +439,9 @@ class StainWidget(DockBase):
         if self.live_button.isChecked():
             self.live_button.setChecked(False)  # stops live staining
             return
+        if self._watch_stop is not None:
+            self.stop_watch()
+            return
         self._cancelled = True
         self._restart_plane = False
         self.status.setText("Cancelling after the current tile…")
@@ -477,10 +496,11 @@ class StainWidget(DockBase):
 
     def worker_done(self) -> None:
         self._set_busy(False)
-        if self.live_button.isChecked():  # live staining ended by itself (a failure)
-            self.live_button.blockSignals(True)
-            self.live_button.setChecked(False)
-            self.live_button.blockSignals(False)
+        self._watch_stop = None
+        for toggle in (self.live_button, self.watch_button):  # a live run ended by itself
+            toggle.blockSignals(True)
+            toggle.setChecked(False)
+            toggle.blockSignals(False)
         if self.live is not None and self.live.source is not None:
             self.live.source = None
             if not self.last_error:
@@ -521,6 +541,81 @@ class StainWidget(DockBase):
         self._set_busy(True)
         worker.start()
         return worker
+
+    # ------------------------------------------------------------------ folder watch
+    def _on_watch_toggled(self, on: bool) -> None:
+        if not on:
+            self.stop_watch()
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Folder to watch for new TIFF files")
+        output = folder and QFileDialog.getExistingDirectory(self, "Folder for the stained files")
+        if not folder or not output or self.start_watch(folder, output) is None:
+            self.watch_button.blockSignals(True)
+            self.watch_button.setChecked(False)
+            self.watch_button.blockSignals(False)
+
+    def start_watch(self, folder: str | Path, output: str | Path) -> Any:
+        """Stain each new TIFF in ``folder`` into ``output`` (see `watch`); returns the worker."""
+        if self.is_running:
+            show_info("A staining run is already going; cancel it first.")
+            return None
+        choice = self.model_choice()
+        stop = threading.Event()
+        worker = self.start_worker(
+            _jobs.watch_job,
+            Path(folder),
+            Path(output),
+            stop,
+            desc=f"Watching {folder}",
+            on_yield=self._on_watch_event,
+            on_return=self._on_watch_return,
+            stop_event=stop,
+            model=choice.model,
+            steps=self.steps_spin.value() if choice.uses_steps else None,
+            **self._engine_settings(None),
+        )
+        self._watch_stop, self._watch_name = stop, Path(folder).name
+        self.watch_button.blockSignals(True)
+        self.watch_button.setChecked(True)
+        self.watch_button.blockSignals(False)
+        self.status.setText(f"Watching {folder} for new TIFF files…")
+        self._set_busy(True)
+        worker.start()
+        return worker
+
+    def stop_watch(self) -> None:
+        """Stop the folder watch after the file it is staining."""
+        if self._watch_stop is not None and self.is_running:
+            self._watch_stop.set()
+            self.status.setText("Stopping the folder watch…")
+
+    def _on_watch_event(self, event: Any) -> None:
+        if isinstance(event, str):
+            self.live_label.setText(event)
+            return
+        _src, outputs = event
+        [(data, kwargs, _kind)] = read_layers(str(outputs[0]))
+        nd = np.ndim(data)
+        upsert_output(
+            self.viewer,
+            np.asarray(data),
+            source=self._watch_name,
+            role=ROLE_LIVE,
+            label="watch",
+            scale=kwargs.get("scale", (1.0,) * nd),
+            translate=(0.0,) * nd,
+            units=kwargs.get("units"),
+            provenance=kwargs["metadata"].get("provenance"),
+        )
+        self.watch_outputs.append(Path(outputs[0]))
+
+    def _on_watch_return(self, report: Any) -> None:
+        if self.job_failed(report, "Watching the folder") or report is None:
+            return
+        self.status.setText(
+            f"Folder watch stopped: {len(report.written)} file(s) stained, "
+            f"{len(report.notes)} not stained."
+        )
 
     # ------------------------------------------------------------------ current plane only
     def _followed_source(self) -> Layer | None:
