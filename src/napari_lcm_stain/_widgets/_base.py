@@ -10,6 +10,7 @@ work with `start_worker(...)`; it overrides `layer_combos()`, `layers_refreshed(
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -253,6 +254,12 @@ class DockBase(QWidget):
         self.last_error = None
         self._pbar = progress(total=total, desc=desc)
         return worker
+
+    def start_stoppable(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`start_worker` for a job that runs until told: ``func(*args, stop, ...)`` gets a
+        threading.Event, returned with the worker, that asks it to finish."""
+        stop = threading.Event()
+        return self.start_worker(func, *args, stop, stop_event=stop, **kwargs), stop
 
     def advance(self, done: int, total: int, desc: str | None = None) -> None:
         """Move the progress bar to ``done`` of ``total``."""

@@ -13,7 +13,6 @@ newest stained frame) and ``· DAPI live stack (…)`` (the stained frames in or
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -98,15 +97,12 @@ class LiveStain:
                 ("pixel",) + units[-frame_nd:] if units else None,
             ),
         }
-        stop = threading.Event()
-        worker = self.dock.start_worker(
+        worker, _stop = self.dock.start_stoppable(
             _jobs.live_job,
             self.mailbox,
-            stop,
             desc=f"Live staining '{source.name}'",
             on_yield=self._on_result,
             on_return=self._on_return,
-            stop_event=stop,
             source=source.name,
             **job_kwargs,
         )

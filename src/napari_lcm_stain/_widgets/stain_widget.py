@@ -357,6 +357,12 @@ class StainWidget(DockBase):
             "cache": self._cache,
         }
 
+    def _live_settings(self, source: Layer | None) -> dict[str, Any]:
+        """Model, steps and engine settings of live staining (one model, no extras)."""
+        choice = self.model_choice()
+        steps = self.steps_spin.value() if choice.uses_steps else None
+        return {"model": choice.model, "steps": steps, **self._engine_settings(source)}
+
     def run(self, plane_only: bool | None = None) -> Any:
         """Start staining the chosen layer; returns the worker (None if nothing was started)."""
         source = self._source_to_stain()
@@ -526,15 +532,8 @@ class StainWidget(DockBase):
             self.live_button.setChecked(False)
             self.live_button.blockSignals(False)
             return None
-        choice = self.model_choice()
         self.live = LiveStain(self)
-        worker = self.live.start(
-            source,
-            choice.label,
-            model=choice.model,
-            steps=self.steps_spin.value() if choice.uses_steps else None,
-            **self._engine_settings(source),
-        )
+        worker = self.live.start(source, self.model_choice().label, **self._live_settings(source))
         self._cancelled = False
         self.status.setText(f"Live: staining each new frame of '{source.name}'…")
         self.live_label.setText(self.live.summary())
@@ -559,20 +558,14 @@ class StainWidget(DockBase):
         if self.is_running:
             show_info("A staining run is already going; cancel it first.")
             return None
-        choice = self.model_choice()
-        stop = threading.Event()
-        worker = self.start_worker(
+        worker, stop = self.start_stoppable(
             _jobs.watch_job,
             Path(folder),
             Path(output),
-            stop,
             desc=f"Watching {folder}",
             on_yield=self._on_watch_event,
             on_return=self._on_watch_return,
-            stop_event=stop,
-            model=choice.model,
-            steps=self.steps_spin.value() if choice.uses_steps else None,
-            **self._engine_settings(None),
+            **self._live_settings(None),
         )
         self._watch_stop, self._watch_name = stop, Path(folder).name
         self.watch_button.blockSignals(True)
