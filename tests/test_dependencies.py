@@ -4,6 +4,7 @@ pyproject.toml, and every declared runtime dependency is imported somewhere."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 from importlib.metadata import packages_distributions
@@ -45,8 +46,13 @@ def _imported_modules() -> dict[str, str]:
     return found
 
 
+@functools.cache
+def _module_owners() -> dict[str, list[str]]:
+    return packages_distributions()
+
+
 def _distribution(module: str) -> str:
-    dists = packages_distributions().get(module, [module])
+    dists = _module_owners().get(module, [module])
     return dists[0].lower().replace("_", "-")
 
 
