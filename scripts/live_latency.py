@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ def measure(viewer, app, widget, size: int, repeats: int, timeout: float, shot: 
     _wait(app, lambda: widget.is_running, timeout, "live staining to stop")
     med = statistics.median(e2e)
     return {
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "size": size,
         "frames": repeats,
         "skipped": live.skipped,
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{size}x{size}: median {r['median_latency_ms']} ms frame in -> layer updated "
                 f"(engine {r['median_engine_ms']} ms; min {r['min_latency_ms']}, max "
                 f"{r['max_latency_ms']}; {r['frames_per_s']} frames/s; {r['frames']} frames, "
-                f"{r['skipped']} skipped) on {args.device}, {torch.get_num_threads()} threads",
+                f"{r['skipped']} skipped) on {args.device}, {torch.get_num_threads()} threads, "
+                f"load average {r['load_average_1min']} on {r['cpu_count']} CPUs",
                 flush=True,
             )
         viewer.close()

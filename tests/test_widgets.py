@@ -483,6 +483,7 @@ def test_live_stains_appended_frames_with_the_engine(make_napari_viewer, qtbot, 
     stack = viewer.layers["live phase · DAPI live stack (LCM)"]
     assert shown.data.shape == (64, 64) and stack.data.shape == (len(live.stained), 64, 64)
     np.testing.assert_array_equal(stack.data[-1], shown.data)
+    assert viewer.layers.index(shown) > viewer.layers.index(stack)  # the newest frame on top
     np.testing.assert_allclose(shown.scale, (0.4, 0.4))
     assert shown.metadata[PLUGIN_KEY]["provenance"]["frame"] == [19, 0]
     # the staining is the core engine's, with the dock's settings
@@ -549,7 +550,7 @@ def test_watch_folder_entry_stains_new_files_into_a_layer(
     qtbot.waitUntil(lambda: widget.live_label.text().startswith("watching"), timeout=TIMEOUT)
     frame = _frames(n=1)[0]
     tifffile.imwrite(src / "frame 1.tif", frame)
-    qtbot.waitUntil(lambda: len(widget.watch_outputs) == 1, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: len(widget.folder_watch.outputs) == 1, timeout=TIMEOUT)
     layer = viewer.layers["acquisition · DAPI live (watch)"]
     np.testing.assert_array_equal(layer.data, tifffile.imread(out / "frame 1_dapi.ome.tif"))
     assert layer.metadata[PLUGIN_KEY]["provenance"]["source"].endswith("frame 1.tif")

@@ -7,19 +7,23 @@ frame that changed is the whole image (2-D) or the plane the dims slider shows. 
 (`_jobs.LatestFrame`) means a worker that falls behind jumps to the newest frame; the frames it
 never stains are counted as skipped. Results go into two output layers: ``· DAPI live (…)`` (the
 newest stained frame) and ``· DAPI live stack (…)`` (the stained frames in order, the last
-`STACK_MAX`). This module only translates layer events into those calls and results into layers.
+`STACK_MAX`). `FolderWatch` is the dock's *Watch folder…*: `watch.watch_folder` in a worker.
+This module only translates layer events into those calls and results into layers.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Layer
 
+from .._reader_writer import read_layers
 from . import _jobs
 from ._layers import ROLE_LIVE, ROLE_LIVE_STACK, base_data, current_plane, upsert_output
 
@@ -108,7 +112,8 @@ class LiveStain:
         )
         source.events.data.connect(self._on_data)
         self._n_frames = base_data(source).shape[0] if nd > 2 else 0
-        self._offer(self._newest(grew=self._n_frames > 0), time.perf_counter())
+        if nd <= 2 or self._n_frames > 0:  # an empty stack waits for its first frame
+            self._offer(self._newest(grew=nd > 2), time.perf_counter())
         return worker
 
     def stop(self) -> None:
@@ -163,35 +168,34 @@ class LiveStain:
     def _on_result(self, result: _jobs.LiveResult) -> None:
         if self.dock.closing or self.source is None:
             return
-        g = self._geometry
-        scale, translate, units = g["frame"]
-        common = {"source": g["source"], "label": self._label, "provenance": result.provenance}
-        upsert_output(
-            self.viewer,
-            result.dapi,
-            role=ROLE_LIVE,
-            scale=scale,
-            translate=translate,
-            units=units,
-            plane=(result.frame.key[0],),
-            **common,
-        )
+        first = not self.stained
+        if first:  # the stack layer goes in first, so the newest frame's layer is on top of it
+            self._show(ROLE_LIVE_STACK, self._push(result.dapi), result)
+        self._show(ROLE_LIVE, result.dapi, result, plane=(result.frame.key[0],))
         now = time.perf_counter()
         self.latencies.append(now - result.frame.arrived)
         self.stain_seconds.append(result.seconds)
         self._done_at.append(now)
         self.stained.append(result.frame.key)
-        scale, translate, units = g["stack"]
+        if not first:
+            self._show(ROLE_LIVE_STACK, self._push(result.dapi), result)
+        self.dock.live_label.setText(self.summary())
+
+    def _show(self, role: str, data: np.ndarray, result: _jobs.LiveResult, **kwargs: Any) -> None:
+        g = self._geometry
+        scale, translate, units = g["stack" if role == ROLE_LIVE_STACK else "frame"]
         upsert_output(
             self.viewer,
-            self._push(result.dapi),
-            role=ROLE_LIVE_STACK,
+            data,
+            source=g["source"],
+            role=role,
+            label=self._label,
             scale=scale,
             translate=translate,
             units=units,
-            **common,
+            provenance=result.provenance,
+            **kwargs,
         )
-        self.dock.live_label.setText(self.summary())
 
     def _push(self, dapi: np.ndarray) -> np.ndarray:
         """Append to the stack of stained frames (capacity doubles; the oldest drop at STACK_MAX)."""
@@ -215,3 +219,52 @@ class LiveStain:
     def _on_return(self, result: Any) -> None:
         if self.dock.job_failed(result, "Live staining"):
             self.stop()
+
+
+class FolderWatch:
+    """The dock's *Watch folder…*: `watch.watch_folder` in a worker (`_jobs.watch_job`); its
+    messages go to the line beside the toggle and the newest stained file into a layer."""
+
+    def __init__(self, dock: StainWidget) -> None:
+        self.dock = dock
+        self.name = ""
+        self.stop = threading.Event()
+        #: stained files written so far, in order
+        self.outputs: list[Path] = []
+
+    def start(self, folder: Path, output: Path, settings: dict[str, Any]) -> Any:
+        self.name = folder.name
+        handlers = {"on_yield": self._on_event, "on_return": self._on_return}
+        job = (_jobs.watch_job, folder, output)
+        worker, self.stop = self.dock.start_stoppable(
+            *job, desc=f"Watching {folder}", **handlers, **settings
+        )
+        return worker
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, str):
+            self.dock.live_label.setText(event)
+            return
+        _src, outputs = event
+        [(data, kwargs, _kind)] = read_layers(str(outputs[0]))
+        nd = np.ndim(data)
+        upsert_output(
+            self.dock.viewer,
+            np.asarray(data),
+            source=self.name,
+            role=ROLE_LIVE,
+            label="watch",
+            scale=kwargs.get("scale", (1.0,) * nd),
+            translate=(0.0,) * nd,
+            units=kwargs.get("units"),
+            provenance=kwargs["metadata"].get("provenance"),
+        )
+        self.outputs.append(Path(outputs[0]))
+
+    def _on_return(self, report: Any) -> None:
+        if self.dock.job_failed(report, "Watching the folder") or report is None:
+            return
+        self.dock.status.setText(
+            f"Folder watch stopped: {len(report.written)} file(s) stained, "
+            f"{len(report.notes)} not stained."
+        )

@@ -2,12 +2,13 @@
 
 All computation runs in a napari ``thread_worker`` (`_jobs.stain_job`); this file only reads the
 controls, starts/cancels the worker and turns its result into layers. Cancelling drops the result
-before any layer is made, so a cancelled or failed run never leaves a half-made layer.
+before any layer is made, so a cancelled or failed run never leaves a half-made layer. *Live*
+(frames as they arrive) and *Watch folder…* are driven by `_live.LiveStain` / `_live.FolderWatch`;
+side by side by `_grid.SideBySide`.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,11 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QWidget
 from superqt import QCollapsible
 
-from .._reader_writer import read_layers
 from . import _base as ui
 from . import _jobs
 from ._base import BROWSE, DEVICES, DockBase
 from ._grid import SideBySide
 from ._layers import (
-    ROLE_LIVE,
     ROLE_PIX2PIX,
     ROLE_STAIN,
     ROLE_UNCERTAINTY,
@@ -38,7 +37,7 @@ from ._layers import (
     same_layer,
     upsert_output,
 )
-from ._live import LiveStain
+from ._live import FolderWatch, LiveStain
 from ._qt_helpers import LayerCombo, fit_table_height
 
 
@@ -198,10 +197,7 @@ class StainWidget(DockBase):
         )
         self.watch_button.setCheckable(True)
         self.watch_button.toggled.connect(self._on_watch_toggled)
-        self._watch_stop: threading.Event | None = None
-        self._watch_name = ""
-        #: stained files written by the folder watch, in order
-        self.watch_outputs: list[Path] = []
+        self.folder_watch: FolderWatch | None = None
         self.status.setText("Ready.")
 
         self.grid_button = ui.button(
@@ -445,7 +441,7 @@ class StainWidget(DockBase):
         if self.live_button.isChecked():
             self.live_button.setChecked(False)  # stops live staining
             return
-        if self._watch_stop is not None:
+        if self.watch_button.isChecked():
             self.stop_watch()
             return
         self._cancelled = True
@@ -502,7 +498,6 @@ class StainWidget(DockBase):
 
     def worker_done(self) -> None:
         self._set_busy(False)
-        self._watch_stop = None
         for toggle in (self.live_button, self.watch_button):  # a live run ended by itself
             toggle.blockSignals(True)
             toggle.setChecked(False)
@@ -558,16 +553,8 @@ class StainWidget(DockBase):
         if self.is_running:
             show_info("A staining run is already going; cancel it first.")
             return None
-        worker, stop = self.start_stoppable(
-            _jobs.watch_job,
-            Path(folder),
-            Path(output),
-            desc=f"Watching {folder}",
-            on_yield=self._on_watch_event,
-            on_return=self._on_watch_return,
-            **self._live_settings(None),
-        )
-        self._watch_stop, self._watch_name = stop, Path(folder).name
+        self.folder_watch = FolderWatch(self)
+        worker = self.folder_watch.start(Path(folder), Path(output), self._live_settings(None))
         self.watch_button.blockSignals(True)
         self.watch_button.setChecked(True)
         self.watch_button.blockSignals(False)
@@ -578,37 +565,9 @@ class StainWidget(DockBase):
 
     def stop_watch(self) -> None:
         """Stop the folder watch after the file it is staining."""
-        if self._watch_stop is not None and self.is_running:
-            self._watch_stop.set()
+        if self.folder_watch is not None and self.is_running:
+            self.folder_watch.stop.set()
             self.status.setText("Stopping the folder watch…")
-
-    def _on_watch_event(self, event: Any) -> None:
-        if isinstance(event, str):
-            self.live_label.setText(event)
-            return
-        _src, outputs = event
-        [(data, kwargs, _kind)] = read_layers(str(outputs[0]))
-        nd = np.ndim(data)
-        upsert_output(
-            self.viewer,
-            np.asarray(data),
-            source=self._watch_name,
-            role=ROLE_LIVE,
-            label="watch",
-            scale=kwargs.get("scale", (1.0,) * nd),
-            translate=(0.0,) * nd,
-            units=kwargs.get("units"),
-            provenance=kwargs["metadata"].get("provenance"),
-        )
-        self.watch_outputs.append(Path(outputs[0]))
-
-    def _on_watch_return(self, report: Any) -> None:
-        if self.job_failed(report, "Watching the folder") or report is None:
-            return
-        self.status.setText(
-            f"Folder watch stopped: {len(report.written)} file(s) stained, "
-            f"{len(report.notes)} not stained."
-        )
 
     # ------------------------------------------------------------------ current plane only
     def _followed_source(self) -> Layer | None:
