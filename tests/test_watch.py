@@ -150,3 +150,20 @@ def test_watch_module_is_core_and_the_cli_lists_it(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "watch" in capsys.readouterr().out
+
+
+def test_watch_existing_files_only_when_asked(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "before.tif").write_bytes(_tiff_bytes(blobs((64, 64), seed=9)))
+    for existing, expected in ((False, []), (True, ["before_dapi.ome.tif"])):
+        out, stop = tmp_path / f"out-{existing}", threading.Event()
+        timer = threading.Timer(2.0, stop.set)  # well past the settle time
+        timer.start()
+        report = watch_folder(
+            src, out, model=FakePredictor(), tile=TILE, overlap=OVERLAP, settle=0.2, poll=0.05,
+            existing=existing, stop=stop, log=lambda _line: None,
+        )  # fmt: skip
+        timer.join()
+        assert sorted(p.name for p in out.iterdir()) == expected
+        assert [p.name for p in report.written] == expected and not report.notes
