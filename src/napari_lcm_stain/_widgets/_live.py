@@ -57,6 +57,7 @@ class LiveStain:
         self._stack_n = 0
         self._label = ""
         self._geometry: dict[str, Any] = {}
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ statistics
     @property
@@ -101,7 +102,7 @@ class LiveStain:
                 ("pixel",) + units[-frame_nd:] if units else None,
             ),
         }
-        worker, _stop = self.dock.start_stoppable(
+        worker, self._stop = self.dock.start_stoppable(
             _jobs.live_job,
             self.mailbox,
             desc=f"Live staining '{source.name}'",
@@ -120,12 +121,7 @@ class LiveStain:
         """Stop watching; the worker ends after the frame it is staining."""
         if self.source is not None:
             self.source.events.data.disconnect(self._on_data)
-        event = self.dock._job.get("stop")
-        if event is not None:
-            event.set()
-        worker = self.dock._job.get("worker")
-        if worker is not None:
-            worker.quit()
+        self._stop.set()
 
     # ------------------------------------------------------------------ frames in
     def _newest(self, grew: bool) -> tuple[tuple[int, int], Any]:
