@@ -245,6 +245,36 @@ def test_picker_offers_single_channel_images_and_explains_the_rest(make_napari_v
     viewer.window.remove_dock_widget(_dock)
 
 
+def test_qobm_picker_follows_the_layer_selection_until_picked_by_hand(make_napari_viewer, models):
+    viewer = make_napari_viewer()
+    img = np.zeros((32, 32), np.float32)
+    a = viewer.add_image(img, name="field A phase")
+    b = viewer.add_image(img, name="field B phase")
+    dapi = viewer.add_image(img, name="DAPI")
+    widget = _stain_dock(viewer)
+    combo = widget.layer_combo
+    viewer.layers.selection.active = b
+    assert combo.layer() == b
+    viewer.layers.selection.active = a
+    assert combo.layer() == a
+    viewer.layers.selection.active = dapi  # a DAPI-named layer is never the qOBM by itself
+    assert combo.layer() == a
+    labels = viewer.add_labels(np.zeros((32, 32), np.int32), name="cells")
+    viewer.layers.selection.active = labels  # not offered: nothing changes
+    assert combo.layer() == a
+    c = viewer.add_image(img, name="field C phase")  # a layer just added does not take over
+    assert combo.layer() == a
+    viewer.layers.selection.active = b  # ... until the user selects layers
+    viewer.layers.selection.active = c
+    assert combo.layer() == c
+
+    index = combo.findData("field B phase")  # picked by hand: the selection no longer moves it
+    combo.setCurrentIndex(index)
+    combo.activated.emit(index)
+    viewer.layers.selection.active = a
+    assert combo.layer() == b
+
+
 def test_cancel_mid_run_leaves_no_layer_and_idle_ui(make_napari_viewer, qtbot, slow_models):
     viewer = make_napari_viewer()
     _field(viewer, size=256, with_truth=False)
@@ -390,6 +420,144 @@ def test_open_sample_and_stain(make_napari_viewer, qtbot, models):
     out = viewer.layers["qOBM phase · DAPI (LCM)"]
     assert isinstance(out, Image) and out.data.shape == q.data.shape
     np.testing.assert_allclose(out.scale, q.scale)
+
+
+# ----------------------------------------------------------------------------- live staining
+
+
+def _frames(n=20, size=64):
+    s = simulate_pair("brain-20x", size=size, seed=4, z_planes=n)
+    return s.qobm.astype(np.float32)
+
+
+def _append_by_timer(qtbot, layer, frames, interval_ms):
+    """Append the frames to ``layer`` one by one from a QTimer, as an acquisition would."""
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.setInterval(interval_ms)
+
+    def append():
+        n = layer.data.shape[0]
+        if n >= len(frames):
+            timer.stop()
+            return
+        layer.data = np.concatenate([layer.data, frames[n][None]])
+
+    timer.timeout.connect(append)
+    timer.start()
+    qtbot.waitUntil(lambda: layer.data.shape[0] == len(frames), timeout=TIMEOUT)
+    return timer
+
+
+def _check_live_keys(live, n_frames):
+    """Every frame stained or counted as skipped, newest-first order, none twice, last stained."""
+    keys = live.stained
+    assert len(set(keys)) == len(keys), keys  # none twice
+    indices = [k[0] for k in keys]
+    assert indices == sorted(indices) and indices[-1] == n_frames - 1
+    assert len(keys) + live.skipped == n_frames, (keys, live.skipped)
+
+
+def test_live_stains_appended_frames_with_the_engine(make_napari_viewer, qtbot, models):
+    from napari_lcm_stain.engine import stain
+
+    frames = _frames()
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[:1], name="live phase", scale=(1, 0.4, 0.4))
+    widget = _stain_dock(viewer)
+    widget.seed_spin.setValue(3)
+    predictor = _jobs.get_predictor(widget._cache, "lcm", 1, "auto")  # loaded before frames come
+    widget.live_button.click()
+    assert widget.is_running and not widget.stain_button.isEnabled()
+    live = widget.live
+    qtbot.waitUntil(lambda: live.stained == [(0, 0)], timeout=TIMEOUT)  # the frame already there
+    _append_by_timer(qtbot, layer, frames, interval_ms=40)
+    qtbot.waitUntil(lambda: bool(live.stained) and live.stained[-1][0] == 19, timeout=TIMEOUT)
+    widget.live_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.stain_button.isEnabled() and widget.last_error is None, widget.last_error
+
+    _check_live_keys(live, 20)
+    shown = viewer.layers["live phase · DAPI live (LCM)"]
+    stack = viewer.layers["live phase · DAPI live stack (LCM)"]
+    assert shown.data.shape == (64, 64) and stack.data.shape == (len(live.stained), 64, 64)
+    np.testing.assert_array_equal(stack.data[-1], shown.data)
+    assert viewer.layers.index(shown) > viewer.layers.index(stack)  # the newest frame on top
+    np.testing.assert_allclose(shown.scale, (0.4, 0.4))
+    assert shown.metadata[PLUGIN_KEY]["provenance"]["frame"] == [19, 0]
+    # the staining is the core engine's, with the dock's settings
+    expected = stain(frames[19], predictor, 1, 128, 16, "auto", seed=3, pixel_size=None)
+    np.testing.assert_allclose(shown.data, expected, atol=1e-5)
+    # frames/s and latency are shown
+    text = widget.live_label.text()
+    assert f"{len(live.stained)} stained, {live.skipped} skipped" in text
+    assert "frames/s" in text and "latency" in text and live.latency > 0
+    np.testing.assert_array_equal(layer.data, frames)  # the input is never touched
+
+
+def test_live_falls_behind_skips_to_the_newest_frame(make_napari_viewer, qtbot, monkeypatch):
+    slow = TinyPredictor("lcm", stochastic=True, delay=0.25)  # slower than the frames come
+    monkeypatch.setattr(_jobs, "get_predictor", lambda *_a: slow)
+    frames = _frames()
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[:1], name="live phase")
+    widget = _stain_dock(viewer)
+    worker = widget.set_live(True)
+    assert worker is not None and widget.live_button.isChecked()
+    live = widget.live
+    _append_by_timer(qtbot, layer, frames, interval_ms=10)
+    qtbot.waitUntil(lambda: bool(live.stained) and live.stained[-1][0] == 19, timeout=TIMEOUT)
+    widget.cancel_button.click()  # Cancel stops live staining too
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert not widget.live_button.isChecked()
+    _check_live_keys(live, 20)
+    assert live.skipped > 0 and len(live.stained) < 20
+    assert "Live staining stopped" in widget.status.text()
+
+
+def test_live_on_a_2d_layer_stains_each_replacement(make_napari_viewer, qtbot, models):
+    frames = _frames(n=3)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames[0], name="camera phase")
+    widget = _stain_dock(viewer)
+    widget.set_live(True)
+    live = widget.live
+    qtbot.waitUntil(lambda: len(live.stained) == 1, timeout=TIMEOUT)
+    for i in (1, 2):
+        layer.data = frames[i]
+        qtbot.waitUntil(lambda i=i: len(live.stained) == i + 1, timeout=TIMEOUT)
+    widget.set_live(False)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert live.stained == [(0, 1), (0, 2), (0, 3)] and live.skipped == 0
+    assert viewer.layers["camera phase · DAPI live stack (LCM)"].data.shape == (3, 64, 64)
+    layer.data = frames[0]  # after stopping, changes are no longer followed
+    qtbot.wait(200)
+    assert len(live.stained) == 3
+
+
+def test_watch_folder_entry_stains_new_files_into_a_layer(
+    make_napari_viewer, qtbot, models, tmp_path
+):
+    import tifffile
+
+    src, out = tmp_path / "acquisition", tmp_path / "stained"
+    src.mkdir()
+    viewer = make_napari_viewer()
+    widget = _stain_dock(viewer)
+    assert widget.start_watch(src, out) is not None
+    assert widget.watch_button.isChecked() and widget.is_running
+    qtbot.waitUntil(lambda: widget.live_label.text().startswith("watching"), timeout=TIMEOUT)
+    frame = _frames(n=1)[0]
+    tifffile.imwrite(src / "frame 1.tif", frame)
+    qtbot.waitUntil(lambda: len(widget.folder_watch.outputs) == 1, timeout=TIMEOUT)
+    layer = viewer.layers["acquisition · DAPI live (watch)"]
+    np.testing.assert_array_equal(layer.data, tifffile.imread(out / "frame 1_dapi.ome.tif"))
+    assert layer.metadata[PLUGIN_KEY]["provenance"]["source"].endswith("frame 1.tif")
+    widget.watch_button.click()  # stops the watch
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert not widget.watch_button.isChecked() and widget.last_error is None, widget.last_error
+    assert widget.status.text() == "Folder watch stopped: 1 file(s) stained, 0 not stained."
 
 
 # ----------------------------------------------------------------------------- fine-tune dock

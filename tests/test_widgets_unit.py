@@ -375,3 +375,61 @@ def test_bad_ground_truth_skips_metrics_but_keeps_outputs(monkeypatch):
     assert out.metrics == {}
     assert len(out.notes) == 1 and out.notes[0].startswith("metrics for LCM skipped: ")
     assert "NaN" in out.notes[0]
+
+
+def test_docks_share_the_base_and_not_each_others_privates():
+    import ast
+    from pathlib import Path
+
+    from napari_lcm_stain._widgets import _base, finetune_widget, stain_widget
+
+    for dock in (stain_widget.StainWidget, finetune_widget.FinetuneWidget):
+        assert issubclass(dock, _base.DockBase)
+    tree = ast.parse(Path(finetune_widget.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert (
+        "stain_widget" not in imported and "napari_lcm_stain._widgets.stain_widget" not in imported
+    )
+    # the side-by-side grid lives in its own module, not in the Stain dock
+    assert not hasattr(stain_widget.StainWidget, "_apply_grid")
+
+
+def test_latest_frame_mailbox_keeps_the_newest_and_counts_the_replaced():
+    box = _jobs.LatestFrame()
+    assert box.take(timeout=0.01) is None
+    for i in range(3):
+        box.put(_jobs.LiveFrame((i, 0), np.zeros(1), 0.0))
+    assert box.take(timeout=0.01).key == (2, 0)  # the newest; 0 and 1 were skipped
+    assert box.skipped == 2 and box.take(timeout=0.01) is None
+    box.put(_jobs.LiveFrame((3, 0), np.zeros(1), 0.0))
+    assert box.take(timeout=0.01).key == (3, 0) and box.skipped == 2
+
+
+def test_live_job_stains_each_taken_frame_until_stopped(monkeypatch):
+    box, stop = _jobs.LatestFrame(), threading.Event()
+    calls = []
+
+    class Engine:
+        def __call__(self, image, *args):
+            calls.append(np.asarray(image).copy())
+            yield 1, 1
+            return types.SimpleNamespace(mean=np.asarray(image) * 2, info={"model": "fake"})
+
+    import napari_lcm_stain.engine as engine
+
+    monkeypatch.setattr(engine, "iter_stain", Engine())
+    monkeypatch.setattr(_jobs, "get_predictor", lambda *a: "predictor")
+    gen = _jobs.live_job(
+        box, stop, model=object(), steps=1, tile=64, overlap=8, device="cpu", seed=0,
+        pixel_size=None, cache={},
+    )  # fmt: skip
+    box.put(_jobs.LiveFrame((0, 0), np.ones((4, 4), np.float32), 0.0))
+    first = next(gen)
+    assert first.frame.key == (0, 0) and first.dapi.dtype == np.float32
+    np.testing.assert_array_equal(first.dapi, 2 * np.ones((4, 4)))
+    assert first.provenance["frame"] == [0, 0] and first.provenance["model"] == "fake"
+    stop.set()
+    _items, value = _run(gen)
+    assert value is None and len(calls) == 1

@@ -153,6 +153,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(a: argparse.Namespace) -> int:
+    from .watch import run_from_args
+
+    return run_from_args(a)
+
+
 #: Simulator and training presets, listed in `--help` (tests check them against simulate.PRESETS
 #: and training.presets.PRESETS, which are not imported here so that `--help` stays instant).
 SIM_PRESETS = ("brain-20x", "brain-60x", "shifted-20x", "tumour-dense-20x", "domain-random")
@@ -395,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     s.set_defaults(func=_cmd_bench)
+
+    from .watch import add_arguments as watch_arguments
+
+    s = sub.add_parser("watch", help="stain each new TIFF in a folder once it is fully written")
+    watch_arguments(s)
+    s.set_defaults(func=_cmd_watch)
     return p
 
 

@@ -8,10 +8,14 @@ way every failure reaches the user as a message.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +58,8 @@ class StainOutcome:
     devices: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # engine remarks (e.g. rescaled pixel size)
     seconds: float = 0.0
+    #: (role, label) -> what the writer stores with that layer (see `provenance`)
+    provenance: dict[tuple[str, str], dict] = field(default_factory=dict)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -94,6 +100,32 @@ def get_predictor(cache: dict, model: Any, steps: int | None, device: str) -> An
     return cache[key]
 
 
+def checkpoint_identity(model: Any, cache: dict) -> tuple[str | None, str | None]:
+    """(checkpoint file, its SHA-256) of a model; (None, None) for an in-memory model."""
+    from napari_lcm_stain import checkpoints
+
+    if isinstance(model, str) and model.lower() in checkpoints.PACKAGED:
+        path = checkpoints.packaged_path(model.lower())
+        return path.name, checkpoints.packaged_hashes().get(path.name)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        key = ("sha256", str(path.resolve()))
+        if key not in cache and path.is_file():
+            cache[key] = checkpoints.sha256(path)
+        return str(path), cache.get(key)
+    return None, None  # e.g. a fine-tuned model not saved yet
+
+
+def provenance(info: dict, model: Any, source: str, kind: str, cache: dict) -> dict:
+    """Model, checkpoint and hash, steps, seed, pixel size, version: stored with the layer and
+    written into OME metadata by the plugin's writer."""
+    from napari_lcm_stain.io import _provenance
+
+    prov = json.loads(_provenance(info, source, kind, int(info.get("samples") or 1)))
+    prov["checkpoint"], prov["checkpoint_sha256"] = checkpoint_identity(model, cache)
+    return prov
+
+
 def _planes(a: np.ndarray) -> Iterator[tuple[int, ...]]:
     yield from np.ndindex(*a.shape[:-2]) if a.ndim > 2 else iter([()])
 
@@ -110,6 +142,7 @@ def stain_job(
     truth: Any,
     truth_labels: Any,
     cache: dict,
+    source: str = "",
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
     """Stain ``image`` with each job's model; with ``truth``, score each output against it."""
     try:
@@ -137,9 +170,17 @@ def stain_job(
             offset += total
             mean = np.asarray(result.mean, dtype=np.float32)
             out.outputs.append((job.role, job.label, mean))
+            info = getattr(result, "info", None)
+            if isinstance(info, dict):
+                out.provenance[(job.role, job.label)] = provenance(
+                    info, job.model, source, "mean", cache
+                )
             if job.samples > 1 and result.std is not None:
                 out.outputs.append(("uncertainty", job.label, np.asarray(result.std, np.float32)))
-            info = getattr(result, "info", None)
+                if isinstance(info, dict):
+                    out.provenance[("uncertainty", job.label)] = provenance(
+                        info, job.model, source, "std", cache
+                    )
             for note in info.get("warnings", []) if isinstance(info, dict) else []:
                 if note not in out.notes:
                     out.notes.append(str(note))
@@ -235,3 +276,122 @@ def _finite(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if np.isfinite(v) else None
+
+
+# ----------------------------------------------------------------------------- live staining
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """A frame to stain: its key (frame index, revision), pixels, and when it arrived."""
+
+    key: tuple[int, int]
+    data: Any
+    arrived: float
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    frame: LiveFrame
+    dapi: np.ndarray
+    seconds: float  # staining only
+    provenance: dict
+
+
+class LatestFrame:
+    """A one-slot mailbox between the UI and the live worker: the newest frame wins.
+
+    `put` replaces a frame the worker has not taken yet (that frame counts as skipped); `take`
+    waits for a frame. So a worker that falls behind always jumps to the newest frame.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: LiveFrame | None = None
+        self.skipped = 0
+
+    def put(self, frame: LiveFrame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.skipped += 1
+            self._frame = frame
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> LiveFrame | None:
+        with self._cond:
+            if self._frame is None:
+                self._cond.wait(timeout)
+            frame, self._frame = self._frame, None
+            return frame
+
+
+def live_job(
+    mailbox: LatestFrame,
+    stop: threading.Event,
+    *,
+    model: Any,
+    steps: int | None,
+    tile: int,
+    overlap: int,
+    device: str,
+    seed: int,
+    pixel_size: float | None,
+    cache: dict,
+    source: str = "",
+) -> Generator[LiveResult, None, JobFailure | None]:
+    """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
+    try:
+        from napari_lcm_stain._drain import drain
+        from napari_lcm_stain.engine import iter_stain
+
+        predictor = get_predictor(cache, model, steps, device)
+        while not stop.is_set():
+            frame = mailbox.take(timeout=0.05)
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            result = drain(
+                iter_stain(frame.data, predictor, steps, tile, overlap, device, seed, pixel_size)
+            )
+            prov = provenance(result.info, model, source, "mean", cache)
+            prov["frame"] = list(frame.key)
+            yield LiveResult(
+                frame, np.asarray(result.mean, np.float32), time.perf_counter() - t0, prov
+            )
+        return None
+    except Exception as exc:  # noqa: BLE001 - see module doc
+        logger.exception("live staining failed")
+        return JobFailure(failure_message(exc))
+
+
+def watch_job(
+    folder: Any, output: Any, stop: threading.Event, *, model: Any, cache: dict, **kwargs: Any
+) -> Generator[str | tuple[Any, list], None, Any]:
+    """`watch.watch_folder` in the background: yields its log lines and (input, outputs) pairs,
+    returns its WatchReport (or a JobFailure) once ``stop`` is set."""
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        from napari_lcm_stain.watch import watch_folder
+
+        try:
+            predictor = get_predictor(cache, model, kwargs.get("steps"), kwargs.get("device"))
+            result["report"] = watch_folder(
+                folder, output, model=predictor, stop=stop, log=events.put,
+                on_written=lambda src, outs: events.put((src, outs)), **kwargs,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - see module doc
+            logger.exception("watching a folder failed")
+            result["failure"] = JobFailure(failure_message(exc))
+
+    thread = threading.Thread(target=run, name="lcm-stain watch", daemon=True)
+    thread.start()
+    while thread.is_alive() or not events.empty():
+        try:
+            yield events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return result.get("failure") or result.get("report")

@@ -32,6 +32,8 @@ DAPI_COLORMAP = Colormap(
 ROLE_STAIN = "stain"
 ROLE_PIX2PIX = "pix2pix"
 ROLE_UNCERTAINTY = "uncertainty"
+ROLE_LIVE = "live"  # live staining: the newest stained frame
+ROLE_LIVE_STACK = "live stack"  # live staining: the stained frames in order
 
 _QOBM_HINT = re.compile(r"qobm|phase|oblique|label.?free", re.IGNORECASE)
 _DAPI_HINT = re.compile(r"dapi|hoechst|nuclear stain|fluor", re.IGNORECASE)
@@ -144,23 +146,27 @@ def base_data(layer: Layer) -> Any:
 
 
 def layer_pixel_size(layer: Layer) -> float | None:
-    """µm per pixel of a layer if known: metadata 'pixel_size(_um)', else a length-unit scale.
+    """µm per pixel of a layer if known: metadata 'pixel_size(_um)', else a length-unit scale."""
+    return pixel_size_of(layer.metadata, layer.scale, getattr(layer, "units", None))
+
+
+def pixel_size_of(metadata: Any, scale: Any, units: Any) -> float | None:
+    """µm per pixel from a layer's metadata, scale and units (the state a napari writer gets).
 
     A scale of 1 in 'pixel' units (napari's default) says nothing, so None lets the model assume
     its training pixel size.
     """
-    md = layer.metadata if isinstance(layer.metadata, dict) else {}
+    md = metadata if isinstance(metadata, dict) else {}
     for key in ("pixel_size", "pixel_size_um"):
         meta = md.get(key)
         if isinstance(meta, (int, float)) and not isinstance(meta, bool):
             if np.isfinite(meta) and meta > 0:
                 return float(meta)
-    units = getattr(layer, "units", None)
     if units:
         unit = str(units[-1]).lower()
         factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(unit)
         if factor is not None:
-            return float(layer.scale[-1]) * factor
+            return float(scale[-1]) * factor
     return None
 
 
@@ -180,6 +186,8 @@ def output_name(source: str, role: str, label: str) -> str:
         return f"{source} · DAPI (Pix2Pix)"
     if role == ROLE_UNCERTAINTY:
         return f"{source} · uncertainty" + ("" if label == "LCM" else f" ({label})")
+    if role in (ROLE_LIVE, ROLE_LIVE_STACK):
+        return f"{source} · DAPI {role} ({label})"
     return f"{source} · DAPI ({label})"
 
 
@@ -213,6 +221,7 @@ def upsert_output(
     translate: tuple[float, ...],
     units: tuple[Any, ...] | None,
     plane: tuple[int, ...] = (),
+    provenance: dict | None = None,
 ) -> Image:
     """Add an output layer, or replace the data of the plugin's previous one in place.
 
@@ -222,6 +231,8 @@ def upsert_output(
     scale, translate = tuple(scale)[-nd:], tuple(translate)[-nd:]
     units = tuple(units)[-nd:] if units else None
     meta = {"source": source, "role": role, "label": label, "plane": list(plane)}
+    if provenance:
+        meta["provenance"] = provenance
     if role == ROLE_UNCERTAINTY:
         hi = float(np.percentile(data, 99.5)) if data.size else 0.0
         style = {"colormap": "magma", "contrast_limits": (0.0, max(hi, 1e-3))}

@@ -11,7 +11,7 @@ from qtpy.QtCore import QPointF, QRectF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QComboBox, QSizePolicy, QTableWidget, QWidget
 
-from ._layers import unsuitable_reason
+from ._layers import same_layer, unsuitable_reason
 
 NONE_TEXT = "(none)"
 
@@ -21,6 +21,10 @@ class LayerCombo(QComboBox):
 
     Items are layer names (unique in napari); the selection survives additions, removals and
     renames. ``explain()`` lists the layers it leaves out and why.
+
+    With ``follow_selection``, selecting a layer in napari's layer list (``selection.active``)
+    chooses it here too, if ``default`` would pick it, until the user picks a layer in the combo
+    by hand. A layer that becomes active only because it was just added does not take over.
     """
 
     layerChanged = Signal(object)  # the chosen Layer, or None
@@ -31,6 +35,7 @@ class LayerCombo(QComboBox):
         *,
         allow_none: bool = False,
         default: Callable[[], Layer | None] | None = None,
+        follow_selection: bool = False,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -43,7 +48,32 @@ class LayerCombo(QComboBox):
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.activated.connect(self._on_activated)
         self.currentIndexChanged.connect(lambda _i: self.layerChanged.emit(self.layer()))
+        self._just_added: Layer | None = None
+        if follow_selection:
+            layers = viewer.layers
+            layers.events.inserted.connect(self._on_inserted)
+            layers.selection.events.active.connect(self._on_active)
+            self.destroyed.connect(
+                lambda *_a: (
+                    layers.events.inserted.disconnect(self._on_inserted),
+                    layers.selection.events.active.disconnect(self._on_active),
+                )
+            )
         self.refresh()
+
+    def _on_inserted(self, event: Any) -> None:
+        self._just_added = event.value
+
+    def _on_active(self, *_args: Any) -> None:
+        active = self._viewer.layers.selection.active
+        if active is None or same_layer(active, self._just_added):
+            return  # napari activates a new layer (in several events): not the user's choice
+        self._just_added = None
+        if self._explicit:
+            return
+        chosen = self._default() if self._default else active
+        if chosen is not None and same_layer(chosen, active):
+            self.set_layer(active)
 
     def _on_activated(self, _index: int) -> None:
         self._explicit = True

@@ -7,42 +7,22 @@ best weights so far, so stopping early still gives a usable model.
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
 
 from napari.layers import Layer
-from napari.qt.threading import create_worker
-from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QHeaderView,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
 
+from . import _base as ui
 from . import _jobs
-from ._layers import base_data, default_dapi, default_qobm, same_layer
-from ._qt_helpers import LayerCombo, LossPlot, fit_table_height
-from .stain_widget import DEVICES, _stop_worker
+from ._base import BROWSE, DEVICES, DockBase
+from ._layers import base_data, default_dapi, same_layer
+from ._qt_helpers import LayerCombo, LossPlot
 
 PLUGIN = "napari-lcm-stain"
 STAIN_WIDGET = "Virtual stain"
-_BROWSE = "__browse__"
 #: Metrics shown before/after, in this order, when the trainer reports them.
 SHOWN_METRICS = (
     ("pearson", "Pearson"),
@@ -53,35 +33,20 @@ SHOWN_METRICS = (
 )
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(DockBase):
     """Dock that fine-tunes the packaged LCM on paired layers, then saves or uses the result."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self._job: dict[str, Any] = {}
-        self._pbar: progress | None = None
+        super().__init__(napari_viewer, parent)
         self.result: Any = None
-        self.last_error: str | None = None
         self._n_used = 0
         self._build()
-        layers = self.viewer.layers
-        for ev in (layers.events.inserted, layers.events.removed, layers.events.moved):
-            ev.connect(self._on_layers_changed)
-        layers.events.inserted.connect(self._on_layer_inserted)
-        for ly in layers:
-            ly.events.name.connect(self._on_layers_changed)
-        self.destroyed.connect(lambda *_a, h=self._job: _stop_worker(h))
+        self.watch_layers()
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        self.qobm_combo = LayerCombo(
-            self.viewer,
-            default=lambda: default_qobm(self.viewer.layers, self.viewer.layers.selection.active),
-        )
-        self.qobm_combo.setToolTip("qOBM phase image of your paired training data.")
+        form = ui.form_layout()
+        self.qobm_combo = self.qobm_picker("qOBM phase image of your paired training data.")
         form.addRow("qOBM layer", self.qobm_combo)
         self.dapi_combo = LayerCombo(
             self.viewer, default=lambda: default_dapi(self.viewer.layers, self.qobm_combo.layer())
@@ -89,100 +54,68 @@ class FinetuneWidget(QWidget):
         self.dapi_combo.setToolTip("Measured DAPI of the same field, pixel-aligned, same shape.")
         form.addRow("Paired DAPI", self.dapi_combo)
 
-        self.val_check = QCheckBox("Separate validation pair")
-        self.val_check.setToolTip(
-            "Validate on another field; otherwise a held-out fraction of the pair is used."
+        self.val_check = ui.check_box(
+            "Separate validation pair",
+            "Validate on another field; otherwise a held-out fraction of the pair is used.",
         )
         form.addRow(self.val_check)
         self.val_qobm_combo = LayerCombo(self.viewer, allow_none=True)
         self.val_dapi_combo = LayerCombo(self.viewer, allow_none=True)
         form.addRow("Validation qOBM", self.val_qobm_combo)
         form.addRow("Validation DAPI", self.val_dapi_combo)
-        self.val_fraction_spin = QDoubleSpinBox()
-        self.val_fraction_spin.setRange(0.05, 0.5)
-        self.val_fraction_spin.setSingleStep(0.05)
-        self.val_fraction_spin.setValue(0.2)
-        self.val_fraction_spin.setToolTip("Share of the pair held out for validation.")
+        self.val_fraction_spin = ui.float_box(
+            0.05, 0.5, 0.2, step=0.05, tip="Share of the pair held out for validation."
+        )
         form.addRow("Held-out fraction", self.val_fraction_spin)
 
         self.model_combo = QComboBox()
         self.model_combo.addItem("LCM (packaged)", "lcm")
-        self.model_combo.addItem("Checkpoint file…", _BROWSE)
+        self.model_combo.addItem("Checkpoint file…", BROWSE)
         self.model_combo.activated.connect(self._on_model_activated)
         self._model_index = 0
         form.addRow("Start from", self.model_combo)
 
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 100_000)
-        self.steps_spin.setValue(300)
+        self.steps_spin = ui.spin_box(1, 100_000, 300)
         form.addRow("Steps", self.steps_spin)
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(6)
-        self.lr_spin.setRange(1e-6, 1e-2)
-        self.lr_spin.setSingleStep(5e-5)
-        self.lr_spin.setValue(2e-4)
+        self.lr_spin = ui.float_box(1e-6, 1e-2, 2e-4, step=5e-5, decimals=6)
         form.addRow("Learning rate", self.lr_spin)
-        self.patch_spin = QSpinBox()
-        self.patch_spin.setRange(32, 1024)
-        self.patch_spin.setSingleStep(32)
-        self.patch_spin.setValue(128)
-        self.patch_spin.setSuffix(" px")
+        self.patch_spin = ui.spin_box(32, 1024, 128, step=32, suffix=" px")
         form.addRow("Patch size", self.patch_spin)
         self.device_combo = QComboBox()
         for name in DEVICES:
             self.device_combo.addItem(name, name)
         form.addRow("Device", self.device_combo)
-        self.seed_spin = QSpinBox()
-        self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin = ui.spin_box(0, 2**31 - 1, 0)
         form.addRow("Seed", self.seed_spin)
 
-        self.pair_note = QLabel()
-        self.pair_note.setWordWrap(True)
-        self.pair_note.setStyleSheet("color: #ff8a65;")
-
-        self.start_button = QPushButton("Start")
-        self.start_button.clicked.connect(lambda: self.start())
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop after this step and keep the best weights so far.")
-        self.stop_button.setEnabled(False)
-        self.stop_button.clicked.connect(self.stop)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button, 2)
-        buttons.addWidget(self.stop_button, 1)
-
-        self.status = QLabel("Pick a qOBM layer and its paired DAPI layer.")
-        self.status.setWordWrap(True)
-        self.plot = LossPlot()
-
-        self.metrics_table = QTableWidget(len(SHOWN_METRICS), 2)
-        self.metrics_table.setHorizontalHeaderLabels(["before", "after"])
-        self.metrics_table.setVerticalHeaderLabels([t for _, t in SHOWN_METRICS])
-        self.metrics_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.metrics_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.metrics_table.setToolTip(
-            "Validation metrics of the starting and the fine-tuned model."
+        self.pair_note = ui.note_label(color="#ff8a65")
+        self.start_button = ui.button("Start", self.start)
+        self.stop_button = ui.button(
+            "Stop",
+            self.stop,
+            tip="Stop after this step and keep the best weights so far.",
+            enabled=False,
         )
-        self.metrics_table.setVisible(False)
+        self.status.setText("Pick a qOBM layer and its paired DAPI layer.")
+        self.plot = LossPlot()
+        self.metrics_table = ui.metrics_table(
+            ["before", "after"],
+            "Validation metrics of the starting and the fine-tuned model.",
+            rows=[t for _, t in SHOWN_METRICS],
+        )
+        self.save_button = ui.button("Save checkpoint…", self.save, enabled=False)
+        self.use_button = ui.button("Use in Stain widget", self.use_in_stain_widget, enabled=False)
 
-        self.save_button = QPushButton("Save checkpoint…")
-        self.save_button.setEnabled(False)
-        self.save_button.clicked.connect(lambda: self.save())
-        self.use_button = QPushButton("Use in Stain widget")
-        self.use_button.setEnabled(False)
-        self.use_button.clicked.connect(lambda: self.use_in_stain_widget())
-        after = QHBoxLayout()
-        after.addWidget(self.save_button)
-        after.addWidget(self.use_button)
-
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.pair_note)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status)
-        layout.addWidget(self.plot)
-        layout.addWidget(self.metrics_table)
-        layout.addLayout(after)
-        layout.addStretch(1)
+        ui.stack(
+            self,
+            form,
+            self.pair_note,
+            ui.row((self.start_button, 2), (self.stop_button, 1)),
+            self.status,
+            self.plot,
+            self.metrics_table,
+            ui.row(self.save_button, self.use_button),
+        )
 
         for combo in (self.qobm_combo, self.dapi_combo, self.val_qobm_combo, self.val_dapi_combo):
             combo.layerChanged.connect(self._check_pair)
@@ -196,21 +129,17 @@ class FinetuneWidget(QWidget):
         self.val_fraction_spin.setEnabled(not on)
         self._check_pair()
 
-    def _on_layer_inserted(self, event: Any) -> None:
-        event.value.events.name.connect(self._on_layers_changed)
+    def layer_combos(self) -> list[LayerCombo]:
+        return [self.qobm_combo, self.dapi_combo, self.val_qobm_combo, self.val_dapi_combo]
 
-    def _on_layers_changed(self, *_args: Any) -> None:
-        for combo in (self.qobm_combo, self.dapi_combo, self.val_qobm_combo, self.val_dapi_combo):
-            combo.refresh()
+    def layers_refreshed(self) -> None:
         self._check_pair()
 
     def _on_model_activated(self, index: int) -> None:
-        if self.model_combo.itemData(index) != _BROWSE:
+        if self.model_combo.itemData(index) != BROWSE:
             self._model_index = index
             return
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Start from a checkpoint", "", "Checkpoints (*.safetensors);;All files (*)"
-        )
+        path = self.browse_checkpoint("Start from a checkpoint")
         if path:
             self.model_combo.insertItem(self.model_combo.count() - 1, Path(path).name, path)
             index = self.model_combo.count() - 2
@@ -245,10 +174,6 @@ class FinetuneWidget(QWidget):
         self.pair_note.setVisible(bool(problem))
         self.start_button.setEnabled(problem is None and not self.is_running)
 
-    @property
-    def is_running(self) -> bool:
-        return self._job.get("worker") is not None
-
     # ------------------------------------------------------------------ training
     def start(self) -> Any:
         """Start fine-tuning in the background; returns the worker (None if not started)."""
@@ -269,10 +194,15 @@ class FinetuneWidget(QWidget):
             )
         stop = threading.Event()
         steps = self.steps_spin.value()
-        worker = create_worker(
+        worker = self.start_worker(
             _jobs.finetune_job,
             qobm,
             dapi,
+            desc="Fine-tuning",
+            total=steps,
+            on_yield=self._on_tick,
+            on_return=self._on_returned,
+            stop_event=stop,
             stop=stop,
             model=self.model_combo.currentData(),
             steps=steps,
@@ -282,17 +212,10 @@ class FinetuneWidget(QWidget):
             val_fraction=self.val_fraction_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentData(),
-            _start_thread=False,
         )
-        worker.yielded.connect(self._on_tick)
-        worker.returned.connect(self._on_returned)
-        worker.finished.connect(self._on_finished)
-        self._job.update(worker=worker, stop=stop)
         self.result = None
-        self.last_error = None
         self.plot.clear(steps)
         self.metrics_table.setVisible(False)
-        self._pbar = progress(total=steps, desc="Fine-tuning")
         self.status.setText("Fine-tuning… (first steps include loading the model)")
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
@@ -312,21 +235,14 @@ class FinetuneWidget(QWidget):
 
     def _on_tick(self, tick: _jobs.FinetuneTick) -> None:
         self.plot.add(tick.step, tick.train_loss, tick.val_loss)
-        pbar = self._pbar  # local: progress events may process Qt events (re-entrancy)
-        if pbar is not None:
-            if tick.total and pbar.total != tick.total:
-                pbar.total = tick.total
-            pbar.update(max(0, tick.step - pbar.n))
+        self.advance(tick.step, tick.total)
         if not self._job.get("stop") or not self._job["stop"].is_set():
             loss = "" if tick.train_loss is None else f", train loss {tick.train_loss:.4g}"
             val = "" if tick.val_loss is None else f", validation {tick.val_loss:.4g}"
             self.status.setText(f"Step {tick.step}/{tick.total}{loss}{val}")
 
     def _on_returned(self, result: Any) -> None:
-        if self._job.get("closing"):
-            return
-        if isinstance(result, _jobs.JobFailure):
-            self._fail(f"Fine-tuning failed: {result.message}")
+        if self.job_failed(result, "Fine-tuning"):
             return
         if result is None:
             self._fail("Fine-tuning stopped before it produced weights.")
@@ -344,34 +260,15 @@ class FinetuneWidget(QWidget):
         self.save_button.setEnabled(True)
         self.use_button.setEnabled(True)
 
-    def _on_finished(self) -> None:
-        self._job.pop("worker", None)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        if self._job.get("closing"):
-            return
+    def worker_done(self) -> None:
         self.stop_button.setEnabled(False)
         self._check_pair()
 
-    def _fail(self, message: str) -> None:
-        self.last_error = message
-        self.status.setText(message)
-        show_error(message)
-
     def _show_metrics(self, before: dict, after: dict) -> None:
-        shown = False
-        for r, (key, _title) in enumerate(SHOWN_METRICS):
-            for c, values in enumerate((before or {}, after or {})):
-                v = values.get(key)
-                ok = isinstance(v, (int, float)) and math.isfinite(v)
-                item = QTableWidgetItem(f"{v:.3f}" if ok else "–")
-                item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-                self.metrics_table.setItem(r, c, item)
-                shown = shown or ok
-        self.metrics_table.setVisible(shown)
-        if shown:
-            fit_table_height(self.metrics_table)
+        before, after = before or {}, after or {}
+        ui.show_values(
+            self.metrics_table, [[before.get(k), after.get(k)] for k, _ in SHOWN_METRICS]
+        )
 
     # ------------------------------------------------------------------ after training
     def save(self, path: str | Path | None = None) -> Path | None:

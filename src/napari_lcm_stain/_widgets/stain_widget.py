@@ -2,50 +2,34 @@
 
 All computation runs in a napari ``thread_worker`` (`_jobs.stain_job`); this file only reads the
 controls, starts/cancels the worker and turns its result into layers. Cancelling drops the result
-before any layer is made, so a cancelled or failed run never leaves a half-made layer.
+before any layer is made, so a cancelled or failed run never leaves a half-made layer. *Live*
+(frames as they arrive) and *Watch folder…* are driven by `_live.LiveStain` / `_live.FolderWatch`;
+side by side by `_grid.SideBySide`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from napari.layers import Layer
-from napari.qt.threading import create_worker
-from napari.utils import progress
-from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QHeaderView,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QWidget
 from superqt import QCollapsible
 
+from . import _base as ui
 from . import _jobs
+from ._base import BROWSE, DEVICES, DockBase
+from ._grid import SideBySide
 from ._layers import (
-    DAPI_COLORMAP,
     ROLE_PIX2PIX,
     ROLE_STAIN,
     ROLE_UNCERTAINTY,
     base_data,
     current_plane,
-    default_qobm,
     default_truth,
     find_output,
     layer_pixel_size,
@@ -53,10 +37,8 @@ from ._layers import (
     same_layer,
     upsert_output,
 )
+from ._live import FolderWatch, LiveStain
 from ._qt_helpers import LayerCombo, fit_table_height
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-_BROWSE = "__browse__"
 
 
 @dataclass(frozen=True)
@@ -68,44 +50,13 @@ class ModelChoice:
     uses_steps: bool = True
 
 
-def _stop_worker(holder: dict) -> None:
-    """Ask a running worker to stop; connected to ``destroyed`` so closing the viewer stops it."""
-    worker = holder.get("worker")
-    if worker is not None:
-        holder["closing"] = True
-        event = holder.get("stop")
-        if event is not None:
-            event.set()
-        worker.quit()
-
-
-def _restore_order(layers: Any, names: list[str]) -> None:
-    """Put the named layers back in their saved order (others keep theirs, after them)."""
-    present = {ly.name for ly in layers}
-    saved = [n for n in names if n in present]
-    desired = saved + [ly.name for ly in layers if ly.name not in set(saved)]
-    for target, name in enumerate(desired):
-        current = layers.index(layers[name])
-        if current != target:
-            layers.move(current, target)
-
-
-def _grid(viewer: Any) -> Any:
-    """napari's grid settings (``viewer.canvas.grid`` since 0.9, ``viewer.grid`` before)."""
-    canvas = getattr(viewer, "canvas", None)
-    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
-
-
-class StainWidget(QWidget):
+class StainWidget(DockBase):
     """Dock that stains a qOBM layer with the packaged LCM (and Pix2Pix for comparison)."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self._job: dict[str, Any] = {}  # worker handle, shared with the destroyed-hook
-        self._pbar: progress | None = None
+        super().__init__(napari_viewer, parent)
         self._cache: dict = {}  # loaded predictors, reused across runs
-        self._grid_saved: dict[str, Any] | None = None
+        self._grid = SideBySide(self.viewer)
         # "current plane only": the source being followed, the plane shown, the plane running
         self._follow: str | None = None
         self._shown_plane: tuple[int, ...] | None = None
@@ -113,26 +64,21 @@ class StainWidget(QWidget):
         self._restart_plane = False
         self._cancelled = False
         self.last_outcome: _jobs.StainOutcome | None = None
-        self.last_error: str | None = None
         #: what "Compare with Pix2Pix" runs: the packaged baseline, or a Pix2Pix checkpoint path
         self.baseline_model: Any = "pix2pix"
         self._build()
         self._connect_viewer()
-        self.destroyed.connect(lambda *_a, h=self._job: _stop_worker(h))
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-
-        self.layer_combo = LayerCombo(
-            self.viewer, default=lambda: default_qobm(self.viewer.layers, self._active_layer())
+        form = ui.form_layout()
+        self.layer_combo = self.qobm_picker(
+            "Single-channel qOBM phase image to stain. Follows the layer selected in the layer "
+            "list until you pick one here.",
+            follow_selection=True,
         )
-        self.layer_combo.setToolTip("Single-channel qOBM phase image to stain.")
         form.addRow("qOBM layer", self.layer_combo)
-        self.layer_note = QLabel()
-        self.layer_note.setWordWrap(True)
-        self.layer_note.setStyleSheet("color: gray;")
+        self.layer_note = ui.note_label()
         form.addRow(self.layer_note)
 
         self.model_combo = QComboBox()
@@ -140,42 +86,35 @@ class StainWidget(QWidget):
         self.model_combo.addItem(
             "Teacher (packaged, slow DDIM)", ModelChoice("Teacher", "teacher", uses_steps=False)
         )
-        self.model_combo.addItem("Checkpoint file…", _BROWSE)
+        self.model_combo.addItem("Checkpoint file…", BROWSE)
         self.model_combo.setToolTip("Model for the main output; checkpoints are *.safetensors.")
         self._model_index = 0
         self.model_combo.activated.connect(self._on_model_activated)
         form.addRow("Model", self.model_combo)
 
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 4)
-        self.steps_spin.setValue(1)
-        self.steps_spin.setToolTip("LCM sampling steps: 1 is fastest; 2-4 refine details.")
+        self.steps_spin = ui.spin_box(
+            1, 4, 1, tip="LCM sampling steps: 1 is fastest; 2-4 refine details."
+        )
         form.addRow("Steps", self.steps_spin)
 
-        self.pix2pix_check = QCheckBox("Compare with Pix2Pix")
-        self.pix2pix_check.setChecked(True)
-        self.pix2pix_check.setToolTip("Also run the packaged Pix2Pix baseline.")
+        self.pix2pix_check = ui.check_box(
+            "Compare with Pix2Pix", "Also run the packaged Pix2Pix baseline.", checked=True
+        )
         form.addRow(self.pix2pix_check)
 
-        self.uncertainty_check = QCheckBox("Uncertainty (K samples)")
-        self.uncertainty_check.setToolTip(
+        self.uncertainty_check = ui.check_box(
+            "Uncertainty (K samples)",
             "Run the model K times with different noise: the DAPI layer becomes their mean and an "
-            "extra layer shows their standard deviation. Costs K times the time."
+            "extra layer shows their standard deviation. Costs K times the time.",
         )
-        self.samples_spin = QSpinBox()
-        self.samples_spin.setRange(2, 32)
-        self.samples_spin.setValue(4)
+        self.samples_spin = ui.spin_box(2, 32, 4)
         self.samples_spin.setPrefix("K = ")
         self.samples_spin.setEnabled(False)
         self.uncertainty_check.toggled.connect(self.samples_spin.setEnabled)
-        row = QHBoxLayout()
-        row.addWidget(self.uncertainty_check)
-        row.addWidget(self.samples_spin)
-        form.addRow(row)
+        form.addRow(ui.row(self.uncertainty_check, self.samples_spin))
 
         self.device_combo = QComboBox()
-        self.device_label = QLabel()
-        self.device_label.setStyleSheet("color: gray;")
+        self.device_label = ui.note_label()
         for name in DEVICES:
             self.device_combo.addItem(name, name)
             reason = self._device_unavailable(name)
@@ -184,14 +123,11 @@ class StainWidget(QWidget):
                 item.setEnabled(False)
                 item.setToolTip(reason)
         self.device_combo.currentIndexChanged.connect(self._update_device_label)
-        row = QHBoxLayout()
-        row.addWidget(self.device_combo)
-        row.addWidget(self.device_label, 1)
-        form.addRow("Device", row)
+        form.addRow("Device", ui.row(self.device_combo, (self.device_label, 1)))
 
-        self.plane_check = QCheckBox("Current plane only (follows the slider)")
-        self.plane_check.setToolTip(
-            "Stain only the plane on screen; moving the dims slider re-stains the new plane."
+        self.plane_check = ui.check_box(
+            "Current plane only (follows the slider)",
+            "Stain only the plane on screen; moving the dims slider re-stains the new plane.",
         )
         form.addRow(self.plane_check)
 
@@ -206,78 +142,88 @@ class StainWidget(QWidget):
         advanced = QWidget()
         adv = QFormLayout(advanced)
         adv.setContentsMargins(0, 0, 0, 0)
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(64, 4096)
-        self.tile_spin.setSingleStep(64)
-        self.tile_spin.setValue(1024)
-        self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip("Tile side; smaller tiles use less memory.")
+        self.tile_spin = ui.spin_box(
+            64, 4096, 1024, step=64, suffix=" px", tip="Tile side; smaller tiles use less memory."
+        )
         adv.addRow("Tile", self.tile_spin)
-        self.overlap_spin = QSpinBox()
-        self.overlap_spin.setRange(0, 512)
-        self.overlap_spin.setSingleStep(8)
-        self.overlap_spin.setValue(32)
-        self.overlap_spin.setSuffix(" px")
-        self.overlap_spin.setToolTip("Overlap between tiles, blended smoothly (no seams).")
+        self.overlap_spin = ui.spin_box(
+            0,
+            512,
+            32,
+            step=8,
+            suffix=" px",
+            tip="Overlap between tiles, blended smoothly (no seams).",
+        )
         adv.addRow("Overlap", self.overlap_spin)
-        self.pixel_spin = QDoubleSpinBox()
-        self.pixel_spin.setRange(0.0, 100.0)
-        self.pixel_spin.setDecimals(4)
-        self.pixel_spin.setSingleStep(0.01)
+        self.pixel_spin = ui.float_box(
+            0.0,
+            100.0,
+            0.0,
+            step=0.01,
+            decimals=4,
+            tip="Pixel size of the qOBM image. 'auto' uses the layer's µm scale or metadata, else "
+            "assumes the model's training pixel size.",
+        )
         self.pixel_spin.setSpecialValueText("auto")
         self.pixel_spin.setSuffix(" µm/px")
-        self.pixel_spin.setToolTip(
-            "Pixel size of the qOBM image. 'auto' uses the layer's µm scale or metadata, else "
-            "assumes the model's training pixel size."
-        )
         adv.addRow("Pixel size", self.pixel_spin)
-        self.seed_spin = QSpinBox()
-        self.seed_spin.setRange(0, 2**31 - 1)
-        self.seed_spin.setToolTip("Noise seed: same seed and device give the same output.")
+        self.seed_spin = ui.spin_box(
+            0, 2**31 - 1, 0, tip="Noise seed: same seed and device give the same output."
+        )
         adv.addRow("Seed", self.seed_spin)
         self.advanced = QCollapsible("Advanced")
         self.advanced.addWidget(advanced)
 
-        self.stain_button = QPushButton("Stain layer")
-        self.stain_button.setToolTip("Run the virtual stain (in the background).")
-        self.stain_button.clicked.connect(lambda: self.run())
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.stain_button, 2)
-        buttons.addWidget(self.cancel_button, 1)
-
-        self.status = QLabel("Ready.")
-        self.status.setWordWrap(True)
-
-        self.grid_button = QPushButton("Side by side")
-        self.grid_button.setCheckable(True)
-        self.grid_button.setToolTip(
-            "qOBM | model | Pix2Pix | ground truth in napari's grid (one shared camera)."
+        self.stain_button = ui.button(
+            "Stain layer", self.run, tip="Run the virtual stain (in the background)."
         )
+        self.cancel_button = ui.button("Cancel", self.cancel, enabled=False)
+        self.live_button = ui.button(
+            "Live",
+            lambda: None,
+            tip="Stain each new frame of the qOBM layer as it arrives (frames appended along its "
+            "first axis, or its data replaced), in the background with the model and settings "
+            "above. When staining falls behind it jumps to the newest frame.",
+        )
+        self.live_button.setCheckable(True)
+        self.live_button.toggled.connect(self.set_live)
+        self.live_label = ui.note_label()
+        self.live: LiveStain | None = None
+        self.watch_button = ui.button(
+            "Watch folder…",
+            lambda: None,
+            tip="Stain each new TIFF written into a folder, as `lcm-stain watch` does: pick the "
+            "folder, then where the stained files go. The newest result is shown as a layer.",
+        )
+        self.watch_button.setCheckable(True)
+        self.watch_button.toggled.connect(self._on_watch_toggled)
+        self.folder_watch: FolderWatch | None = None
+        self.status.setText("Ready.")
+
+        self.grid_button = ui.button(
+            "Side by side",
+            lambda: None,
+            tip="qOBM | model | Pix2Pix | ground truth in napari's grid (one shared camera).",
+        )
+        self.grid_button.setCheckable(True)
         self.grid_button.toggled.connect(self.set_side_by_side)
 
-        self.metrics_table = QTableWidget(0, len(_jobs.METRIC_KEYS))
-        self.metrics_table.setHorizontalHeaderLabels(
-            ["Pearson", "SSIM", "Recall", "Precision", "F1"]
-        )
-        self.metrics_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.metrics_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.metrics_table.setToolTip(
+        self.metrics_table = ui.metrics_table(
+            ["Pearson", "SSIM", "Recall", "Precision", "F1"],
             "Against the ground-truth DAPI: pixel Pearson/SSIM, and nuclei recall/precision/F1 "
-            "(Hungarian matching at IoU >= 0.5)."
+            "(Hungarian matching at IoU >= 0.5).",
         )
-        self.metrics_table.setVisible(False)
 
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.advanced)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status)
-        layout.addWidget(self.grid_button)
-        layout.addWidget(self.metrics_table)
-        layout.addStretch(1)
+        ui.stack(
+            self,
+            form,
+            self.advanced,
+            ui.row((self.stain_button, 2), (self.cancel_button, 1)),
+            ui.row(self.live_button, self.watch_button, (self.live_label, 1)),
+            self.status,
+            self.grid_button,
+            self.metrics_table,
+        )
 
         self.layer_combo.layerChanged.connect(self._on_source_changed)
         self.model_combo.currentIndexChanged.connect(self._update_steps_enabled)
@@ -285,12 +231,7 @@ class StainWidget(QWidget):
         self._on_source_changed(self.layer_combo.layer())
 
     def _connect_viewer(self) -> None:
-        layers = self.viewer.layers
-        for ev in (layers.events.inserted, layers.events.removed, layers.events.moved):
-            ev.connect(self._on_layers_changed)
-        for ly in layers:
-            ly.events.name.connect(self._on_layers_changed)
-        layers.events.inserted.connect(self._on_layer_inserted)
+        self.watch_layers()
         self.viewer.dims.events.current_step.connect(self._on_dims_step)
         self._plane_timer = QTimer(self)
         self._plane_timer.setSingleShot(True)
@@ -326,12 +267,10 @@ class StainWidget(QWidget):
         choice = self.model_combo.currentData()
         self.steps_spin.setEnabled(isinstance(choice, ModelChoice) and choice.uses_steps)
 
-    def _on_layer_inserted(self, event: Any) -> None:
-        event.value.events.name.connect(self._on_layers_changed)
+    def layer_combos(self) -> list[LayerCombo]:
+        return [self.layer_combo, self.truth_combo]
 
-    def _on_layers_changed(self, *_args: Any) -> None:
-        self.layer_combo.refresh()
-        self.truth_combo.refresh()
+    def layers_refreshed(self) -> None:
         self._update_layer_note()
 
     def _update_layer_note(self) -> None:
@@ -356,10 +295,8 @@ class StainWidget(QWidget):
         self._update_layer_note()
 
     def _on_model_activated(self, index: int) -> None:
-        if self.model_combo.itemData(index) == _BROWSE:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Open a stain checkpoint", "", "Checkpoints (*.safetensors);;All files (*)"
-            )
+        if self.model_combo.itemData(index) == BROWSE:
+            path = self.browse_checkpoint("Open a stain checkpoint")
             if path:
                 self.add_model(Path(path).stem, path)
             else:
@@ -387,17 +324,13 @@ class StainWidget(QWidget):
         choice = self.model_combo.currentData()
         return choice if isinstance(choice, ModelChoice) else ModelChoice("LCM", "lcm")
 
-    @property
-    def is_running(self) -> bool:
-        return self._job.get("worker") is not None
-
     def _pixel_size(self, layer: Layer) -> float | None:
         value = self.pixel_spin.value()
         return float(value) if value > 0 else layer_pixel_size(layer)
 
     # ------------------------------------------------------------------ running
-    def run(self, plane_only: bool | None = None) -> Any:
-        """Start staining the chosen layer; returns the worker (None if nothing was started)."""
+    def _source_to_stain(self) -> Layer | None:
+        """The qOBM layer, or None (with a message) when nothing can start now."""
         if self.is_running:
             show_info("A staining run is already going; cancel it first.")
             return None
@@ -407,6 +340,29 @@ class StainWidget(QWidget):
                 "No qOBM layer to stain: add a single-channel image layer "
                 "(or File > Open Sample > LCM Virtual Stain)."
             )
+        return source
+
+    def _engine_settings(self, source: Layer | None) -> dict[str, Any]:
+        pixel_size = self.pixel_spin.value() or None
+        return {
+            "tile": self.tile_spin.value(),
+            "overlap": self.overlap_spin.value(),
+            "device": self.device_combo.currentData(),
+            "seed": self.seed_spin.value(),
+            "pixel_size": self._pixel_size(source) if source is not None else pixel_size,
+            "cache": self._cache,
+        }
+
+    def _live_settings(self, source: Layer | None) -> dict[str, Any]:
+        """Model, steps and engine settings of live staining (one model, no extras)."""
+        choice = self.model_choice()
+        steps = self.steps_spin.value() if choice.uses_steps else None
+        return {"model": choice.model, "steps": steps, **self._engine_settings(source)}
+
+    def run(self, plane_only: bool | None = None) -> Any:
+        """Start staining the chosen layer; returns the worker (None if nothing was started)."""
+        source = self._source_to_stain()
+        if source is None:
             return None
         if plane_only is None:
             plane_only = self.plane_check.isChecked()
@@ -437,29 +393,21 @@ class StainWidget(QWidget):
         }
         self._follow = source.name if plane_only and source.ndim > 2 else None
         self._running_plane = plane if self._follow else None
-        worker = create_worker(
+        where = f" plane {', '.join(map(str, plane))}" if plane else ""
+        worker = self.start_worker(
             _jobs.stain_job,
             image,
             jobs,
-            tile=self.tile_spin.value(),
-            overlap=self.overlap_spin.value(),
-            device=self.device_combo.currentData(),
-            seed=self.seed_spin.value(),
-            pixel_size=self._pixel_size(source),
+            desc=f"Staining '{source.name}'{where}",
+            on_yield=self._on_progress,
+            on_return=self._on_returned,
+            on_abort=self._on_aborted,
             truth=truth,
             truth_labels=labels,
-            cache=self._cache,
-            _start_thread=False,
+            source=source.name,
+            **self._engine_settings(source),
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self._job["worker"] = worker
         self._cancelled = False
-        self.last_error = None
-        where = f" plane {', '.join(map(str, plane))}" if plane else ""
-        self._pbar = progress(total=0, desc=f"Staining '{source.name}'{where}")
         self.status.setText(f"Staining '{source.name}'{where}…")
         self._set_busy(True)
         worker.start()
@@ -490,6 +438,12 @@ class StainWidget(QWidget):
         worker = self._job.get("worker")
         if worker is None:
             return
+        if self.live_button.isChecked():
+            self.live_button.setChecked(False)  # stops live staining
+            return
+        if self.watch_button.isChecked():
+            self.stop_watch()
+            return
         self._cancelled = True
         self._restart_plane = False
         self.status.setText("Cancelling after the current tile…")
@@ -501,22 +455,13 @@ class StainWidget(QWidget):
         self.cancel_button.setEnabled(busy)
 
     def _on_progress(self, tick: _jobs.Progress) -> None:
-        pbar = self._pbar  # local: progress events may process Qt events (re-entrancy)
-        if pbar is None:
-            return
-        if tick.total and pbar.total != tick.total:
-            pbar.total = tick.total
-        pbar.set_description(tick.label)
-        pbar.update(max(0, tick.done - pbar.n))
+        self.advance(tick.done, tick.total, tick.label)
         if not self._cancelled:
             done = f" {tick.done}/{tick.total} tiles" if tick.total else ""
             self.status.setText(f"{tick.label}…{done}")
 
     def _on_returned(self, outcome: Any) -> None:
-        if self._cancelled or self._job.get("closing"):
-            return
-        if isinstance(outcome, _jobs.JobFailure):
-            self._fail(f"Staining failed: {outcome.message}")
+        if self._cancelled or self.job_failed(outcome, "Staining"):
             return
         if not isinstance(outcome, _jobs.StainOutcome):
             self._fail("Staining stopped without a result (see the log for details).")
@@ -534,6 +479,7 @@ class StainWidget(QWidget):
                 translate=info["translate"],
                 units=info["units"],
                 plane=info["plane"],
+                provenance=outcome.provenance.get((role, label)),
             )
         self.last_outcome = outcome
         self._shown_plane = info["plane"] if self._follow else None
@@ -544,28 +490,84 @@ class StainWidget(QWidget):
             text += "\nNote: " + "; ".join(outcome.notes)
         self.status.setText(text)
         if self.grid_button.isChecked():
-            self._apply_grid()
+            self._grid.apply(self.comparison_layers(), self.truth_combo.layer())
 
     def _on_aborted(self) -> None:
-        if not self._job.get("closing"):
+        if not self.closing:
             self.status.setText("Cancelled; no layer was changed.")
 
-    def _on_finished(self) -> None:
-        self._job.pop("worker", None)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        if self._job.get("closing"):
-            return
+    def worker_done(self) -> None:
         self._set_busy(False)
+        for toggle in (self.live_button, self.watch_button):  # a live run ended by itself
+            toggle.blockSignals(True)
+            toggle.setChecked(False)
+            toggle.blockSignals(False)
+        if self.live is not None and self.live.source is not None:
+            self.live.source = None
+            if not self.last_error:
+                self.status.setText(f"Live staining stopped. {self.live.summary()}")
         if self._restart_plane:
             self._restart_plane = False
             self._restain_plane()
 
-    def _fail(self, message: str) -> None:
-        self.last_error = message
-        self.status.setText(message)
-        show_error(message)
+    # ------------------------------------------------------------------ live staining
+    def set_live(self, on: bool) -> Any:
+        """Start (returns the worker) or stop live staining of the qOBM layer (see `_live`)."""
+        if self.live_button.isChecked() != on:
+            self.live_button.setChecked(on)  # re-enters through the toggled signal
+            return self._job.get("worker") if on and self.live is not None else None
+        if not on:
+            if self.live is not None and self.is_running:
+                self.status.setText("Stopping live staining after the current frame…")
+                self.live.stop()
+            return None
+        source = self._source_to_stain()
+        if source is None:
+            self.live_button.blockSignals(True)
+            self.live_button.setChecked(False)
+            self.live_button.blockSignals(False)
+            return None
+        self.live = LiveStain(self)
+        worker = self.live.start(source, self.model_choice().label, **self._live_settings(source))
+        self._cancelled = False
+        self.status.setText(f"Live: staining each new frame of '{source.name}'…")
+        self.live_label.setText(self.live.summary())
+        self._set_busy(True)
+        worker.start()
+        return worker
+
+    # ------------------------------------------------------------------ folder watch
+    def _on_watch_toggled(self, on: bool) -> None:
+        if not on:
+            self.stop_watch()
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Folder to watch for new TIFF files")
+        output = folder and QFileDialog.getExistingDirectory(self, "Folder for the stained files")
+        if not folder or not output or self.start_watch(folder, output) is None:
+            self.watch_button.blockSignals(True)
+            self.watch_button.setChecked(False)
+            self.watch_button.blockSignals(False)
+
+    def start_watch(self, folder: str | Path, output: str | Path) -> Any:
+        """Stain each new TIFF in ``folder`` into ``output`` (see `watch`); returns the worker."""
+        if self.is_running:
+            show_info("A staining run is already going; cancel it first.")
+            return None
+        self.folder_watch = FolderWatch(self)
+        worker = self.folder_watch.start(Path(folder), Path(output), self._live_settings(None))
+        self.watch_button.blockSignals(True)
+        self.watch_button.setChecked(True)
+        self.watch_button.blockSignals(False)
+        self.status.setText(f"Watching {folder} for new TIFF files…")
+        self._set_busy(True)
+        worker.start()
+        return worker
+
+    def stop_watch(self) -> None:
+        """Stop the folder watch after the file it is staining."""
+        if self.folder_watch is not None and self.is_running:
+            self.folder_watch.stop.set()
+            self.status.setText("Stopping the folder watch…")
 
     # ------------------------------------------------------------------ current plane only
     def _followed_source(self) -> Layer | None:
@@ -603,15 +605,11 @@ class StainWidget(QWidget):
         table = self.metrics_table
         table.setRowCount(len(metrics))
         table.setVerticalHeaderLabels(list(metrics))
-        for r, values in enumerate(metrics.values()):
-            for c, key in enumerate(_jobs.METRIC_KEYS):
-                v = values.get(key)
-                text = "–" if v is None or not math.isfinite(v) else f"{v:.3f}"
-                item = QTableWidgetItem(text)
-                item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-                table.setItem(r, c, item)
-        table.setVisible(bool(metrics))
-        if metrics:
+        shown = ui.show_values(
+            table, [[m.get(k) for k in _jobs.METRIC_KEYS] for m in metrics.values()]
+        )
+        if metrics and not shown:  # a model's row shows even when all its values are '–'
+            table.setVisible(True)
             fit_table_height(table)
 
     # ------------------------------------------------------------------ side by side
@@ -648,53 +646,6 @@ class StainWidget(QWidget):
                 show_info("Stain the layer first: side by side needs its DAPI output.")
                 self.grid_button.setChecked(False)
                 return
-            grid = _grid(self.viewer)
-            self._grid_saved = {
-                "grid": (grid.enabled, tuple(grid.shape), grid.stride),
-                "visible": {ly.name: ly.visible for ly in self.viewer.layers},
-                "order": [ly.name for ly in self.viewer.layers],
-                "overlay": {},
-            }
-            self._apply_grid()
+            self._grid.show(self.comparison_layers(), self.truth_combo.layer())
         else:
-            self._restore_grid()
-
-    def _apply_grid(self) -> None:
-        chosen = self.comparison_layers()
-        saved = self._grid_saved if self._grid_saved is not None else {"overlay": {}}
-        layers = self.viewer.layers
-        for ly in chosen:  # move to the top in order: index order = grid order, left to right
-            layers.move(layers.index(ly), len(layers))
-        for ly in layers:
-            ly.visible = any(same_layer(ly, c) for c in chosen)
-        for ly in chosen:
-            saved["overlay"].setdefault(ly.name, ly.name_overlay.visible)
-            ly.name_overlay.visible = True
-        truth = self.truth_combo.layer()
-        if truth is not None and any(same_layer(truth, c) for c in chosen):
-            # the measured DAPI in the outputs' colormap (its own contrast): compare data, not LUTs
-            saved.setdefault("colormap", {}).setdefault(truth.name, truth.colormap)
-            truth.colormap = DAPI_COLORMAP
-        n = len(chosen)
-        grid = _grid(self.viewer)
-        grid.stride = 1
-        grid.shape = (1, n) if n <= 3 else (2, math.ceil(n / 2))  # 4 -> 2x2 fills the canvas
-        grid.enabled = True
-        self.viewer.reset_view()
-
-    def _restore_grid(self) -> None:
-        saved, self._grid_saved = self._grid_saved, None
-        if saved is None:
-            return
-        enabled, shape, stride = saved["grid"]
-        grid = _grid(self.viewer)
-        grid.stride, grid.shape, grid.enabled = stride, shape, enabled
-        _restore_order(self.viewer.layers, saved["order"])
-        for ly in self.viewer.layers:
-            if ly.name in saved["visible"]:
-                ly.visible = saved["visible"][ly.name]
-            if ly.name in saved["overlay"]:
-                ly.name_overlay.visible = saved["overlay"][ly.name]
-            if ly.name in saved.get("colormap", {}):
-                ly.colormap = saved["colormap"][ly.name]
-        self.viewer.reset_view()
+            self._grid.restore()
