@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import tiling
+from . import ood, tiling
 from ._drain import drain
 from ._version import __version__
 
@@ -300,6 +300,7 @@ def iter_stain(
     noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
     clip = (0.0, 1.0)
     done = 0
+    ood_planes: dict[tuple, dict] = {}  # out-of-distribution score per plane (never blocks)
     try:
         yield done, total
         for idx in np.ndindex(*lead) if lead else [()]:
@@ -311,6 +312,7 @@ def iter_stain(
             if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
+            ood_planes[idx] = ood.check_plane(plane, px if px is not None else model_px)
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
             direct = k_eff == 1 and scale == 1.0 and compute is None
@@ -361,6 +363,9 @@ def iter_stain(
     finally:
         close()
 
+    ood_info = ood.summarise(ood_planes)
+    if ood_info and ood_info["note"]:
+        notes.append(ood_info["note"])
     info = {
         "model": getattr(pred, "name", type(pred).__name__),
         "steps": getattr(pred, "steps", steps),
@@ -379,6 +384,7 @@ def iter_stain(
         "work_shape": list(work),
         "scheduler": None if scheduler is None else str(scheduler),
         "warnings": notes,
+        "ood": ood_info,
         "version": __version__,
         "seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -408,4 +414,8 @@ def stain(
     gen = iter_stain(
         image, model, steps, tile, overlap, device, seed, pixel_size, samples, **kwargs
     )
-    return drain(gen, None if progress is None else lambda ev: progress(*ev)).mean
+    result = drain(gen, None if progress is None else lambda ev: progress(*ev))
+    note = (result.info.get("ood") or {}).get("note")
+    if note:  # stain() returns no info: the out-of-distribution note becomes a warning
+        warnings.warn(note, stacklevel=2)
+    return result.mean

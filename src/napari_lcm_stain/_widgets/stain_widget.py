@@ -543,6 +543,8 @@ class StainWidget(QWidget):
         if outcome.notes:
             text += "\nNote: " + "; ".join(outcome.notes)
         self.status.setText(text)
+        if outcome.ood is not None:  # a note, never a block: the layers are already there
+            show_warning(f"'{info['source']}': {outcome.ood['note']}")
         if self.grid_button.isChecked():
             self._apply_grid()
 
