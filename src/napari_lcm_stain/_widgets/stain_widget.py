@@ -504,13 +504,13 @@ class StainWidget(QWidget):
         pbar = self._pbar  # local: progress events may process Qt events (re-entrancy)
         if pbar is None:
             return
+        if not self._cancelled:  # before the bar: its events may deliver the final "Done" text
+            done = f" {tick.done}/{tick.total} tiles" if tick.total else ""
+            self.status.setText(f"{tick.label}…{done}")
         if tick.total and pbar.total != tick.total:
             pbar.total = tick.total
         pbar.set_description(tick.label)
         pbar.update(max(0, tick.done - pbar.n))
-        if not self._cancelled:
-            done = f" {tick.done}/{tick.total} tiles" if tick.total else ""
-            self.status.setText(f"{tick.label}…{done}")
 
     def _on_returned(self, outcome: Any) -> None:
         if self._cancelled or self._job.get("closing"):
