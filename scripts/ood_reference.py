@@ -210,20 +210,21 @@ def measure(ref: dict, sampler: Sampler, n_holdout: int, n_case: int, presets) -
 
 
 def format_table(result: dict) -> str:
+    """Markdown table of a `measure` result (also: `format_table(json.load(open(PATH)))`)."""
     lines = [
         f"threshold {result['threshold']:g} (score = RMS of robust z-scores)",
         "",
-        "| input | fields | flagged | score min / median / max |",
-        "|---|---:|---:|---|",
+        "| case | input | fields | flagged | score min / median / max |",
+        "|---|---|---:|---:|---|",
     ]
     for group, title in (
-        ("false_alarms", "false alarms"),
+        ("false_alarms", "in-domain"),
         ("must_flag", "must flag"),
         ("reported", "reported"),
     ):
         for name, r in result[group].items():
             lines.append(
-                f"| {name} ({title}) | {r['n']} | {r['flagged']} ({100 * r['rate']:.0f} %) | "
+                f"| {title} | {name} | {r['n']} | {r['flagged']} ({100 * r['rate']:.0f} %) | "
                 f"{r['score_min']:.1f} / {r['score_median']:.1f} / {r['score_max']:.1f} |"
             )
     return "\n".join(lines)
