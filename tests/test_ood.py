@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -166,3 +167,42 @@ def test_cli_prints_one_note_for_a_wrong_input_and_none_for_phase(capsys, tmp_pa
     wrote = [ln for ln in out if ln.startswith("wrote ")]
     assert "labels-out.tif" in wrote[0] and "phase-out.tif" in wrote[1]
     assert out.index(ood_lines[0]) < out.index(wrote[1])  # the note belongs to the labels
+
+
+# ------------------------------------------------------------------------------ reference script
+
+
+@pytest.fixture(scope="module")
+def script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "ood_reference.py"
+    spec = importlib.util.spec_from_file_location("ood_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_script_builds_from_any_sampler(script, tmp_path, field, monkeypatch):
+    calls = []
+
+    def sampler(seed, size):  # a stand-in for a future domain-randomised sampler
+        calls.append((seed, size))
+        return field.qobm[: size // 2, : size // 2] * (1 + seed % 3), 0.5
+
+    monkeypatch.setattr(script, "load_sampler", lambda spec: sampler)
+    out = tmp_path / "ref.json"
+    assert script.main(["--sampler", "mine:sampler", "--n", "4", "--out", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    assert [s for s, _ in calls] == [script.REFERENCE_SEED0 + i for i in range(4)]
+    assert [z for _, z in calls] == list(script.REFERENCE_SIZES)
+    assert ref["pixel_size"] == 0.5 and set(ref["features"]) == set(ood.FEATURES)
+    assert ref["built_from"]["sampler"] == "mine:sampler" and ref["built_from"]["n"] == 4
+    assert ref["threshold"] == pytest.approx(
+        math.ceil(script.THRESHOLD_FACTOR * ref["reference_max_score"] * 10) / 10
+    )
+    assert ood.ood_score(field.qobm, 0.5, ref)["threshold"] == ref["threshold"]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="module:function"):
+        script.load_sampler("no_colon")
