@@ -244,6 +244,8 @@ def iter_stain(
     `loader` (picklable, zero-arg) lets workers build the predictor instead of receiving it.
     `context`: input-only margin (px) around each tile; None = the model's receptive-field
     radius (`tiling.model_context`), so tiled output matches whole-image output.
+    `info["ood"]`: the input's out-of-distribution score (`ood.ood_score`; the worst plane of a
+    stack); when flagged its note is also in `info["warnings"]`. Never blocks.
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
