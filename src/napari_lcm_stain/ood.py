@@ -8,11 +8,14 @@ Features (all about the *shape* of the data, none about its units):
 
 - ``skew``: quantile skewness ``(q95 + q5 - 2 q50) / (q95 - q5)``. qOBM phase is relative and
   roughly symmetric; fluorescence and brightfield intensities are one-sided.
+- ``asym``: ``log((q99.5 - q50) / (q50 - q0.5))``, a long bright tail (fluorescence) or a long
+  dark one (absorption).
 - ``tails``: ``log((q99.5 - q0.5) / (q75 - q25))``, tail weight relative to the core.
 - ``flat``: fraction of neighbouring pixels with exactly equal values (label images, masks,
   saturated or heavily quantised data are piecewise constant).
-- ``band0`` … ``band4``: log10 of the radially averaged power in fixed *physical* frequency bands
-  (cycles/µm, at the pixel size given, else the model's), relative to the 0.12–0.3 cycles/µm band.
+- ``band0``, ``band1``, ``band3``, ``band4``: log10 of the radially averaged power in fixed
+  *physical* frequency bands (0.02–0.05, 0.05–0.12, 0.3–0.6, 0.6–1.2 cycles/µm, at the pixel size
+  given, else the model's), relative to the 0.12–0.3 cycles/µm band (``band2``).
   qOBM phase is high-pass (background subtracted) and band-limited by the optics; fluorescence or
   brightfield has strong low-frequency power, white noise has a flat spectrum, and a wrong pixel
   size shifts the whole spectrum along the frequency axis.
