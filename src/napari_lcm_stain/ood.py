@@ -23,7 +23,8 @@ Features (all about the *shape* of the data, none about its units):
 
 Each feature becomes a robust z-score ``(value - median) / spread`` against simulated training-like
 fields (``weights/ood_reference.json``, made by ``scripts/ood_reference.py``); the score is the
-root-mean-square of the z-scores, and the image is flagged when it exceeds the reference's
+larger of two root-mean-square z-scores, over the value features (skew, asym, tails, flat) and
+over the spatial ones (corr1, bands), and the image is flagged when it exceeds the reference's
 threshold. The (at most two) features with the largest |z| are reported as reasons in words.
 """
 
@@ -57,6 +58,13 @@ REASON_Z = 3.0
 FEATURES = ("skew", "asym", "tails", "flat", "corr1") + tuple(
     f"band{i}" for i in range(len(BAND_EDGES) - 1) if i != ANCHOR_BAND
 )
+
+#: The score is the larger of the groups' root-mean-square z-scores, so that a shift in the value
+#: distribution is not diluted by normal spatial statistics, and the other way round.
+GROUPS = {
+    "values": ("skew", "asym", "tails", "flat"),
+    "spatial": tuple(f for f in FEATURES if f == "corr1" or f.startswith("band")),
+}
 
 # Words for each feature: (too high, too low).
 _WORDS = {
@@ -183,13 +191,17 @@ def load_reference(path=None) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def _rms(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values) / len(values)) if values else 0.0
+
+
 def ood_score(plane, pixel_size: float | None = None, reference: dict | None = None) -> dict:
     """Score one 2-D plane: ``{"score", "threshold", "flag", "reasons", "z"}``.
 
     ``pixel_size``: µm/px of ``plane`` (None: assumed to be the model's). ``reference``: a dict
     as in ``weights/ood_reference.json`` (None: the packaged one).
-    ``score`` is the root-mean-square of the features' robust z-scores against the training-like
-    reference fields; ``flag`` is ``score > threshold``; ``reasons`` names the (at most two)
+    ``score`` is the larger of the root-mean-square robust z-scores (against the training-like
+    reference fields) of the value features and of the spatial features (``GROUPS``); ``flag`` is ``score > threshold``; ``reasons`` names the (at most two)
     features furthest out, in words; ``z`` holds every feature's z-score.
     """
     ref = load_reference() if reference is None else reference
@@ -211,7 +223,7 @@ def ood_score(plane, pixel_size: float | None = None, reference: dict | None = N
         v = f.get(name, float("nan"))
         if math.isfinite(v):
             zs[name] = (v - float(stats["center"])) / float(stats["spread"])
-    score = math.sqrt(sum(v * v for v in zs.values()) / len(zs)) if zs else 0.0
+    score = max((_rms([zs[n] for n in g if n in zs]) for g in GROUPS.values()), default=0.0)
     flag = score > threshold
     top = sorted(zs, key=lambda n: -abs(zs[n]))[:2]
     reasons = [
