@@ -206,3 +206,18 @@ def test_reference_script_builds_from_any_sampler(script, tmp_path, field, monke
     monkeypatch.undo()
     with pytest.raises(SystemExit, match="module:function"):
         script.load_sampler("no_colon")
+
+
+def test_reference_script_measure_reports_every_case(script, tmp_path):
+    out = tmp_path / "ood.json"
+    args = ["--measure", "--n-holdout", "2", "--n-case", "1", "--json", str(out)]
+    assert script.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["threshold"] == ood.load_reference()["threshold"]
+    assert result["false_alarms"]["in-domain held-out fields"]["n"] == 2
+    must = result["must_flag"]
+    assert {"DAPI image as phase", "label image (nuclei labels)", "pure noise (Gaussian, float)",
+            "pixel size 3x coarser, no metadata"} <= set(must)  # fmt: skip
+    assert any(k.startswith("brightfield-like") for k in must)
+    assert all(r["n"] == 1 and r["rate"] == 1.0 for r in must.values()), must
+    assert "shifted-20x (mild shift)" in result["reported"]
