@@ -25,13 +25,13 @@ print('wheel install ok:', napari_lcm_stain.__file__, len(pm.contributions.widge
 
 def main(wheel: str) -> int:
     names = zipfile.ZipFile(wheel).namelist()
-    need = ["napari_lcm_stain/napari.yaml", "napari_lcm_stain/weights/ood_reference.json"]
+    need = ["napari_lcm_stain/napari.yaml"]
     weights = [n for n in names if n.startswith("napari_lcm_stain/weights/")]
     missing = [n for n in need if n not in names]
     if missing:
         print(f"wheel lacks {missing}", file=sys.stderr)
         return 1
-    print(f"wheel has the manifest, the OOD reference and {len(weights)} weight files")
+    print(f"wheel has the manifest and {len(weights)} weight files")
     with tempfile.TemporaryDirectory() as d:
         venv = Path(d) / "venv"
         subprocess.run(

@@ -219,8 +219,7 @@ def iter_finetune(
         qobm=tq,
         dapi=td,
         pixel_size=px,
-        qobm_mean=0.0,
-        qobm_std=1.0,
+        normalization=predictor.normalization,
         latents=np.stack([z[:, : td.shape[1] // fac, : td.shape[2] // fac] for z in z_all]),
     )
     torch.manual_seed(seed)

@@ -14,7 +14,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from . import checkpoints as ckpt
-from .device import inference_dtype, prepare_module, resolve_device
+from . import normalization
+from .device import inference_dtype, prepare_module, resolve_device, to_device
 from .models import build
 
 # v-prediction with zero-terminal-SNR betas and trailing spacing: epsilon-prediction with SD's
@@ -63,16 +64,21 @@ class Predictor:
         self.config = config
         self.device = device
         self.dtype = dtype or inference_dtype(device)
-        norm = config.get("normalization", {})
-        self.in_mean = float(norm.get("qobm_mean", 0.0))
-        self.in_std = float(norm.get("qobm_std", 1.0))
+        self.normalization = config.get("normalization") or {}
         self.pixel_size = float(config.get("pixel_size", 0.414))
         self.receptive_field = int(config.get("receptive_field", 64))
 
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        """The training normalisation of the phase image (stored in the checkpoint)."""
-        y = (np.asarray(x, dtype=np.float32) - self.in_mean) / self.in_std
-        return np.clip(y, -10.0, 10.0, out=y)
+    def norm_stats(self, plane) -> dict:
+        """Centre and scale of one whole plane under the checkpoint's normalisation: computed
+        once before tiling, so every tile of the plane is normalised alike."""
+        return normalization.plane_stats(self.normalization, plane)
+
+    def normalize(self, x: np.ndarray, stats: dict | None = None) -> np.ndarray:
+        """The training normalisation (stored in the checkpoint). With `stats` (from
+        `norm_stats` of the whole plane) `x` may be a tile; without, `x` is whole planes."""
+        if stats is None:
+            return normalization.normalize(self.normalization, x)
+        return normalization.apply(x, stats, float(self.normalization.get("clip", 10.0)))
 
     def noise_shape(self, h: int, w: int) -> tuple[int, ...] | None:
         if not self.n_noise:
@@ -82,9 +88,9 @@ class Predictor:
 
     def __call__(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            x = x.to(self.device, self.dtype)
+            x = to_device(x, self.device, self.dtype)
             if noise is not None:
-                noise = noise.to(self.device, self.dtype)
+                noise = to_device(noise, self.device, self.dtype)
             y = self._forward(x, noise)
             return y.float().clamp_(0.0, 1.0).cpu()
 
@@ -95,10 +101,12 @@ class Predictor:
 class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps)."""
 
-    def __init__(self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None):
+    def __init__(
+        self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False
+    ):
         super().__init__(config, device, dtype)
-        self.unet = prepare_module(unet, device, self.dtype)
-        self.decoder = prepare_module(decoder, device, self.dtype)
+        self.unet = prepare_module(unet, device, self.dtype, compile)
+        self.decoder = prepare_module(decoder, device, self.dtype, compile)
         self.mode = mode
         self.steps = int(steps)
         self.latent_scale = float(config["latent_scale"])
@@ -144,9 +152,9 @@ class PixelPredictor(Predictor):
 
     name = "Pix2Pix"
 
-    def __init__(self, generator, config: dict, device):
-        super().__init__(config, device)
-        self.generator = prepare_module(generator, device)
+    def __init__(self, generator, config: dict, device, dtype=None, compile=False):
+        super().__init__(config, device, dtype)
+        self.generator = prepare_module(generator, device, self.dtype, compile)
         self.multiple = generator.multiple
 
     def _forward(self, x, noise):
@@ -154,16 +162,25 @@ class PixelPredictor(Predictor):
 
 
 def predictor_from_checkpoint(
-    checkpoint: ckpt.Checkpoint, steps: int | None = None, device="auto", mode: str | None = None
+    checkpoint: ckpt.Checkpoint,
+    steps: int | None = None,
+    device="auto",
+    mode: str | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Predictor:
-    """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix')."""
+    """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix').
+
+    `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
+    `compile`: `torch.compile` the networks on CUDA."""
     dev = resolve_device(device)
+    dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config
     kind = mode or cfg.get("kind")
     if kind == "pix2pix":
         gen = build(cfg["architecture"]["generator"])
         ckpt.load_into(gen, checkpoint.sub("generator"), "Pix2Pix generator")
-        return PixelPredictor(gen, cfg, dev)
+        return PixelPredictor(gen, cfg, dev, dtype, compile)
     if kind in ("lcm", "teacher"):
         unet = build(cfg["architecture"]["unet"])
         vae = build(cfg["architecture"]["vae"])
@@ -174,18 +191,22 @@ def predictor_from_checkpoint(
             raise ValueError(f"LCM steps must be 1-{MAX_LCM_STEPS} (1 is the default), got {n}")
         if kind == "teacher" and not 1 <= n <= 1000:
             raise ValueError(f"teacher DDIM steps must be 1-1000, got {n}")
-        return LatentPredictor(unet, vae.decoder, cfg, dev, "lcm" if kind == "lcm" else "ddim", n)
+        mode = "lcm" if kind == "lcm" else "ddim"
+        return LatentPredictor(unet, vae.decoder, cfg, dev, mode, n, dtype, compile)
     raise ckpt.CheckpointError(
         f"checkpoint kind {kind!r} is not a stain model (expected 'lcm', 'teacher' or 'pix2pix')"
     )
 
 
-def load_predictor(model="lcm", steps: int | None = None, device="auto") -> Predictor:
+def load_predictor(
+    model="lcm", steps: int | None = None, device="auto", precision="auto", compile=False
+) -> Predictor:
     """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
     if isinstance(model, Predictor):
         return model
+    opts = {"precision": precision, "compile": compile}
     if isinstance(model, str) and model.lower() in ckpt.PACKAGED:
-        return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device)
+        return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device, **opts)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix != ".safetensors" and not path.exists():
@@ -193,7 +214,7 @@ def load_predictor(model="lcm", steps: int | None = None, device="auto") -> Pred
                 f"unknown model {str(model)!r}: use 'lcm', 'pix2pix', 'teacher' or a path to a "
                 ".safetensors checkpoint"
             )
-        return predictor_from_checkpoint(ckpt.load_checkpoint(path), steps, device)
+        return predictor_from_checkpoint(ckpt.load_checkpoint(path), steps, device, **opts)
     raise TypeError(
         f"model must be a name, a checkpoint path or a Predictor, not {type(model).__name__}"
     )

@@ -452,7 +452,11 @@ def _dask_batch(crops, index_maps, noises, predictor, loader, grid, items, norma
     tiles = []
     for c, (iy, ix) in zip(crops, index_maps):
         t = np.asarray(np.asarray(c)[np.ix_(iy, ix)], dtype=np.float32)
-        tiles.append(np.asarray(pred.normalize(t), dtype=np.float32) if normalize else t)
+        if isinstance(normalize, dict):  # the whole plane's statistics (engine.norm_stats)
+            t = pred.normalize(t, normalize)
+        elif normalize:
+            t = pred.normalize(t)
+        tiles.append(np.asarray(t, dtype=np.float32))
     return _weighted_batch(pred, grid, items, np.stack(tiles), noises)
 
 
@@ -488,7 +492,7 @@ def predict_tiled_dask(
     noise_canvas: torch.Tensor | None = None,
     batch: int = 4,
     loader: Callable[[], object] | None = None,
-    normalize: bool = False,
+    normalize: bool | dict = False,
     clip: tuple[float, float] | None = None,
     context: int = 0,
 ):
@@ -497,7 +501,8 @@ def predict_tiled_dask(
     `predictor` gives the grid (multiple); with `loader` (a picklable zero-argument callable, e.g.
     `functools.partial(sampling.load_predictor, "lcm", 1, "cpu")`) each worker builds its own
     predictor once instead of receiving a pickled model in the graph. `normalize=True` applies
-    `predictor.normalize` per tile on the workers (pass the raw plane); `clip` as in predict_tiled.
+    `predictor.normalize` per tile on the workers (pass the raw plane); a dict passes the whole
+    plane's statistics (`predictor.norm_stats`) with it; `clip` as in predict_tiled.
     """
     import dask
     import dask.array as da

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..normalization import fixed_config, normalize, robust_config
+from .augment import augment_qobm
 from .presets import TrainPreset
 
 
@@ -17,15 +19,22 @@ class PairedData:
     qobm: np.ndarray  # (N, H, W) float32, normalised
     dapi: np.ndarray  # (N, H, W) float32
     pixel_size: float
-    qobm_mean: float
-    qobm_std: float
+    normalization: dict  # the `normalization` config the checkpoints record
     latents: np.ndarray | None = None  # (N, C, H/f, W/f), scaled
+    augment: bool = False  # instrument augmentation of the qOBM crops (training/augment.py)
 
     def batch(
-        self, rng: np.random.Generator, n: int, crop: int, factor: int = 4, latents: bool = True
+        self,
+        rng: np.random.Generator,
+        n: int,
+        crop: int,
+        factor: int = 4,
+        latents: bool = True,
+        device: torch.device | None = None,
     ):
         """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and (if `latents` and
-        present) latents; crops start on multiples of `factor`, the latent downsampling."""
+        present) latents; crops start on multiples of `factor`, the latent downsampling; the
+        tensors go to `device` (default: stay on the CPU)."""
         N, H, W = self.qobm.shape
         crop = min(crop, H - H % factor, W - W % factor)
         q, d, z = [], [], []
@@ -46,9 +55,15 @@ class PairedData:
                 z.append(
                     aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
                 )
-        qt = torch.from_numpy(np.stack(q))[:, None]
+        q = np.stack(q)
+        if self.augment:
+            q = augment_qobm(q, rng)
+        qt = torch.from_numpy(q)[:, None]
         dt = torch.from_numpy(np.stack(d))[:, None]
         zt = torch.from_numpy(np.stack(z)) if z else None
+        if device is not None and device.type != "cpu":
+            qt, dt = qt.to(device, non_blocking=True), dt.to(device, non_blocking=True)
+            zt = None if zt is None else zt.to(device, non_blocking=True)
         return qt, dt, zt
 
 
@@ -64,11 +79,14 @@ def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
         ds.append(s.dapi.astype(np.float32))
         px.append(s.pixel_size)
     q = np.stack(qs)
-    mean, std = float(q.mean()), float(q.std() + 1e-6)
+    if preset.input_norm == "fixed":  # the pre-robust recipe: one training-set mean and std
+        norm = fixed_config(float(q.mean()), float(q.std() + 1e-6))
+    else:
+        norm = robust_config()
     return PairedData(
-        qobm=np.clip((q - mean) / std, -10, 10).astype(np.float32),
+        qobm=normalize(norm, q),
         dapi=np.stack(ds),
         pixel_size=float(np.median(px)),
-        qobm_mean=mean,
-        qobm_std=std,
+        normalization=norm,
+        augment=preset.augment,
     )
