@@ -71,8 +71,12 @@ def load_sampler(spec: str) -> Sampler:
     return getattr(importlib.import_module(mod), fn)
 
 
-def build_reference(sampler: Sampler, n: int, describe: str) -> dict:
-    """Median/spread per feature over n fields, and the threshold (see module docstring)."""
+def build_reference(sampler: Sampler, n: int, describe: str, quantile: float = 1.0) -> dict:
+    """Median/spread per feature over n fields, and the threshold (see module docstring).
+
+    ``quantile`` < 1 bases the threshold on that quantile of the reference scores instead of their
+    maximum (for a very diverse training set whose rare extreme fields would loosen it too much).
+    """
     rows, pxs = [], []
     for i in range(n):
         plane, px = sampler(REFERENCE_SEED0 + i, REFERENCE_SIZES[i % len(REFERENCE_SIZES)])
@@ -90,12 +94,18 @@ def build_reference(sampler: Sampler, n: int, describe: str) -> dict:
         stats[name] = {"center": round(center, 6), "spread": round(max(spread, MIN_SPREAD), 6)}
     ref = {"pixel_size": ref_px, "threshold": math.inf, "features": stats}
     scores = [ood.ood_score(p, px, ref)["score"] for p, px in zip(rows, pxs)]
-    ref["threshold"] = math.ceil(THRESHOLD_FACTOR * max(scores) * 10) / 10
+    base = float(np.quantile(scores, quantile))
+    ref["threshold"] = math.ceil(THRESHOLD_FACTOR * base * 10) / 10
     ref.update(
         version=1,
         package_version=__version__,
         score="max over ood.GROUPS of the root-mean-square robust z-score (value - center) / spread",
-        threshold_rule=f"{THRESHOLD_FACTOR} x the largest reference score, rounded up to 0.1",
+        threshold_rule=(
+            f"{THRESHOLD_FACTOR} x the largest reference score, rounded up to 0.1"
+            if quantile >= 1.0
+            else f"{THRESHOLD_FACTOR} x the {quantile:g} quantile of the reference scores, "
+            "rounded up to 0.1"
+        ),
         reference_max_score=round(max(scores), 3),
         built_from={
             "sampler": describe,
@@ -123,15 +133,16 @@ def wrong_inputs(n: int, presets: tuple[str, ...]) -> dict[str, list[tuple[np.nd
     """Inputs the score must flag (and, last, the mild shift it reports): name -> (plane, px)."""
     from skimage.transform import rescale
 
-    from napari_lcm_stain.simulate import get_preset, simulate_pair
+    from napari_lcm_stain.simulate import PRESETS, get_preset, simulate_pair
 
     cases: dict[str, list] = {}
+    fixed = [p for p in presets if p in PRESETS] or list(DEFAULT_PRESETS)  # not "domain-random"
 
     def add(name, plane, px=None):
         cases.setdefault(name, []).append((plane, px))
 
     for i in range(n):
-        p = presets[i % len(presets)]
+        p = fixed[i % len(fixed)]
         rng = np.random.default_rng(WRONG_SEED0 + i)
         s = simulate_pair(p, size=256, seed=WRONG_SEED0 + i)
         add("DAPI image as phase", s.dapi)
@@ -236,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
     ap.add_argument("--sampler", default=None, help="module:function(seed, size) -> (plane, px)")
     ap.add_argument("--n", type=int, default=128, help="reference fields (build)")
+    ap.add_argument(
+        "--threshold-quantile",
+        type=float,
+        default=1.0,
+        help="threshold from this quantile of the reference scores (default 1: their maximum)",
+    )
     ap.add_argument("--n-holdout", type=int, default=64, help="held-out in-domain fields")
     ap.add_argument("--n-case", type=int, default=32, help="fields per wrong-input case")
     ap.add_argument("--out", default=str(ood.REFERENCE_PATH), help="reference JSON (build)")
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.measure:
         from napari_lcm_stain.checkpoints import atomic_write_bytes
 
-        ref = build_reference(sampler, a.n, describe)
+        ref = build_reference(sampler, a.n, describe, a.threshold_quantile)
         atomic_write_bytes(Path(a.out), (json.dumps(ref, indent=2) + "\n").encode())
         print(f"wrote {a.out}: threshold {ref['threshold']} (max reference score "
               f"{ref['reference_max_score']})")  # fmt: skip
