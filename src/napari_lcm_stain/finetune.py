@@ -86,6 +86,8 @@ def _as_planes(a, name: str) -> np.ndarray:
         a = a[None]
     if a.ndim != 3:
         raise ValueError(f"{name} must be 2D (Y, X) or a stack (N, Y, X), got shape {a.shape}")
+    if 0 in a.shape:
+        raise ValueError(f"{name} is empty (shape {a.shape}): fine-tuning needs at least one plane")
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise ValueError(
