@@ -65,7 +65,7 @@ def scratch_venv(where: Path) -> Path:
 
 def main(wheel: str) -> int:
     names = zipfile.ZipFile(wheel).namelist()
-    need = [f"{PACKAGE}/napari.yaml"]
+    need = [f"{PACKAGE}/napari.yaml", f"{PACKAGE}/weights/ood_reference.json"]
     weights = [n for n in names if n.startswith(f"{PACKAGE}/weights/")]
     missing = [n for n in need if n not in names]
     if missing:

@@ -767,3 +767,37 @@ def test_strange_inputs_stain_or_explain(make_napari_viewer, qtbot, models):
     assert outcomes["all NaN"].startswith("Staining failed:") and "NaN" in outcomes["all NaN"]
     assert outcomes["some NaN"] == "stained" and outcomes["constant"] == "stained"
     assert outcomes["dask stack"] == "stained" and outcomes["strided view"] == "stained"
+
+
+def test_out_of_distribution_input_is_a_warning_and_a_status_note(
+    make_napari_viewer, qtbot, models
+):
+    viewer = make_napari_viewer()
+    q, s = _field(viewer, with_truth=False)
+    labels = viewer.add_image(s.nuclei, name="labels as phase", scale=q.scale)
+    widget = _stain_dock(viewer)
+    widget.pix2pix_check.setChecked(False)
+
+    def ood_warnings_since(n):
+        return [
+            str(r.message)
+            for r in notification_manager.records[n:]
+            if r.severity == NotificationSeverity.WARNING and "does not look like" in str(r.message)
+        ]
+
+    widget.layer_combo.set_layer(q)
+    n_notes = len(notification_manager.records)
+    _click_and_wait(qtbot, widget)  # a simulated phase field: quiet
+    assert ood_warnings_since(n_notes) == []
+    assert "OOD score" not in widget.status.text()
+
+    widget.layer_combo.set_layer(labels)
+    n_notes = len(notification_manager.records)
+    _click_and_wait(qtbot, widget)
+    warned = ood_warnings_since(n_notes)
+    assert len(warned) == 1 and warned[0].startswith("'labels as phase': input does not look like")
+    assert "exactly equal" in warned[0]
+    assert widget.status.text().startswith("Done: 1 layer(s)")  # never blocks
+    assert "OOD score" in widget.status.text()
+    assert widget.last_outcome.ood["flag"] is True
+    assert "labels as phase · DAPI (LCM)" in viewer.layers

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import tiling
+from . import ood, tiling
 from ._drain import drain
 from ._version import __version__
 from .device import auto_batch
@@ -349,6 +349,8 @@ def iter_stain(
     radius (`tiling.model_context`), so tiled output matches whole-image output.
     `pixel_size_source`: where `pixel_size` came from, named in the message when its rescale
     factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
+    `info["ood"]`: the input's out-of-distribution score (`ood.ood_score`; the worst plane of a
+    stack); when flagged its note is also in `info["warnings"]`. Never blocks.
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
@@ -409,6 +411,7 @@ def iter_stain(
     noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
     clip = (0.0, 1.0)
     done = 0
+    ood_planes: dict[tuple, dict] = {}  # out-of-distribution score per plane (never blocks)
     range_noted = False
     try:
         yield done, total
@@ -421,6 +424,7 @@ def iter_stain(
             if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
+            ood_planes[idx] = ood.check_plane(plane, px if px is not None else model_px)
             if not range_noted:
                 n_notes = len(notes)
                 _check_phase_range(plane, where, notes)
@@ -477,6 +481,9 @@ def iter_stain(
     finally:
         close()
 
+    ood_info = ood.summarise(ood_planes)
+    if ood_info and ood_info["note"]:
+        notes.append(ood_info["note"])
     info = {
         "model": getattr(pred, "name", type(pred).__name__),
         "steps": getattr(pred, "steps", steps),
@@ -495,6 +502,7 @@ def iter_stain(
         "work_shape": list(work),
         "scheduler": None if scheduler is None else str(scheduler),
         "warnings": notes,
+        "ood": ood_info,
         "version": __version__,
         "seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -524,4 +532,8 @@ def stain(
     gen = iter_stain(
         image, model, steps, tile, overlap, device, seed, pixel_size, samples, **kwargs
     )
-    return drain(gen, None if progress is None else lambda ev: progress(*ev)).mean
+    result = drain(gen, None if progress is None else lambda ev: progress(*ev))
+    note = (result.info.get("ood") or {}).get("note")
+    if note:  # stain() returns no info: the out-of-distribution note becomes a warning
+        warnings.warn(note, stacklevel=2)
+    return result.mean

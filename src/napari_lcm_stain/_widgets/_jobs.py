@@ -57,6 +57,7 @@ class StainOutcome:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> metric -> value
     devices: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # engine remarks (e.g. rescaled pixel size)
+    ood: dict | None = None  # the engine's out-of-distribution result, when it flagged the input
     seconds: float = 0.0
     #: (role, label) -> what the writer stores with that layer (see `provenance`)
     provenance: dict[tuple[str, str], dict] = field(default_factory=dict)
@@ -184,6 +185,9 @@ def stain_job(
             for note in info.get("warnings", []) if isinstance(info, dict) else []:
                 if note not in out.notes:
                     out.notes.append(str(note))
+            ood = info.get("ood") if isinstance(info, dict) else None
+            if out.ood is None and ood and ood.get("flag"):
+                out.ood = ood
             dev = getattr(predictor, "device", None)
             if dev is not None and str(dev) not in out.devices:
                 out.devices.append(str(dev))

@@ -455,10 +455,10 @@ class StainWidget(DockBase):
         self.cancel_button.setEnabled(busy)
 
     def _on_progress(self, tick: _jobs.Progress) -> None:
-        self.advance(tick.done, tick.total, tick.label)
-        if not self._cancelled:
+        if not self._cancelled:  # before the bar: its events may deliver the final "Done" text
             done = f" {tick.done}/{tick.total} tiles" if tick.total else ""
             self.status.setText(f"{tick.label}…{done}")
+        self.advance(tick.done, tick.total, tick.label)
 
     def _on_returned(self, outcome: Any) -> None:
         if self._cancelled or self.job_failed(outcome, "Staining"):
@@ -489,6 +489,8 @@ class StainWidget(DockBase):
         if outcome.notes:
             text += "\nNote: " + "; ".join(outcome.notes)
         self.status.setText(text)
+        if outcome.ood is not None:  # a note, never a block: the layers are already there
+            show_warning(f"'{info['source']}': {outcome.ood['note']}")
         if self.grid_button.isChecked():
             self._grid.apply(self.comparison_layers(), self.truth_combo.layer())
 
