@@ -71,6 +71,8 @@ def run_recipe(
     corrected up to `max_shift` px. `init`: "packaged", a run folder or an LCM checkpoint that
     every stage starts from (transfer; the VAE stage is skipped)."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
+    if register and data_dir is None:
+        raise ValueError("--register needs --data DIR (it registers the folder's pairs)")
     init_ckpts, check_model, init_notes = (None, "lcm", [])
     if init is not None:
         init_ckpts, check_model, init_notes = load_init(init)
