@@ -262,7 +262,10 @@ def test_tiny_transfer_from_the_packaged_weights(sim_folder, tmp_path):
     moved = [k for k, v in lcm.sub("unet").items() if not torch.equal(v, packaged.sub("unet")[k])]
     assert moved
     # a fine-tuned start, not a fresh network: the weights stay close to the packaged ones
-    w, w0 = lcm.sub("unet")["down_blocks.0.conv1.weight"], packaged.sub("unet")["down_blocks.0.conv1.weight"]
+    w, w0 = (
+        lcm.sub("unet")["down_blocks.0.conv1.weight"],
+        packaged.sub("unet")["down_blocks.0.conv1.weight"],
+    )
     assert float((w - w0).norm() / w0.norm()) < 0.2
     p2p = ck.load_checkpoint(paths["pix2pix"]).sub("generator")
     p2p0 = ck.load_packaged("pix2pix").sub("generator")

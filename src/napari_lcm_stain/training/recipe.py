@@ -107,7 +107,7 @@ def run_recipe(
                 device=device,
                 register=register,
                 max_shift=max_shift,
-                log=lambda msg: note(out, msg, quiet),
+                log=lambda msg: note(out, msg, quiet) if dist_info()[0] == 0 else None,
             )
         recipe = Recipe(p, out, seed, data, resume, quiet, t0, init_ckpts, lab, init)
         paths = recipe.run(stages, package)
