@@ -52,6 +52,12 @@ def test_simulate_folder_is_valid_data(sim_folder):
     assert pairs[0].pixel_size_source == "metadata" and pairs[0].qobm.shape == (1, 128, 128)
 
 
+def test_simulated_z_stacks_are_valid_data(tmp_path):
+    write_dataset(tmp_path, n=2, size=64, seed=0, z_planes=3)
+    pairs = fo.load_folder(tmp_path, PX)
+    assert [p.qobm.shape for p in pairs] == [(3, 64, 64), (3, 64, 64)]
+
+
 def test_stacks_give_one_sample_per_plane(tmp_path):
     rng = np.random.default_rng(0)
     q, d = rng.random((3, 96, 80), np.float32), rng.random((3, 96, 80), np.float32)
@@ -193,6 +199,13 @@ def test_register_corrects_a_shift_and_crops(field, tmp_path):
     assert "p: DAPI shift to the model's prediction" in logs[0] and "corrected" in logs[0]
 
 
+def test_register_leaves_an_aligned_pair_alone(field, tmp_path):
+    pair, logs = _pair(field, (0, 0), tmp_path), []
+    fo.check_registration([pair], "lcm", PX, "cpu", register=True, log=logs.append)
+    assert not pair.report["registered"] and pair.qobm.shape == (1, 512, 512)
+    assert max(map(abs, pair.report["shift_px"])) < fo.MIN_SHIFT and "left as is" in logs[0]
+
+
 def test_register_refuses_a_shift_over_the_bound(field, tmp_path):
     pair = _pair(field, (-12, 0), tmp_path)
     with pytest.raises(
@@ -214,12 +227,17 @@ def test_register_needs_data(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
-def test_tiny_trains_from_a_4_pair_folder_in_under_a_minute(sim_folder, tmp_path, capsys):
-    """The simulate -> train --data -> stain --model RUN/lcm.safetensors round trip, by CLI."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def folder_run(sim_folder, tmp_path_factory):
+    """`lcm-stain train --preset tiny --data <simulate's folder>` once, timed in CPU seconds."""
+    run = tmp_path_factory.mktemp("folder-run") / "run"
     t0 = time.process_time()
     rc = cli.main(["train", "--preset", "tiny", "--data", str(sim_folder), "--out", str(run)])
-    cpu_s = time.process_time() - t0
+    return run, rc, time.process_time() - t0
+
+
+def test_tiny_trains_from_a_4_pair_folder_in_under_a_minute(folder_run, sim_folder):
+    run, rc, cpu_s = folder_run
     assert rc == 0
     assert cpu_s < 60, f"tiny preset from a 4-pair folder took {cpu_s:.0f} CPU s"
     report = json.loads((run / "validation.json").read_text())
@@ -233,18 +251,50 @@ def test_tiny_trains_from_a_4_pair_folder_in_under_a_minute(sim_folder, tmp_path
     assert cfg["provenance"]["data"]["folder"] == str(sim_folder.resolve())
     assert "--data" in cfg["provenance"]["command"] and cfg["normalization"]["type"] == "robust"
     assert "[register] 000" in (run / "train.log").read_text()
+
+
+def test_simulate_train_stain_round_trip(folder_run, sim_folder, tmp_path):
+    run, rc, _ = folder_run
     out = tmp_path / "stained.ome.tif"
-    rc = cli.main(
-        [
-            "stain",
-            str(sim_folder / "000_qobm.ome.tif"),
-            "-o",
-            str(out),
-            "--model",
-            str(run / "lcm.safetensors"),
-        ]
+    argv = ["stain", str(sim_folder / "000_qobm.ome.tif"), "-o", str(out)]
+    assert cli.main([*argv, "--model", str(run / "lcm.safetensors")]) == 0
+    img = np.asarray(read_image(out)[0])
+    assert img.shape == (128, 128) and 0 <= img.min() and img.max() <= 1
+
+
+def test_folder_run_resumes(folder_run, sim_folder):
+    run, _, _ = folder_run
+    names = ("vae", "decoder", "teacher", "lcm", "polish", "pix2pix")
+    before = {n: (run / f"{n}.safetensors").stat().st_mtime_ns for n in names}
+    run_recipe("tiny", run, data_dir=sim_folder, quiet=True)
+    assert before == {n: (run / f"{n}.safetensors").stat().st_mtime_ns for n in names}
+
+
+def test_init_from_a_lone_lcm_checkpoint(folder_run, sim_folder, tmp_path):
+    """--init PATH: the LCM's encoder and U-Net start the stages; a teacher missing beside it is
+    started from the LCM's U-Net (and the log says so)."""
+    run, _, _ = folder_run
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for ext in (".safetensors", ".json"):
+        (lone / f"lcm{ext}").write_bytes((run / f"lcm{ext}").read_bytes())
+    out = tmp_path / "out"
+    run_recipe(
+        "tiny",
+        out,
+        data_dir=sim_folder,
+        init=lone / "lcm.safetensors",
+        stages=["teacher"],
+        quiet=True,
     )
-    assert rc == 0 and read_image(out)[0].shape == (128, 128)
+    log = (out / "train.log").read_text()
+    assert "no teacher.safetensors beside" in log and "Pix2Pix starts from scratch" in log
+    teacher = ck.load_checkpoint(out / "teacher.safetensors")
+    base = ck.load_checkpoint(lone / "lcm.safetensors")
+    assert all(torch.equal(v, base.sub("encoder")[k]) for k, v in teacher.sub("encoder").items())
+    assert teacher.config["latent_scale"] == base.config["latent_scale"]
+    with pytest.raises(ValueError, match="not an LCM checkpoint"):
+        run_recipe("tiny", out, data_dir=sim_folder, init=run / "pix2pix.safetensors", quiet=True)
 
 
 def test_tiny_transfer_from_the_packaged_weights(sim_folder, tmp_path):
@@ -257,6 +307,8 @@ def test_tiny_transfer_from_the_packaged_weights(sim_folder, tmp_path):
     assert lcm.config["latent_scale"] == packaged.config["latent_scale"]
     assert lcm.config["normalization"] == packaged.config["normalization"]
     assert lcm.config["provenance"]["init"] == "packaged"
+    assert lcm.config["receptive_field"] == packaged.config["receptive_field"]
+    assert lcm.config["receptive_field_measured"]["inherited_from_init"] is True
     for k, v in lcm.sub("encoder").items():
         assert torch.equal(v, packaged.sub("encoder")[k]), k
     moved = [k for k, v in lcm.sub("unet").items() if not torch.equal(v, packaged.sub("unet")[k])]

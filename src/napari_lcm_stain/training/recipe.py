@@ -195,11 +195,19 @@ class Recipe:
         """Under torchrun only rank 0 writes; every rank waits until the file is there.
 
         Stain models get their measured `receptive_field` right away, so a run's own checkpoints
-        tile seam-free without waiting for `--package`."""
+        tile seam-free without waiting for `--package`; with `--init` they keep the init's."""
         path = self.out / f"{name}.safetensors"
+        kind = config.get("kind")
+        start = (self.init or {}).get(kind)
+        if start is not None and "receptive_field" in start.config:
+            # transfer: same networks, weights near the init's -> keep its measured context
+            # (measuring the teacher's 50-step reach costs minutes on a CPU)
+            config["receptive_field"] = start.config["receptive_field"]
+            measured = dict(start.config.get("receptive_field_measured", {}))
+            config["receptive_field_measured"] = {**measured, "inherited_from_init": True}
         if self.is_main:
             ckpt.save_checkpoint(path, modules, config)
-            if config.get("kind") in ("lcm", "teacher", "pix2pix"):
+            if kind in ("lcm", "teacher", "pix2pix") and "receptive_field_measured" not in config:
                 calibrate_receptive_field(path)
         barrier()
 
@@ -216,6 +224,8 @@ class Recipe:
         path = self.out / "decoder.safetensors"
         if self.p.polish_steps > 0 and (self.out / "polish.safetensors").exists():
             path = self.out / "polish.safetensors"
+        if not path.exists() and self.init is not None:
+            return self.vae  # transfer: until the decoder stage runs, the init's decoder serves
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} missing: run the decoder stage (it follows the VAE) before teacher/lcm"
