@@ -153,6 +153,53 @@ def test_paired_data_holds_planes_of_different_sizes():
     assert torch.equal(qt, dt)
 
 
+def test_paired_data_from_pairs_of_different_sizes(tmp_path):
+    """Each plane is cropped to the networks' multiple, DAPI mapped to 0-1, qOBM normalised."""
+    from napari_lcm_stain.normalization import robust_config
+    from napari_lcm_stain.training.recipe import _std
+
+    rng = np.random.default_rng(4)
+    pairs = [
+        fo.Pair(
+            n,
+            tmp_path / n,
+            tmp_path / n,
+            5 + 2 * rng.random(s, np.float32),
+            1000 * rng.random(s, np.float32),
+            PX,
+            "metadata",
+        )
+        for n, s in (("a", (2, 130, 70)), ("b", (1, 64, 200)))
+    ]
+    data = fo.paired_data(pairs, robust_config(), PX, 64)
+    assert [q.shape for q in data.qobm] == [(128, 64), (128, 64), (64, 192)]
+    assert all(0 <= d.min() and d.max() <= 1 for d in data.dapi)
+    assert abs(float(np.median(data.qobm[2]))) < 0.1  # per-plane robust centre
+    raw = encode_latents(make_vae(_tiny()), data.dapi)
+    assert [z.shape[1:] for z in raw] == [(16, 8), (16, 8), (8, 24)]
+    assert _std(raw) == pytest.approx(np.concatenate([z.ravel() for z in raw]).std())
+    with pytest.raises(
+        ValueError,
+        match=r"b: 64x40 px at the model's pixel size is smaller than the networks' 64 px",
+    ):
+        fo.paired_data(
+            [
+                fo.Pair(
+                    "b",
+                    tmp_path / "b",
+                    tmp_path / "b",
+                    np.ones((1, 64, 40), np.float32),
+                    np.ones((1, 64, 40), np.float32),
+                    PX,
+                    "metadata",
+                )
+            ],
+            robust_config(),
+            PX,
+            64,
+        )
+
+
 def _tiny():
     from napari_lcm_stain.training import get_train_preset
 
