@@ -95,9 +95,10 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import run_evaluate
+    from .evaluate import run_evaluate, run_instrument_suite
 
-    run_evaluate(
+    run = run_instrument_suite if a.suite == "instruments" else run_evaluate
+    run(
         json_path=a.json,
         n=a.n,
         size=a.size,
@@ -111,7 +112,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(json_path=a.json, size=a.size, repeats=a.repeats, big=a.big, device=a.device)
+    run_bench(
+        json_path=a.json,
+        size=a.size,
+        repeats=a.repeats,
+        big=a.big,
+        device=a.device,
+        precision=a.precision,
+        compile=a.compile,
+    )
     return 0
 
 
@@ -233,8 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("evaluate", help="score all models on the held-out simulated benchmark")
+    s.add_argument(
+        "--suite",
+        choices=["benchmark", "instruments"],
+        default="benchmark",
+        help="benchmark: the v1 benchmark; instruments: held-out instrument variants + in-domain",
+    )
     s.add_argument("--json", default=None)
-    s.add_argument("--n", type=int, default=None, help="number of benchmark fields")
+    s.add_argument("--n", type=int, default=None, help="number of fields (per variant)")
     s.add_argument("--size", type=int, default=None)
     s.add_argument("--device", **dev)
     s.add_argument("--quick", action="store_true", help="small subset, for smoke tests")
@@ -253,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--big", type=int, default=8192, help="side of the streamed memory test (0: skip)"
     )
     s.add_argument("--device", **dev)
+    s.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="network dtype: auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)",
+    )
+    s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     s.set_defaults(func=_cmd_bench)
     return p
 

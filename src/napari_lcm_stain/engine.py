@@ -19,6 +19,7 @@ import numpy as np
 from . import tiling
 from ._drain import drain
 from ._version import __version__
+from .device import auto_batch
 
 #: Relative pixel-size mismatch below which we do not rescale (1 %).
 PIXEL_SIZE_TOLERANCE = 0.01
@@ -118,22 +119,22 @@ def _is_predictor(obj) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_packaged(name: str, steps, device: str):
+def _cached_packaged(name: str, steps, device: str, precision: str = "auto"):
     from .sampling import load_predictor
 
-    return load_predictor(name, steps=steps, device=device)
+    return load_predictor(name, steps=steps, device=device, precision=precision)
 
 
-def get_predictor(model="lcm", steps=None, device="auto"):
+def get_predictor(model="lcm", steps=None, device="auto", precision="auto"):
     """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a path."""
     if _is_predictor(model):
         return model
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
-        return _cached_packaged(model.lower(), steps, str(device))
+        return _cached_packaged(model.lower(), steps, str(device), precision)
     if isinstance(model, (str, os.PathLike)):
         from .sampling import load_predictor
 
-        return load_predictor(model, steps=steps, device=device)
+        return load_predictor(model, steps=steps, device=device, precision=precision)
     raise TypeError(
         f"model must be 'lcm', 'pix2pix', 'teacher', a checkpoint path or a loaded Predictor, "
         f"not {type(model).__name__}"
@@ -235,7 +236,8 @@ def iter_stain(
     pixel_size: float | None = None,
     samples: int = 1,
     *,
-    batch: int = 2,
+    batch: int | None = None,
+    precision: str = "auto",
     out=None,
     out_std=None,
     scheduler=None,
@@ -260,7 +262,7 @@ def iter_stain(
     t_start = time.perf_counter()
     arr = validate_image(image)
     px = _check_params(tile, overlap, samples, seed, pixel_size, steps)
-    pred = get_predictor(model, steps, device)
+    pred = get_predictor(model, steps, device, precision)
     shape = tuple(int(s) for s in arr.shape)
     lead, (h, w) = shape[:-2], shape[-2:]
     n_planes = int(np.prod(lead)) if lead else 1
@@ -284,6 +286,9 @@ def iter_stain(
     if context is None:
         context = tiling.model_context(pred)
     grid = tiling.make_grid(work, pred.multiple, tile, overlap, context)
+    if batch is None:  # 2 on the CPU; on CUDA as many tiles as the card's free memory holds
+        pred_dev = getattr(pred, "device", None)
+        batch = auto_batch(pred_dev, grid.tile[0] * grid.tile[1]) if pred_dev else 2
     stochastic = pred.noise_shape(*grid.padded) is not None
     k_eff = samples if stochastic else 1
     if samples > 1 and not stochastic:

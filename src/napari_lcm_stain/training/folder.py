@@ -378,10 +378,11 @@ def model_targets(pair: Pair) -> np.ndarray:
 
 
 def paired_data(
-    pairs: list[Pair], normalization: dict, pixel_size: float, multiple: int
+    pairs: list[Pair], normalization: dict, pixel_size: float, multiple: int, augment=False
 ) -> PairedData:
     """Training data from `pairs`: one plane per sample (planes may differ in size), each cropped
-    to a multiple of `multiple` px (the networks' tile multiple)."""
+    to a multiple of `multiple` px (the networks' tile multiple); `augment`: the preset's qOBM
+    crop augmentation (`training/augment.py`)."""
     qs, ds = [], []
     for pair in pairs:
         h, w = pair.qobm.shape[1:]
@@ -395,7 +396,9 @@ def paired_data(
         dn = model_targets(pair)
         qs += [np.ascontiguousarray(p[:hh, :ww]) for p in qn]
         ds += [np.ascontiguousarray(p[:hh, :ww]) for p in dn]
-    return PairedData(qobm=qs, dapi=ds, pixel_size=pixel_size, normalization=dict(normalization))
+    return PairedData(
+        qobm=qs, dapi=ds, pixel_size=pixel_size, normalization=dict(normalization), augment=augment
+    )
 
 
 def validate(pairs: list[Pair], model, pixel_size: float, device="auto") -> dict:
@@ -439,6 +442,7 @@ def prepare(
     pixel_size: float,
     normalization: dict,
     multiple: int,
+    augment: bool = False,
     seed: int = 0,
     check_model="lcm",
     device="auto",
@@ -462,4 +466,4 @@ def prepare(
     )
     if not lab.val:
         log("[data] only one pair: no held-out validation (add a second pair to get scores)")
-    return paired_data(lab.train, normalization, pixel_size, multiple), lab
+    return paired_data(lab.train, normalization, pixel_size, multiple, augment), lab

@@ -84,11 +84,11 @@ def run_recipe(
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
-    dev = resolve_device(device)
-    if dev.type != "cpu":
-        print(f"note: training runs on the CPU path in this version (requested {dev})")
+    dev = resolve_device(device)  # a device that is not there fails here, before any work
     torch.set_num_threads(threads or p.threads)
-    owns_group = maybe_init_distributed()
+    owns_group = maybe_init_distributed(dev)
+    if dev.type == "cuda" and owns_group:
+        dev = torch.device("cuda", torch.cuda.current_device())
     try:
         t0 = time.time()
         out = Path(out)
@@ -109,7 +109,7 @@ def run_recipe(
                 max_shift=max_shift,
                 log=lambda msg: note(out, msg, quiet) if dist_info()[0] == 0 else None,
             )
-        recipe = Recipe(p, out, seed, data, resume, quiet, t0, init_ckpts, lab, init)
+        recipe = Recipe(p, out, seed, data, resume, quiet, t0, dev, init_ckpts, lab, init)
         paths = recipe.run(stages, package)
         if lab is not None and recipe.is_main:
             recipe.write_validation(check_model, device)
@@ -123,28 +123,29 @@ def run_recipe(
 
 def _model_data_config(p: TrainPreset, init_ckpts: dict | None) -> dict:
     """Pixel size, input normalisation and tile multiple that folder data are prepared for: the
-    init checkpoint's, else the preset's simulated pixel size and the robust normalisation."""
+    init checkpoint's, else the simulator's model grid (0.414 µm/px) and the robust
+    normalisation; plus the preset's qOBM augmentation."""
     if init_ckpts is not None:
         cfg = init_ckpts["lcm"].config
         px, norm = float(cfg["pixel_size"]), dict(cfg["normalization"])
-    else:
-        from ..simulate import get_preset
+    else:  # the grid every simulated training field is made on
+        from ..simulate import MODEL_PIXEL_SIZE
 
-        px = float(np.median([get_preset(n).pixel_size for n in p.data_presets]))
-        norm = robust_config()
+        px, norm = MODEL_PIXEL_SIZE, robust_config()
     multiple = math.lcm(st.make_unet(p).multiple, build(st.pix2pix_arch(p)).multiple)
-    return {"pixel_size": px, "normalization": norm, "multiple": multiple}
+    return {"pixel_size": px, "normalization": norm, "multiple": multiple, "augment": p.augment}
 
 
 class Recipe:
     """One run folder: the stages' order, what each loads and saves, and resuming."""
 
     def __init__(
-        self, p, out, seed, data: PairedData, resume, quiet, t_data: float,
+        self, p, out, seed, data: PairedData, resume, quiet, t_data: float, dev=None,
         init=None, lab: fo.LabData | None = None, init_spec=None,
     ):  # fmt: skip
         self.p, self.out, self.seed, self.data = p, out, seed, data
         self.resume, self.quiet = resume, quiet
+        self.dev = dev or torch.device("cpu")
         self.init, self.lab, self.init_spec = init, lab, init_spec
         self.is_main = dist_info()[0] == 0
         out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,7 @@ class Recipe:
 
     def run(self, stages: list[str], package: bool) -> dict[str, Path]:
         p, data, seed, out, quiet = self.p, self.data, self.seed, self.out, self.quiet
-        common = (p, seed, out, quiet)
+        common = (p, seed, out, quiet, self.dev)
 
         init = self.init
         if init is not None:  # transfer: keep the init's encoder and latent scale, no VAE stage
