@@ -98,6 +98,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         package=a.package,
         threads=a.threads,
         anchor_weight=a.anchor_weight,
+        data_dir=Path(a.data) if a.data else None,
+        init=a.init,
+        register=a.register,
+        max_shift=a.max_shift,
     )
     return 0
 
@@ -296,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"training preset: {' | '.join(TRAIN_PRESETS)}" + _DEFAULT,
     )
     s.add_argument("--out", required=True, help="run folder (resumed if it exists) (required)")
+    s.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="train on a folder of qOBM/DAPI pairs (NAME_qobm.tif + NAME_dapi.tif, .tiff/"
+        ".ome.tif/.zarr, or a pairs.csv with columns qobm,dapi[,pixel_size]) instead of "
+        "simulated fields (default: simulated)",
+    )
+    s.add_argument(
+        "--init",
+        default=None,
+        metavar="packaged|PATH",
+        help="start every stage from trained weights: 'packaged', a run folder or an LCM "
+        "checkpoint (transfer: no VAE stage, fewer steps; default: from scratch)",
+    )
+    s.add_argument(
+        "--register",
+        action="store_true",
+        help="with --data: correct each pair's DAPI shift against the model's prediction "
+        "(default: only report it)",
+    )
+    s.add_argument(
+        "--max-shift",
+        type=float,
+        default=8.0,
+        help="largest shift in px (at the model's pixel size) --register corrects; a pair "
+        "shifted more is refused (default: %(default)s)",
+    )
     s.add_argument("--seed", **seed)
     s.add_argument(
         "--stages",

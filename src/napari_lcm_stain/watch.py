@@ -176,8 +176,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("--settle", float, 1.0, "seconds a file must stay unchanged before it is stained"),
     ):
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--format", choices=["auto", "tiff", "zarr"], default="auto")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where to run: auto (a GPU if there is one, else the CPU) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["auto", "tiff", "zarr"],
+        default="auto",
+        help="output format; auto follows the input (default: %(default)s)",
+    )
     p.add_argument("--existing", action="store_true", help="also stain the TIFFs already there")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

@@ -14,13 +14,16 @@ from .presets import TrainPreset
 
 @dataclass
 class PairedData:
-    """Full training fields in memory: normalised qOBM, DAPI (0-1), and optional latents."""
+    """Full training fields in memory: normalised qOBM, DAPI (0-1), and optional latents.
 
-    qobm: np.ndarray  # (N, H, W) float32, normalised
-    dapi: np.ndarray  # (N, H, W) float32
+    Simulated fields are stacked arrays; a folder of the lab's pairs gives lists of 2-D planes
+    that may differ in size (then `latents` is a list too). Indexing is the same for both."""
+
+    qobm: np.ndarray | list[np.ndarray]  # (N, H, W) float32, normalised
+    dapi: np.ndarray | list[np.ndarray]  # (N, H, W) float32
     pixel_size: float
     normalization: dict  # the `normalization` config the checkpoints record
-    latents: np.ndarray | None = None  # (N, C, H/f, W/f), scaled
+    latents: np.ndarray | list[np.ndarray] | None = None  # (N, C, H/f, W/f), scaled
     augment: bool = False  # instrument augmentation of the qOBM crops (training/augment.py)
 
     def batch(
@@ -33,13 +36,16 @@ class PairedData:
         device: torch.device | None = None,
     ):
         """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and (if `latents` and
-        present) latents; crops start on multiples of `factor`, the latent downsampling; the
-        tensors go to `device` (default: stay on the CPU)."""
-        N, H, W = self.qobm.shape
+        present) latents; crops start on multiples of `factor`, the latent downsampling (the crop
+        shrinks to the smallest plane if needed); the tensors go to `device` (default: stay on
+        the CPU)."""
+        N = len(self.qobm)
+        H, W = (min(s) for s in zip(*(a.shape[-2:] for a in self.qobm)))
         crop = min(crop, H - H % factor, W - W % factor)
         q, d, z = [], [], []
         for _ in range(n):
             i = rng.integers(N)
+            H, W = self.qobm[i].shape[-2:]
             y = rng.integers(0, (H - crop) // factor + 1) * factor
             x = rng.integers(0, (W - crop) // factor + 1) * factor
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -48,12 +54,12 @@ class PairedData:
                 a = np.rot90(a, k, axes=(-2, -1))
                 return np.ascontiguousarray(a[..., ::-1] if flip else a)
 
-            q.append(aug(self.qobm[i, y : y + crop, x : x + crop]))
-            d.append(aug(self.dapi[i, y : y + crop, x : x + crop]))
+            q.append(aug(self.qobm[i][y : y + crop, x : x + crop]))
+            d.append(aug(self.dapi[i][y : y + crop, x : x + crop]))
             if latents and self.latents is not None:
                 f = factor
                 z.append(
-                    aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
+                    aug(self.latents[i][:, y // f : (y + crop) // f, x // f : (x + crop) // f])
                 )
         q = np.stack(q)
         if self.augment:

@@ -49,11 +49,19 @@ class Logger:
         dt = time.time() - self.t0
         with open(self.csv, "a") as f:
             f.write(f"{step},{loss:.6g},{dt:.1f}\n")
-        msg = f"[{self.stage}] step {step + 1}/{total} loss {loss:.5f} ({dt:.0f}s)"
-        with open(self.out / "train.log", "a") as f:
-            f.write(msg + "\n")
-        if not self.quiet:
-            print(msg, flush=True)
+        note(
+            self.out,
+            f"[{self.stage}] step {step + 1}/{total} loss {loss:.5f} ({dt:.0f}s)",
+            self.quiet,
+        )
+
+
+def note(out: Path, msg: str, quiet: bool = False) -> None:
+    """One line to `<out>/train.log` and (unless `quiet`) to the terminal."""
+    with open(out / "train.log", "a") as f:
+        f.write(msg + "\n")
+    if not quiet:
+        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------ data-parallel (torchrun)

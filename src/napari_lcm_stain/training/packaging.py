@@ -44,3 +44,42 @@ def package_weights(run_dir: Path) -> None:
         rf = calibrate_receptive_field(ckpt.WEIGHTS_DIR / f"{name}.safetensors")
         print(f"packaged {name}: receptive_field {rf} px")
     ckpt.record_packaged_hashes()
+
+
+def load_init(spec) -> tuple[dict[str, ckpt.Checkpoint], object, list[str]]:
+    """The weights `lcm-stain train --init` starts every stage from (transfer).
+
+    `spec`: "packaged", a run folder (its lcm/teacher/pix2pix.safetensors) or an LCM checkpoint
+    file (teacher/pix2pix beside it are used if present). Returns ({"lcm", "teacher"?,
+    "pix2pix"?: Checkpoint}, the LCM as `engine.stain` takes it, notes). A missing teacher starts
+    from the LCM's U-Net; a missing Pix2Pix from scratch."""
+    notes: list[str] = []
+    if str(spec) == "packaged":
+        found = {n: ckpt.load_packaged(n) for n in ("lcm", "teacher", "pix2pix")}
+        return found, "lcm", notes
+    path = Path(spec)
+    lcm_path = path / "lcm.safetensors" if path.is_dir() else path
+    if not lcm_path.exists():
+        raise FileNotFoundError(
+            f"--init {spec}: {lcm_path} not found; give 'packaged', a run folder with "
+            "lcm.safetensors, or an LCM checkpoint"
+        )
+    found = {"lcm": ckpt.load_checkpoint(lcm_path)}
+    if found["lcm"].config.get("kind") != "lcm" or not found["lcm"].sub("encoder"):
+        raise ValueError(
+            f"--init {lcm_path}: not an LCM checkpoint with VAE encoder weights (kind "
+            f"{found['lcm'].config.get('kind')!r}); give 'packaged' or a run's lcm.safetensors"
+        )
+    for name in ("teacher", "pix2pix"):
+        p = lcm_path.parent / f"{name}.safetensors"
+        if p.exists() and p != lcm_path:
+            found[name] = ckpt.load_checkpoint(p)
+    if "teacher" not in found:
+        notes.append(
+            f"--init: no teacher.safetensors beside {lcm_path}: the teacher starts from the LCM's U-Net"
+        )
+    if "pix2pix" not in found:
+        notes.append(
+            f"--init: no pix2pix.safetensors beside {lcm_path}: Pix2Pix starts from scratch"
+        )
+    return found, lcm_path, notes

@@ -2,11 +2,16 @@
 
 VAE -> decoder -> teacher -> LCM -> polish -> Pix2Pix into one run folder. A stage whose
 checkpoint exists is skipped (resume); the timings go to `timings.json`.
+
+Data: simulated fields (the preset's), or a folder of the lab's pairs (`data_dir`, see
+`folder.py`; validation split by pair, scores in `validation.json`). `init`: transfer, every
+stage starts from trained weights (`packaging.load_init`) with the preset's `TRANSFER` steps.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from dataclasses import asdict, replace
@@ -18,13 +23,15 @@ import torch
 from .. import checkpoints as ckpt
 from .._version import __version__
 from ..device import resolve_device
-from ..models import VAE, LatentUNet, count_parameters
+from ..models import VAE, LatentUNet, build, count_parameters
+from ..normalization import robust_config
 from ..sampling import SCHEDULER_CONFIG
+from . import folder as fo
 from . import stages as st
 from .data import PairedData, make_training_data
-from .loop import barrier, dist_info, maybe_init_distributed
-from .packaging import calibrate_receptive_field, package_weights
-from .presets import STAGES, TrainPreset, get_train_preset
+from .loop import barrier, dist_info, maybe_init_distributed, note
+from .packaging import calibrate_receptive_field, load_init, package_weights
+from .presets import STAGES, TrainPreset, get_train_preset, transfer_preset
 
 
 def git_commit() -> str:
@@ -51,10 +58,26 @@ def run_recipe(
     quiet=False,
     threads: int | None = None,
     anchor_weight: float | None = None,
+    data_dir=None,
+    init=None,
+    register: bool = False,
+    max_shift: float = fo.MAX_SHIFT,
 ) -> dict[str, Path]:
     """Run VAE -> decoder -> teacher -> LCM -> polish -> Pix2Pix into `out`, skipping finished
-    stages."""
+    stages.
+
+    `data_dir`: train on a folder of qOBM/DAPI pairs (`training.folder`) instead of simulated
+    fields; every pair's shift to the model's prediction is reported, and with `register`
+    corrected up to `max_shift` px. `init`: "packaged", a run folder or an LCM checkpoint that
+    every stage starts from (transfer; the VAE stage is skipped)."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
+    if register and data_dir is None:
+        raise ValueError("--register needs --data DIR (it registers the folder's pairs)")
+    init_ckpts, check_model, init_notes = (None, "lcm", [])
+    if init is not None:
+        init_ckpts, check_model, init_notes = load_init(init)
+        p2p = init_ckpts.get("pix2pix")
+        p = transfer_preset(p, init_ckpts["lcm"].config, p2p.config if p2p else None)
     if anchor_weight is not None:
         p = replace(p, anchor_weight=float(anchor_weight))
     stages = list(stages or STAGES)
@@ -68,8 +91,29 @@ def run_recipe(
         dev = torch.device("cuda", torch.cuda.current_device())
     try:
         t0 = time.time()
-        data = make_training_data(p, seed)
-        return Recipe(p, Path(out), seed, data, resume, quiet, t0, dev).run(stages, package)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        lab = None
+        for n in init_notes:
+            note(out, n, quiet)
+        if data_dir is None:
+            data = make_training_data(p, seed)
+        else:
+            data, lab = fo.prepare(
+                data_dir,
+                **_model_data_config(p, init_ckpts),
+                seed=seed,
+                check_model=check_model,
+                device=device,
+                register=register,
+                max_shift=max_shift,
+                log=lambda msg: note(out, msg, quiet) if dist_info()[0] == 0 else None,
+            )
+        recipe = Recipe(p, out, seed, data, resume, quiet, t0, dev, init_ckpts, lab, init)
+        paths = recipe.run(stages, package)
+        if lab is not None and recipe.is_main:
+            recipe.write_validation(check_model, device)
+        return paths
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -77,13 +121,32 @@ def run_recipe(
             dist.destroy_process_group()
 
 
+def _model_data_config(p: TrainPreset, init_ckpts: dict | None) -> dict:
+    """Pixel size, input normalisation and tile multiple that folder data are prepared for: the
+    init checkpoint's, else the simulator's model grid (0.414 µm/px) and the robust
+    normalisation; plus the preset's qOBM augmentation."""
+    if init_ckpts is not None:
+        cfg = init_ckpts["lcm"].config
+        px, norm = float(cfg["pixel_size"]), dict(cfg["normalization"])
+    else:  # the grid every simulated training field is made on
+        from ..simulate import MODEL_PIXEL_SIZE
+
+        px, norm = MODEL_PIXEL_SIZE, robust_config()
+    multiple = math.lcm(st.make_unet(p).multiple, build(st.pix2pix_arch(p)).multiple)
+    return {"pixel_size": px, "normalization": norm, "multiple": multiple, "augment": p.augment}
+
+
 class Recipe:
     """One run folder: the stages' order, what each loads and saves, and resuming."""
 
-    def __init__(self, p, out, seed, data: PairedData, resume, quiet, t_data: float, dev=None):
+    def __init__(
+        self, p, out, seed, data: PairedData, resume, quiet, t_data: float, dev=None,
+        init=None, lab: fo.LabData | None = None, init_spec=None,
+    ):  # fmt: skip
         self.p, self.out, self.seed, self.data = p, out, seed, data
         self.resume, self.quiet = resume, quiet
         self.dev = dev or torch.device("cpu")
+        self.init, self.lab, self.init_spec = init, lab, init_spec
         self.is_main = dist_info()[0] == 0
         out.mkdir(parents=True, exist_ok=True)
         self.timings_file = out / "timings.json"
@@ -107,29 +170,45 @@ class Recipe:
 
     def base_config(self, kind: str) -> dict:
         p, data, seed = self.p, self.data, self.seed
+        command = f"lcm-stain train --preset {p.name} --seed {seed}"
+        prov = {
+            "commit": git_commit(),
+            "preset": asdict(p),
+            "seed": seed,
+            "data_presets": list(p.data_presets) if self.lab is None else [],
+            "command": command,
+        }
+        if self.lab is not None:
+            prov["data"] = self.lab.provenance()
+            prov["command"] += f" --data {self.lab.folder}"
+        if self.init is not None:
+            prov["init"] = str(self.init_spec)
+            prov["command"] += f" --init {self.init_spec}"
         return {
             "kind": kind,
             "normalization": dict(data.normalization),
             "pixel_size": data.pixel_size,
             "version": __version__,
-            "provenance": {
-                "commit": git_commit(),
-                "preset": asdict(p),
-                "seed": seed,
-                "data_presets": list(p.data_presets),
-                "command": f"lcm-stain train --preset {p.name} --seed {seed}",
-            },
+            "provenance": prov,
         }
 
     def save(self, name: str, modules: dict, config: dict) -> None:
         """Under torchrun only rank 0 writes; every rank waits until the file is there.
 
         Stain models get their measured `receptive_field` right away, so a run's own checkpoints
-        tile seam-free without waiting for `--package`."""
+        tile seam-free without waiting for `--package`; with `--init` they keep the init's."""
         path = self.out / f"{name}.safetensors"
+        kind = config.get("kind")
+        start = (self.init or {}).get(kind)
+        if start is not None and "receptive_field" in start.config:
+            # transfer: same networks, weights near the init's -> keep its measured context
+            # (measuring the teacher's 50-step reach costs minutes on a CPU)
+            config["receptive_field"] = start.config["receptive_field"]
+            measured = dict(start.config.get("receptive_field_measured", {}))
+            config["receptive_field_measured"] = {**measured, "inherited_from_init": True}
         if self.is_main:
             ckpt.save_checkpoint(path, modules, config)
-            if config.get("kind") in ("lcm", "teacher", "pix2pix"):
+            if kind in ("lcm", "teacher", "pix2pix") and "receptive_field_measured" not in config:
                 calibrate_receptive_field(path)
         barrier()
 
@@ -146,6 +225,8 @@ class Recipe:
         path = self.out / "decoder.safetensors"
         if self.p.polish_steps > 0 and (self.out / "polish.safetensors").exists():
             path = self.out / "polish.safetensors"
+        if not path.exists() and self.init is not None:
+            return self.vae  # transfer: until the decoder stage runs, the init's decoder serves
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} missing: run the decoder stage (it follows the VAE) before teacher/lcm"
@@ -195,9 +276,9 @@ class Recipe:
 
     # -- the stages in order
 
-    def timed(self, name: str, fn, *args):
+    def timed(self, name: str, fn, *args, **kwargs):
         t0 = time.time()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         self.save_timing(name, t0)
         return result
 
@@ -205,26 +286,51 @@ class Recipe:
         p, data, seed, out, quiet = self.p, self.data, self.seed, self.out, self.quiet
         common = (p, seed, out, quiet, self.dev)
 
-        if "vae" in stages and not self.done("vae"):
-            self.save_vae("vae", self.timed("vae", st.train_vae, data, *common), inference=False)
-        self.vae = self.load_vae()
-        raw = st.encode_latents(self.vae, data.dapi)
-        self.latent_scale = float(1.0 / (raw.std() + 1e-6))
-        data.latents = (raw * self.latent_scale).astype(np.float32)
+        init = self.init
+        if init is not None:  # transfer: keep the init's encoder and latent scale, no VAE stage
+            self.vae = st.make_inference_vae(p)
+            ckpt.load_into(self.vae.encoder, init["lcm"].sub("encoder"), "init VAE encoder")
+            ckpt.load_into(self.vae.decoder, init["lcm"].sub("decoder"), "init VAE decoder")
+            self.vae.eval()
+            self.latent_scale = float(init["lcm"].config["latent_scale"])
+            raw = st.encode_latents(self.vae, data.dapi)
+        else:
+            if "vae" in stages and not self.done("vae"):
+                vae = self.timed("vae", st.train_vae, data, *common)
+                self.save_vae("vae", vae, inference=False)
+            self.vae = self.load_vae()
+            raw = st.encode_latents(self.vae, data.dapi)
+            self.latent_scale = float(1.0 / (_std(raw) + 1e-6))
+        if isinstance(raw, list):
+            data.latents = [(r * self.latent_scale).astype(np.float32) for r in raw]
+        else:
+            data.latents = (raw * self.latent_scale).astype(np.float32)
+
+        def start(name: str, module: str):
+            """The init weights of one stage (transfer), or None (from scratch)."""
+            return None if init is None or name not in init else init[name].sub(module)
 
         if p.decoder_steps > 0 and "decoder" in stages and not self.done("decoder"):
-            thin = self.timed("decoder", st.train_decoder, data, self.vae, *common)
+            thin = self.timed(
+                "decoder", st.train_decoder, data, self.vae, *common, init=start("lcm", "decoder")
+            )
             self.save_vae("decoder", thin, inference=True)
             self.rewrite_decoders()
 
         if "teacher" in stages and not self.done("teacher"):
+            t_init = (
+                start("teacher", "unet") if init and "teacher" in init else start("lcm", "unet")
+            )
             self.save_latent_model(
-                "teacher", self.timed("teacher", st.train_teacher, data, *common)
+                "teacher", self.timed("teacher", st.train_teacher, data, *common, init=t_init)
             )
 
         if "lcm" in stages and not self.done("lcm"):
             teacher = self.load_unet("teacher")
-            self.save_latent_model("lcm", self.timed("lcm", st.distill_lcm, data, teacher, *common))
+            student = self.timed(
+                "lcm", st.distill_lcm, data, teacher, *common, init=start("lcm", "unet")
+            )
+            self.save_latent_model("lcm", student)
 
         if p.polish_steps > 0 and "polish" in stages and not self.done("polish"):
             args = (data, self.inference_vae(), self.load_unet("lcm"), self.latent_scale)
@@ -232,7 +338,9 @@ class Recipe:
             self.rewrite_decoders()
 
         if "pix2pix" in stages and not self.done("pix2pix"):
-            gen = self.timed("pix2pix", st.train_pix2pix, data, *common)
+            gen = self.timed(
+                "pix2pix", st.train_pix2pix, data, *common, init=start("pix2pix", "generator")
+            )
             cfg = self.base_config("pix2pix")
             cfg.update(
                 architecture={"generator": st.pix2pix_arch(p)},
@@ -246,6 +354,40 @@ class Recipe:
         if package and self.is_main:
             package_weights(out)
         return {name: out / f"{name}.safetensors" for name in ("teacher", "lcm", "pix2pix")}
+
+    def write_validation(self, baseline, device="auto") -> Path:
+        """Score LCM-1 of this run, and `baseline` (the init or packaged LCM), on the held-out
+        pairs; write them with every pair's registration report to `validation.json`."""
+        lab, px = self.lab, self.data.pixel_size
+        report = {
+            "data": lab.provenance(),
+            "pixel_size": px,
+            "metrics": "LCM-1 on the held-out pairs (finetune's validation metrics)",
+        }
+        lcm = self.out / "lcm.safetensors"
+        if lab.val and lcm.exists():
+            report["lcm"] = fo.validate(lab.val, lcm, px, device)
+            report["baseline_model"] = str(baseline)
+            report["baseline"] = fo.validate(lab.val, baseline, px, device)
+            for who in ("baseline", "lcm"):
+                scores = ", ".join(f"{k} {v:.3f}" for k, v in report[who]["mean"].items())
+                note(
+                    self.out,
+                    f"[validation] {who} on {len(lab.val)} held-out pair(s): {scores}",
+                    self.quiet,
+                )
+        else:
+            report["note"] = "no held-out pair (one pair only) or no lcm.safetensors: no scores"
+        path = self.out / "validation.json"
+        ckpt.atomic_write_bytes(path, json.dumps(report, indent=2).encode())
+        return path
+
+
+def _std(raw) -> float:
+    """Standard deviation of all latents (one array, or a list of differently sized planes)."""
+    if isinstance(raw, list):
+        return float(np.concatenate([r.ravel() for r in raw]).std())
+    return raw.std()
 
 
 __all__ = ["run_recipe", "Recipe", "git_commit", "TrainPreset"]

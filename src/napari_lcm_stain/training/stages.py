@@ -76,8 +76,11 @@ def pix2pix_arch(p: TrainPreset) -> dict:
 
 
 @torch.no_grad()
-def encode_latents(vae: VAE, dapi: np.ndarray) -> np.ndarray:
-    """Posterior means of the VAE for whole DAPI fields, in batches of 8."""
+def encode_latents(vae: VAE, dapi):
+    """Posterior means of the VAE for whole DAPI fields, in batches of 8; a list of planes (sizes
+    may differ) gives a list of latents, one plane at a time."""
+    if isinstance(dapi, list):
+        return [vae.encode(torch.from_numpy(d)[None, None])[0][0].numpy() for d in dapi]
     out = []
     for i in range(0, len(dapi), 8):
         mean, _ = vae.encode(torch.from_numpy(dapi[i : i + 8])[:, None])
@@ -111,13 +114,24 @@ def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=Fals
 
 
 def train_decoder(
-    data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU
+    data: PairedData,
+    vae: VAE,
+    p: TrainPreset,
+    seed: int,
+    out: Path,
+    quiet=False,
+    dev=CPU,
+    *,
+    init=None,
 ):
     """Refit the thin inference decoder on the frozen VAE encoder (latents sampled as in the VAE
-    stage). Returns a VAE holding the original encoder and the new decoder."""
+    stage). Returns a VAE holding the original encoder and the new decoder. `init`: a thin
+    decoder's state dict to start from (transfer) instead of random weights."""
     rng = seed_stage("decoder", seed)
     slim = make_inference_vae(p)
     slim.encoder.load_state_dict(vae.encoder.state_dict())
+    if init is not None:
+        slim.decoder.load_state_dict(init)
     slim.to(dev)
     slim.encoder.requires_grad_(False).eval()
     dec = ddp(slim.decoder)
@@ -171,11 +185,17 @@ def polish_decoder(
     return thin.eval()
 
 
-def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU):
-    """The conditional latent diffusion teacher (v-prediction); returns its EMA weights."""
+def train_teacher(
+    data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU, *, init=None
+):
+    """The conditional latent diffusion teacher (v-prediction); returns its EMA weights.
+    `init`: a U-Net state dict to start from (transfer)."""
     rng = seed_stage("teacher", seed)
     sched = train_scheduler()
-    unet = ddp(make_unet(p).to(dev))
+    unet = make_unet(p)
+    if init is not None:
+        unet.load_state_dict(init)
+    unet = ddp(unet.to(dev))
     ema = copy.deepcopy(unwrap(unet)).eval()
     opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=1e-4)
 
@@ -206,11 +226,14 @@ def distill_lcm(
     quiet=False,
     dev=CPU,
     anchor_weight: float | None = None,
+    *,
+    init=None,
 ):
     """Latent consistency distillation with a skipping-step DDIM solver and an EMA target.
 
     `anchor_weight` adds an L1 term pulling the student's one-step estimate to the true latent
-    (possible because our data are paired); 0 gives plain LCD.
+    (possible because our data are paired); 0 gives plain LCD. `init`: an LCM U-Net state dict
+    that student and EMA target start from (transfer) instead of the teacher's weights.
     """
     anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
     rng = seed_stage("lcm", seed)
@@ -220,6 +243,9 @@ def distill_lcm(
     teacher = teacher.to(dev).eval().requires_grad_(False)
     student = ddp(copy.deepcopy(teacher).train().requires_grad_(True))
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
+    if init is not None:
+        unwrap(student).load_state_dict(init)
+        target.load_state_dict(init)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
     c = p.huber_c
 
@@ -251,10 +277,16 @@ def distill_lcm(
     return target
 
 
-def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU):
-    """The lab's baseline: U-Net generator + PatchGAN, vanilla GAN loss + 100 L1 (Isola et al.)."""
+def train_pix2pix(
+    data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU, *, init=None
+):
+    """The lab's baseline: U-Net generator + PatchGAN, vanilla GAN loss + 100 L1 (Isola et al.).
+    `init`: a generator state dict to start from (transfer; the discriminator starts fresh)."""
     rng = seed_stage("pix2pix", seed)
-    gen = ddp(build(pix2pix_arch(p)).to(dev))
+    gen = build(pix2pix_arch(p))
+    if init is not None:
+        gen.load_state_dict(init)
+    gen = ddp(gen.to(dev))
     disc = ddp(PatchDiscriminator(2 * p.pix2pix_ngf).to(dev))
     parallel = dist_info()[1] > 1
     og = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
