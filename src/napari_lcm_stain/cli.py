@@ -75,8 +75,9 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     from .finetune import finetune_files
 
     finetune_files(
-        qobm=Path(a.qobm),
-        dapi=Path(a.dapi),
+        qobm=a.qobm,
+        dapi=a.dapi,
+        data=a.data,
         out=Path(a.out),
         model=a.model,
         steps=a.steps,
@@ -86,6 +87,7 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
         seed=a.seed,
         device=a.device,
         overwrite=a.overwrite,
+        max_minutes=a.max_minutes,
     )
     return 0
 
@@ -186,15 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("finetune", help="fine-tune the 1-step model on paired qOBM/DAPI images")
-    s.add_argument("--qobm", required=True)
-    s.add_argument("--dapi", required=True)
+    s = sub.add_parser(
+        "finetune",
+        help="fine-tune the 1-step model on paired qOBM/DAPI images",
+        description="Fine-tune the 1-step model on one or more registered qOBM/DAPI pairs: a "
+        "folder (--data) or --qobm/--dapi, repeatable and paired in order. With two or more "
+        "pairs every fourth pair (at least one) is held out for validation; with one, the bottom "
+        "--val-fraction of each plane.",
+    )
+    s.add_argument(
+        "--data", default=None, help="folder of NAME_qobm.ext + NAME_dapi.ext pairs (tif/zarr)"
+    )
+    s.add_argument("--qobm", action="append", default=None, help="qOBM image (repeatable)")
+    s.add_argument("--dapi", action="append", default=None, help="its DAPI image (repeatable)")
     s.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     s.add_argument("--model", default="lcm")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--patch", type=int, default=128)
     s.add_argument("--val-fraction", type=float, default=0.2)
+    s.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes and keep the best weights so far",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", **dev)
     s.add_argument("--overwrite", action="store_true")
