@@ -637,6 +637,8 @@ def finetune_files(
     res.save(out)
     print(f"fine-tuned checkpoint: {out} (best step {res.best_step})")
     print(f"  {len(q_imgs)} pair(s); validation: {res.config['finetune']['validation']}")
+    if res.stopped:
+        print(f"  stopped by --max-minutes after {len(res.history)} of {steps} steps")
     for k in res.metrics_before:
         print(
             f"  {k:10s} before {res.metrics_before[k]:.3f}  after {res.metrics_after.get(k, float('nan')):.3f}"
