@@ -307,3 +307,18 @@ def test_unwritable_output_folder_is_reported_before_training(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"cannot write to the output folder {ro} (Permission denied)" in err
     assert os.listdir(ro) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--qobm", "q.tif", "--dapi", "d.tif"], "give either --data or --qobm/--dapi, not both"),
+        (["--max-minutes", "0"], "--max-minutes must be a positive number of minutes, got 0.0"),
+    ],
+)
+def test_cli_option_conflicts_fail_before_training(tmp_path, capsys, monkeypatch, extra, message):
+    refuse_training(monkeypatch)
+    data = write_pairs(tmp_path / "pairs", [(64, 64)])
+    args = ["finetune", "--data", str(data), "--out", str(tmp_path / "o.safetensors"), *extra]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
