@@ -514,10 +514,11 @@ def find_pairs(folder) -> list[tuple[str, Path, Path]]:
             )
         found[role][name] = f
     for role, other in (("qobm", "dapi"), ("dapi", "qobm")):
-        for name in sorted(set(found[role]) - set(found[other])):
+        alone = sorted(set(found[role]) - set(found[other]))
+        if alone:
             raise ValueError(
-                f"{found[role][name]} has no {other} partner: expected {name}_{other}.ome.tif "
-                "(or .tif, .tiff, .zarr) beside it"
+                f"{found[role][alone[0]]} has no {other} partner: expected "
+                f"{alone[0]}_{other}.ome.tif (or .tif, .tiff, .zarr) beside it"
             )
     if not found["qobm"]:
         raise ValueError(
