@@ -3,9 +3,14 @@
     python scripts/make_sim_figure.py                 # writes docs/images/simulated_pair.png
     python scripts/make_sim_figure.py --bench         # timing of one 512² pair per preset
     python scripts/make_sim_figure.py --stats         # hard-subset statistics per preset
+    python scripts/make_sim_figure.py --domain        # writes docs/images/domain_random.png
+    python scripts/make_sim_figure.py --domain-table  # the DOMAIN_RANGES table (markdown)
+    python scripts/make_sim_figure.py --domain-bench  # timing of simulate_training_pair, 256²
 
 The figure shows, per row (brain-20x, tumour-dense-20x), the qOBM phase, the DAPI ground truth and
 the nucleus labels (colours) with distractor outlines (red) and hard nuclei outlined in yellow.
+The domain figure shows qOBM | DAPI pairs of `simulate_training_pair` for six seeds, each with the
+instrument it drew.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from napari_lcm_stain import simulate as S
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "images" / "simulated_pair.png"
+DOMAIN_OUT = ROOT / "docs" / "images" / "domain_random.png"
 HARD_CNR = 1.0  # |CNR| below this: "near-zero contrast" (metrics.HARD_CNR_THRESHOLD)
 HARD_IN_SECTION = 0.5  # in-section fraction below this (metrics.HARD_IN_SECTION_THRESHOLD)
 
@@ -57,6 +63,12 @@ def make_figure(out: Path = OUT, size: int = 320, seed: int = 7) -> Path:
             a.set_xticks([])
             a.set_yticks([])
         ax[0].set_ylabel(f"{size * s.pixel_size:.0f} µm", fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")
@@ -118,18 +130,98 @@ def stats(size: int = 512, n: int = 8) -> None:
         )
 
 
+def make_domain_figure(out: Path = DOMAIN_OUT, size: int = 256, seeds=range(6)) -> Path:
+    """qOBM | DAPI of `simulate_training_pair(seed, size)` for each seed, three pairs per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = list(seeds)
+    rows = (len(seeds) + 2) // 3
+    fig, axes = plt.subplots(rows, 6, figsize=(15.0, 3.2 * rows), dpi=100, squeeze=False)
+    for k, seed in enumerate(seeds):
+        s = S.simulate_training_pair(seed, size)
+        p = s.params
+        ax = axes[k // 3, 2 * (k % 3) : 2 * (k % 3) + 2]
+        lo, hi = np.percentile(s.qobm, (1, 99))
+        ax[0].imshow(s.qobm, cmap="gray", vmin=lo, vmax=hi)
+        ax[0].set_title(
+            f"seed {seed}: qOBM, {p.qobm_pixel_size or p.pixel_size:.2f} µm/px camera\n"
+            f"NA {p.na_objective:.2f}, "
+            f"λ {p.wavelength_um:.2f} µm, α {p.tikhonov_alpha:.0e}\n{p.photons / 1e3:.1f}k "
+            f"photons, section {p.optical_section_um:.1f} µm",
+            fontsize=7,
+        )
+        sp = p.nucleus_sign_p
+        ax[1].imshow(s.dapi, cmap="gray", vmin=0, vmax=1)
+        ax[1].set_title(
+            f"DAPI: {s.nuclei.max()} nuclei, size ×{p.nucleus_size_scale:.2f}\n"
+            f"P(contrast +/−/0) {sp[0]:.2f}/{sp[1]:.2f}/{sp[2]:.2f}\n|Δn| × "
+            f"{p.nucleus_dn_positive[1] / 0.010:.2f}, phase 1–99 % {hi - lo:.2f} rad",
+            fontsize=7,
+        )
+    for a in axes.ravel():
+        a.set_xticks([])
+        a.set_yticks([])
+    return _save(fig, out)
+
+
+def domain_table() -> str:
+    """Markdown table of `simulate.DOMAIN_RANGES` (docs/simulator.md)."""
+    lines = ["| quantity | range | drawn | why |", "|---|---|---|---|"]
+    for name, r in S.DOMAIN_RANGES.items():
+        lines.append(
+            f"| `{name}` | {r.lo:g} – {r.hi:g} | {'log-uniform' if r.log else 'uniform'} "
+            f"| {r.why} |"
+        )
+    a = ", ".join(f"{x:g}" for x in S.NUCLEUS_SIGN_DIRICHLET)
+    lines.append(
+        f"| `nucleus_sign_p` | P(positive, negative, ≈0) | Dirichlet({a}) | nuclear contrast "
+        "sign mix varies per field from mostly positive (fixed tissue) to mostly negative; "
+        "brackets (0.35, 0.40, 0.25) and (0.65, 0.15, 0.20) |"
+    )
+    return "\n".join(lines)
+
+
+def domain_bench(size: int = 256, n: int = 24) -> None:
+    """Wall and CPU time of `simulate_training_pair(seed, size)` over seeds 1..n (after a warm-up)."""
+    S.simulate_training_pair(0, size)
+    wall, cpu = [], []
+    for seed in range(1, n + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        S.simulate_training_pair(seed, size)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(
+        f"simulate_training_pair size={size}, seeds 1..{n}: wall mean {np.mean(wall):.3f} s, "
+        f"median {np.median(wall):.3f} s, max {max(wall):.3f} s; cpu mean {np.mean(cpu):.3f} s; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--stats", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--domain", action="store_true")
+    ap.add_argument("--domain-table", action="store_true")
+    ap.add_argument("--domain-bench", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     if a.bench:
         bench()
     if a.stats:
         stats()
-    if not (a.bench or a.stats):
-        p = make_figure(a.out)
+    if a.domain_table:
+        print(domain_table())
+    if a.domain_bench:
+        domain_bench()
+    if a.domain:
+        p = make_domain_figure(a.out or DOMAIN_OUT)
+        print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KB)")
+    if not (a.bench or a.stats or a.domain or a.domain_table or a.domain_bench):
+        p = make_figure(a.out or OUT)
         print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KB)")
 
 

@@ -21,19 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from napari_lcm_stain import checkpoints as ckpt
-from napari_lcm_stain.normalization import robust_config
+from napari_lcm_stain.normalization import plane_stats, robust_config
 from napari_lcm_stain.simulate import simulate_pair
 from napari_lcm_stain.training import get_train_preset
 
 
 def calibrate(std: float, preset: str = "default", seed: int = 0) -> float:
-    """median over the preset's training fields of std / MAD (the recipe's own seeds)."""
+    """median over the preset's training fields of std / (the robust spread with mad_scale 1),
+    the recipe's own seeds."""
     p = get_train_preset(preset)
+    unit = robust_config(mad_scale=1.0)
     ratios = []
     for i in range(p.n_fields):
         name = p.data_presets[i % len(p.data_presets)]
-        q = simulate_pair(name, size=p.field_size, seed=seed * 100_000 + i).qobm.astype(np.float64)
-        ratios.append(std / float(np.median(np.abs(q - np.median(q)))))
+        q = simulate_pair(name, size=p.field_size, seed=seed * 100_000 + i).qobm
+        ratios.append(std / plane_stats(unit, q)["scale"])
     return float(np.median(ratios))
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=ckpt.WEIGHTS_DIR)
     ap.add_argument("--out", type=Path, help="folder for the converted checkpoints")
     ap.add_argument("--in-place", action="store_true", help="rewrite the packaged configs")
+    ap.add_argument("--preset", default="v4", help="the recipe the weights were trained with")
     a = ap.parse_args()
     if not a.in_place and a.out is None:
         ap.error("give --out DIR or --in-place")
@@ -51,9 +54,11 @@ def main() -> None:
     for name in ("lcm", "teacher", "pix2pix"):
         cfg = json.loads((a.src / f"{name}.json").read_text())
         norm = cfg["normalization"]
-        if norm.get("type", "fixed") != "fixed":
-            raise SystemExit(f"{name}.json already has {norm.get('type')!r} normalisation")
-        scale = scale or calibrate(float(norm["qobm_std"]))
+        if norm.get("type", "fixed") != "fixed":  # converted before: start from the original
+            norm = norm.get("converted_from") or {}
+        if norm.get("type", "fixed") != "fixed" or "qobm_std" not in norm:
+            raise SystemExit(f"{name}.json has no fixed normalisation to convert")
+        scale = scale or calibrate(float(norm["qobm_std"]), a.preset)
         cfg["normalization"] = {**robust_config(mad_scale=scale), "converted_from": norm}
         if not a.in_place:
             shutil.copy(a.src / f"{name}.safetensors", out / f"{name}.safetensors")

@@ -28,7 +28,7 @@ def fake_model(monkeypatch, pred):
     monkeypatch.setattr(
         engine,
         "get_predictor",
-        lambda m, s=None, d="auto": pred if isinstance(m, str) else real(m, s, d),
+        lambda m, s=None, d="auto", p="auto": pred if isinstance(m, str) else real(m, s, d, p),
     )
     return pred
 
@@ -108,6 +108,36 @@ def test_write_ome_tiff_roundtrip_is_atomic(tmp_path):
     np.testing.assert_array_equal(np.asarray(b), arr.astype(np.float32))
     assert meta["pixel_size"] == pytest.approx(0.25) and meta["axes"] == "TZYX"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["w.ome.tif"]  # no temp file left
+
+
+@pytest.mark.parametrize("fallocate", [True, False], ids=["posix_fallocate", "zeros written"])
+def test_tiff_output_space_is_allocated_up_front(tmp_path, monkeypatch, fallocate):
+    """Issue 15 item 1: no sparse file filled through mmap (SIGBUS on a full disk)."""
+    import os
+
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    out = io.OutputImage(tmp_path / "a.ome.tif", (3, 256, 512), {"axes": "ZYX"})
+    st = os.stat(out.tmp)
+    assert st.st_blocks * 512 >= 3 * 256 * 512 * 4  # the data region has its disk blocks
+    out.array[1, 2, 3] = 7.0
+    assert out.commit() == tmp_path / "a.ome.tif"
+    a = np.asarray(io.read_image(tmp_path / "a.ome.tif")[0])
+    assert a.shape == (3, 256, 512) and a[1, 2, 3] == 7.0 and a.sum() == 7.0
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.ome.tif"]
+
+
+def test_reserve_reports_a_full_disk_as_oserror(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, offset, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        io.OutputImage(tmp_path / "a.ome.tif", (64, 64))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unsupported_axes_fall_back_to_default(tmp_path):
@@ -223,3 +253,22 @@ def test_cli_stain_end_to_end(tmp_path, fake_model, capsys):
     np.testing.assert_array_equal(np.asarray(mean), ref)
     rc = cli.main(["stain", str(tmp_path / "in.ome.tif"), "-o", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_signals_wait_until_outputs_are_committed():
+    """Issue 15 item 3: Ctrl-C during the renames of a mean/_std pair arrives after them."""
+    import os
+    import signal
+    import threading
+
+    order = []
+    torch_like = threading.Thread(target=threading.Event().wait, args=(2,), daemon=True)
+    torch_like.start()  # another thread, which the kernel may pick to receive the signal
+    with pytest.raises(KeyboardInterrupt):
+        with io._signals_deferred():
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100000))  # bytecode for a pending handler to run at
+            order.append("block finished")
+    assert order == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,5 +1,7 @@
 """Training on the tiny preset: every stage learns, resumes, and produces loadable predictors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -201,9 +203,38 @@ def test_batch_crops_align_with_the_latent_grid():
     small = np.random.default_rng(1).random((3, 16, 16), dtype=np.float32)
     q = np.kron(small, np.ones((8, 8), np.float32))  # 8x8 blocks: subsampling commutes with flips
     lat = np.stack([small] * 2, axis=1)  # (3, 2, 16, 16): an f=8 "latent" of q
-    data = train.PairedData(q, q.copy(), 0.414, 0.0, 1.0, latents=lat)
+    data = train.PairedData(q, q.copy(), 0.414, {"type": "fixed"}, latents=lat)
     qb, db, zb = data.batch(rng, 6, 64, factor=8)
     assert qb.shape == (6, 1, 64, 64) and zb.shape == (6, 2, 8, 8)
     assert torch.equal(zb[:, 0], qb[:, 0, ::8, ::8])  # same crop, same flips/rotations
     _, _, none = data.batch(rng, 6, 64, latents=False)
     assert none is None
+
+
+def test_training_refuses_a_missing_device_before_any_work(tmp_path):
+    import napari_lcm_stain.device as device_mod
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device 'cuda' requested"):
+        train.run_recipe("tiny", tmp_path / "run", device="cuda", quiet=True)
+    assert not (tmp_path / "run").exists()
+    assert device_mod.resolve_device("cpu").type == "cpu"
+
+
+def test_augmentation_changes_only_the_qobm_crops():
+    from napari_lcm_stain.training.augment import augment_qobm
+
+    rng = np.random.default_rng(0)
+    q = np.random.default_rng(1).standard_normal((16, 32, 32)).astype(np.float32)
+    aug = augment_qobm(q, rng)
+    changed = [not np.array_equal(a, b) for a, b in zip(aug, q)]
+    assert 8 <= sum(changed) < 16  # each transform on half the crops: most, not all, change
+    assert aug.dtype == np.float32 and np.isfinite(aug).all()
+    p = dataclasses.replace(train.get_train_preset("tiny"), n_fields=2)
+    data = train.make_training_data(p, seed=0)
+    assert data.augment
+    _, d1, _ = data.batch(np.random.default_rng(3), 4, 32, latents=False)
+    data.augment = False
+    _, d2, _ = data.batch(np.random.default_rng(3), 4, 32, latents=False)
+    assert torch.equal(d1, d2)  # the DAPI target is never augmented

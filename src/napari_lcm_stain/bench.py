@@ -62,6 +62,28 @@ def cpu_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def cuda_matmul_tflops(device, n: int = 8192, repeats: int = 10) -> float:
+    """Best-of-`repeats` bfloat16 torch.mm rate on a CUDA device (TFLOP/s, 2n³ per product):
+    the card's measured tensor-core limit that the models' achieved rate is compared with."""
+    import torch
+
+    from .device import synchronize
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        synchronize(device)
+        best = min(best, start.elapsed_time(end) / 1000.0)
+    return 2.0 * n**3 / best / 1e12
+
+
 def tile_gflop(predictor, tile: int) -> tuple[float, int]:
     """GFLOP (conv, linear, matmul; 2 per MAC) of one predictor call on one tile, and its side."""
     import torch
@@ -120,11 +142,11 @@ def big_stain_rss(
         }
 
 
-def _load(name: str, device: str):
+def _load(name: str, device: str, precision: str = "auto", compile: bool = False):
     from .sampling import load_predictor
 
     model, steps = MODELS[name]
-    return load_predictor(model, steps=steps, device=device)
+    return load_predictor(model, steps, device, precision=precision, compile=compile)
 
 
 def run_bench(
@@ -138,38 +160,59 @@ def run_bench(
     overlap: int = 32,
     quiet: bool = False,
     matmul_n: int = 2048,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> dict:
     """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS.
 
     `predictors` (name -> loaded Predictor) replaces the packaged models (tests use fakes).
+    On CUDA every timing is bracketed by `torch.cuda.synchronize`, the reference is the card's
+    measured bf16 matmul rate, and each model's peak GPU memory is recorded.
     """
     import torch
 
+    from .device import resolve_device, synchronize
     from .engine import stain
     from .tiling import make_grid
+
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
 
     if size < 1 or repeats < 1 or big < 0:
         raise ValueError("size and repeats must be >= 1 and big >= 0 (0 skips the memory run)")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     img = bench_image(size)
     mp = size * size / 1e6
-    matmul = cpu_matmul_gflops(matmul_n)
-    say(f"CPU float32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    if cuda:
+        matmul = 1000.0 * cuda_matmul_tflops(dev)
+        say(f"{torch.cuda.get_device_name(dev)} bfloat16 matmul: {matmul / 1000:.1f} TFLOP/s")
+    else:
+        matmul = cpu_matmul_gflops(matmul_n)
+        say(f"CPU float32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     names = list(predictors) if predictors is not None else list(MODELS)
     models: dict[str, dict] = {}
     dev_name = None
     for name in names:
-        pred = predictors[name] if predictors is not None else _load(name, device)
+        pred = (
+            predictors[name]
+            if predictors is not None
+            else _load(name, str(dev), precision, compile)
+        )
         dev_name = dev_name or str(getattr(pred, "device", device))
         grid = make_grid((size, size), pred.multiple, tile, overlap)
         th, tw = grid.tile
         processed_mp = grid.n_tiles * th * tw / 1e6
         stain(img[:th, :tw], pred, tile=tile, overlap=overlap)  # warm-up on one tile of that shape
+        if cuda:
+            stain(img, pred, tile=tile, overlap=overlap)  # and the full batch shape
+            torch.cuda.reset_peak_memory_stats(dev)
         n_rep = min(repeats, MAX_REPEATS.get(name, repeats))
         times = []
         for r in range(n_rep):
+            synchronize(dev)
             t0 = time.perf_counter()
             stain(img, pred, tile=tile, overlap=overlap, seed=r)
+            synchronize(dev)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         gflop, t_side = tile_gflop(pred, tile)
@@ -185,6 +228,8 @@ def run_bench(
             "overlap_factor": processed_mp / mp,
             "achieved_gflops": achieved,
             "fraction_of_limit": achieved / matmul,
+            "frames_per_s": 1.0 / med,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         }
         m = models[name]
         say(
@@ -217,7 +262,10 @@ def run_bench(
     result = {
         "models": models,
         "ratios": ratios,
-        "cpu_matmul_gflops": matmul,
+        "cpu_matmul_gflops": None if cuda else matmul,
+        "cuda_bf16_matmul_tflops": matmul / 1000 if cuda else None,
+        "precision": precision,
+        "compile": compile,
         "peak_rss_mb": None if big_res is None else big_res["peak_rss_mb"],
         "big": {"size": big, **big_res} if big_res else None,
         "size": size,

@@ -19,9 +19,17 @@ import numpy as np
 from . import tiling
 from ._drain import drain
 from ._version import __version__
+from .device import auto_batch
 
 #: Relative pixel-size mismatch below which we do not rescale (1 %).
 PIXEL_SIZE_TOLERANCE = 0.01
+#: Accepted rescale factors (input µm/px divided by the model's): 1/8 to 8. Beyond them the value is
+#: almost certainly wrong (a unit slip such as nm for µm), and would allocate gigabytes or shrink
+#: the image to a few pixels.
+RESCALE_RANGE = (0.125, 8.0)
+#: Largest |value| a qOBM phase image in radians plausibly holds; an integer image beyond it may be
+#: a raw camera frame (intensity, not phase), which gets a note.
+PHASE_LIMIT = 100.0
 MAX_NDIM = 5
 
 
@@ -113,27 +121,66 @@ def _check_params(tile, overlap, samples, seed, pixel_size, steps):
     return None
 
 
+def rescale_factor(pixel_size, model_pixel_size, source: str = "pixel_size") -> float:
+    """Input / model pixel-size ratio (1.0 within 1 % or when either is unknown).
+
+    A ratio outside `RESCALE_RANGE` is refused; `source` says where the value came from (a flag,
+    the file's metadata, the layer scale) so the message can name it.
+    """
+    if pixel_size is None or not model_pixel_size:
+        return 1.0
+    scale = float(pixel_size) / float(model_pixel_size)
+    if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
+        return 1.0
+    lo, hi = RESCALE_RANGE
+    if not lo <= scale <= hi:
+        raise ValueError(
+            f"pixel size {float(pixel_size):g} µm/px (from {source}) is {scale:.3g} times the "
+            f"model's {float(model_pixel_size):g} µm/px, outside the supported {lo:g}-{hi:g}: "
+            "check the value and its unit (µm per pixel, not nm or mm)"
+        )
+    return scale
+
+
+def _check_phase_range(plane: np.ndarray, where: str, notes: list[str]) -> None:
+    """Note an integer image far beyond a phase image's radians: maybe a raw camera frame."""
+    if plane.dtype.kind not in "iu":
+        return
+    lo, hi = float(plane.min()), float(plane.max())
+    peak = hi if hi >= -lo else lo
+    if abs(peak) <= PHASE_LIMIT:
+        return
+    msg = (
+        f"{where} has values up to {peak:.6g} ({plane.dtype}), far beyond the few radians of a "
+        "qOBM phase image: if these are raw camera counts (an intensity frame), the stain is not "
+        "meaningful, reconstruct the phase first; phase in other units (e.g. nm of optical path) "
+        "is fine for the packaged models, which normalise each plane by its own statistics"
+    )
+    notes.append(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
 def _is_predictor(obj) -> bool:
     return callable(obj) and all(hasattr(obj, a) for a in ("multiple", "noise_shape", "normalize"))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_packaged(name: str, steps, device: str):
+def _cached_packaged(name: str, steps, device: str, precision: str = "auto"):
     from .sampling import load_predictor
 
-    return load_predictor(name, steps=steps, device=device)
+    return load_predictor(name, steps=steps, device=device, precision=precision)
 
 
-def get_predictor(model="lcm", steps=None, device="auto"):
+def get_predictor(model="lcm", steps=None, device="auto", precision="auto"):
     """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a path."""
     if _is_predictor(model):
         return model
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
-        return _cached_packaged(model.lower(), steps, str(device))
+        return _cached_packaged(model.lower(), steps, str(device), precision)
     if isinstance(model, (str, os.PathLike)):
         from .sampling import load_predictor
 
-        return load_predictor(model, steps=steps, device=device)
+        return load_predictor(model, steps=steps, device=device, precision=precision)
     raise TypeError(
         f"model must be 'lcm', 'pix2pix', 'teacher', a checkpoint path or a loaded Predictor, "
         f"not {type(model).__name__}"
@@ -235,12 +282,14 @@ def iter_stain(
     pixel_size: float | None = None,
     samples: int = 1,
     *,
-    batch: int = 2,
+    batch: int | None = None,
+    precision: str = "auto",
     out=None,
     out_std=None,
     scheduler=None,
     loader: Callable[[], object] | None = None,
     context: int | None = None,
+    pixel_size_source: str = "pixel_size",
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -256,22 +305,20 @@ def iter_stain(
     `loader` (picklable, zero-arg) lets workers build the predictor instead of receiving it.
     `context`: input-only margin (px) around each tile; None = the model's receptive-field
     radius (`tiling.model_context`), so tiled output matches whole-image output.
+    `pixel_size_source`: where `pixel_size` came from, named in the message when its rescale
+    factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
     px = _check_params(tile, overlap, samples, seed, pixel_size, steps)
-    pred = get_predictor(model, steps, device)
+    pred = get_predictor(model, steps, device, precision)
     shape = tuple(int(s) for s in arr.shape)
     lead, (h, w) = shape[:-2], shape[-2:]
     n_planes = int(np.prod(lead)) if lead else 1
     notes: list[str] = []
 
     model_px = getattr(pred, "pixel_size", None)
-    scale = 1.0
-    if px is not None and model_px:
-        scale = px / float(model_px)
-        if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
-            scale = 1.0
+    scale = rescale_factor(px, model_px, pixel_size_source)
     work = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
     if scale != 1.0:
         notes.append(
@@ -284,6 +331,9 @@ def iter_stain(
     if context is None:
         context = tiling.model_context(pred)
     grid = tiling.make_grid(work, pred.multiple, tile, overlap, context)
+    if batch is None:  # 2 on the CPU; on CUDA as many tiles as the card's free memory holds
+        pred_dev = getattr(pred, "device", None)
+        batch = auto_batch(pred_dev, grid.tile[0] * grid.tile[1]) if pred_dev else 2
     stochastic = pred.noise_shape(*grid.padded) is not None
     k_eff = samples if stochastic else 1
     if samples > 1 and not stochastic:
@@ -312,6 +362,7 @@ def iter_stain(
     noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
     clip = (0.0, 1.0)
     done = 0
+    range_noted = False
     try:
         yield done, total
         for idx in np.ndindex(*lead) if lead else [()]:
@@ -323,6 +374,10 @@ def iter_stain(
             if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
+            if not range_noted:
+                n_notes = len(notes)
+                _check_phase_range(plane, where, notes)
+                range_noted = len(notes) > n_notes  # one note per image, not one per plane
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
             stats, transform = _plane_normalizer(pred, plane, where, notes)

@@ -9,6 +9,11 @@ a trivial baseline (smoothed phase rescaled to 0-1) that any model must beat cle
 
 Changing the fields, the presets, the normalisation or the segmentation pipeline changes the
 numbers: bump ``BENCHMARK_VERSION`` when you do.
+
+``--suite instruments`` (`run_instrument_suite`) scores oracle, LCM-1, LCM-4, teacher-1 and Pix2Pix
+on the same tissue seen by instruments that training never samples (``INSTRUMENT_VARIANTS``, each
+with a one-line description) and in-domain, with seeds ``SUITE_SEED0 + i``; bump ``SUITE_VERSION``
+when a variant changes.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ __all__ = [
     "compare_rows",
     "format_table",
     "run_evaluate",
+    "SUITE_VERSION",
+    "SUITE_SEED0",
+    "SUITE_ROWS",
+    "IN_DOMAIN",
+    "INSTRUMENT_VARIANTS",
+    "InstrumentVariant",
+    "suite_fields",
+    "format_suite_table",
+    "format_suite_markdown",
+    "run_instrument_suite",
 ]
 
 BENCHMARK_VERSION = 1
@@ -199,7 +214,9 @@ def _resolve_model(model: str, weights_dir: Path | None) -> str:
     return str(found[0])
 
 
-def _predict(row: Row, sample: Any, device: str, weights_dir: Path | None) -> np.ndarray:
+def _predict(
+    row: Row, sample: Any, device: str, weights_dir: Path | None, pixel_size_known: bool = True
+) -> np.ndarray:
     if row is ORACLE or row.name == ORACLE.name:
         return np.asarray(sample.dapi, dtype=np.float32)
     if row.name == BASELINE.name:
@@ -212,7 +229,7 @@ def _predict(row: Row, sample: Any, device: str, weights_dir: Path | None) -> np
         sample.qobm,
         model=_resolve_model(row.model, weights_dir),
         steps=row.steps,
-        pixel_size=sample.pixel_size,
+        pixel_size=sample.pixel_size if pixel_size_known else None,
         seed=0,
         device=device,
     )
@@ -382,8 +399,12 @@ def evaluate_rows(
     device: str = "auto",
     weights_dir: Path | None = None,
     log: Any = None,
+    pixel_size_known: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Score every row on every sample: ``({name: aggregated row}, {name: reason skipped})``."""
+    """Score every row on every sample: ``({name: aggregated row}, {name: reason skipped})``.
+
+    ``pixel_size_known=False`` stains without a pixel size (an image with no metadata); scoring
+    always uses the true one."""
     models: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     # DAPI-visible objects the labels do not list depend only on the field: compute them once.
@@ -394,7 +415,7 @@ def evaluate_rows(
         try:
             for s, ignore in zip(samples, ignores):
                 t0 = time.perf_counter()
-                pred = _predict(row, s, device, weights_dir)
+                pred = _predict(row, s, device, weights_dir, pixel_size_known)
                 seconds += time.perf_counter() - t0
                 per_image.append(_score(pred, s, ignore))
         except Exception as e:
@@ -521,6 +542,29 @@ def _check_int(name: str, v: Any, lo: int) -> int:
     return int(v)
 
 
+def _run_settings(
+    n: Any, size: Any, quick: bool, weights_dir: Any, device: str, default_n: int, default_size: int
+) -> tuple[int, int, Path | None, str]:
+    """Validated (n, size, weights folder, device name) of a run, before minutes of work."""
+    n = _check_int("n", n if n is not None else (QUICK_N if quick else default_n), 1)
+    size = _check_int(
+        "size", size if size is not None else (QUICK_SIZE if quick else default_size), 64
+    )
+    wdir = None
+    if weights_dir is not None:
+        wdir = Path(weights_dir)
+        if not wdir.is_dir():
+            raise FileNotFoundError(
+                f"weights_dir {wdir} is not a folder of .safetensors checkpoints"
+            )
+    return n, size, wdir, _device_name(device)
+
+
+def _log(msg: str) -> None:
+    """Progress line on stderr (the table goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run_evaluate(
     json_path: str | os.PathLike | None = None,
     n: int | None = None,
@@ -536,27 +580,12 @@ def run_evaluate(
     packaged weights.
     """
     t_start = time.perf_counter()
-    n = _check_int("n", n if n is not None else (QUICK_N if quick else DEFAULT_N), 1)
-    size = _check_int(
-        "size", size if size is not None else (QUICK_SIZE if quick else DEFAULT_SIZE), 64
-    )
-    wdir = None
-    if weights_dir is not None:
-        wdir = Path(weights_dir)
-        if not wdir.is_dir():
-            raise FileNotFoundError(
-                f"weights_dir {wdir} is not a folder of .safetensors checkpoints"
-            )
-    dev = _device_name(device)  # validates the name early, before minutes of work
+    n, size, wdir, dev = _run_settings(n, size, quick, weights_dir, device, DEFAULT_N, DEFAULT_SIZE)
     rows = QUICK_ROWS if quick else FULL_ROWS
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    log(f"lcm-stain evaluate: generating {n} benchmark fields of {size}² (v{BENCHMARK_VERSION})")
+    _log(f"lcm-stain evaluate: generating {n} benchmark fields of {size}² (v{BENCHMARK_VERSION})")
     fields = list(benchmark_fields(n, size))
     samples = [s for _, _, s in fields]
-    models, skipped = evaluate_rows(samples, rows, device=device, weights_dir=wdir, log=log)
+    models, skipped = evaluate_rows(samples, rows, device=device, weights_dir=wdir, log=_log)
     result: dict[str, Any] = {
         "benchmark_version": BENCHMARK_VERSION,
         "n": n,
@@ -602,7 +631,13 @@ def run_evaluate(
     print(format_table(result), flush=True)
     if json_path is not None:
         _write_json_atomic(Path(json_path), result)
-        log(f"wrote {json_path}")
+        _log(f"wrote {json_path}")
+    _require_a_model(rows, skipped)
+    return result
+
+
+def _require_a_model(rows: Sequence[Row], skipped: dict[str, str]) -> None:
+    """Raise when every model row was skipped (the table would hold only oracle/baseline)."""
     model_rows = [r.name for r in rows if r.model is not None]
     if model_rows and all(name in skipped for name in model_rows):
         raise FileNotFoundError(
@@ -610,6 +645,233 @@ def run_evaluate(
             f"{skipped[model_rows[0]]}. Build weights with `lcm-stain train --package`, or pass "
             "weights_dir= a training output folder"
         )
+
+
+# ------------------------------------------------------------------ held-out instrument suite
+
+#: Bump when a variant, the seeds or the fields change.
+SUITE_VERSION = 1
+#: Field i of every variant uses seed SUITE_SEED0 + i and preset BENCHMARK_PRESETS[i % 2]: the
+#: same tissue under every instrument. Disjoint from training (seed·100 000 + i, i < a few
+#: hundred) and from the v1 benchmark (900 000 + i).
+SUITE_SEED0 = 950_000
+SUITE_DEFAULT_N, SUITE_DEFAULT_SIZE = 8, 256
+SUITE_ROWS: tuple[Row, ...] = (
+    ORACLE,
+    Row("lcm-1", "lcm", 1),
+    Row("lcm-4", "lcm", 4),
+    Row("teacher-1", "teacher", 1),
+    Row("pix2pix", "pix2pix", None),
+)
+#: rad → nm of optical path at the benchmark's 720 nm: φ·λ/2π.
+NM_PER_RAD = 720.0 / (2 * math.pi)
+
+
+@dataclass(frozen=True)
+class InstrumentVariant:
+    """An instrument that training never samples (outside `simulate.DOMAIN_RANGES`, or a
+    structurally different forward model / input convention)."""
+
+    name: str
+    description: str  # one line, for the model card table
+    overrides: tuple[tuple[str, Any], ...] = ()  # SimParams fields replaced on each preset
+    phase_scale: float = 1.0  # the phase handed to the model is multiplied by this (units)
+    coarsen: int = 1  # native sampling this many times coarser, over the same area
+    pixel_size_known: bool = True  # False: stain() gets no pixel size (no metadata)
+
+
+IN_DOMAIN = InstrumentVariant(
+    "in-domain",
+    "the benchmark presets (brain-20x / tumour-dense-20x): 0.414 µm/px, phase in rad, pixel "
+    "size given",
+)
+INSTRUMENT_VARIANTS: tuple[InstrumentVariant, ...] = (
+    InstrumentVariant(
+        "single-axis-dpc",
+        "one DPC axis (x pair only): structure that varies only along y is invisible",
+        overrides=(("dpc_axes", "x"),),
+    ),
+    InstrumentVariant(
+        "gradient-recon",
+        "another reconstruction: DPC integrated as a pure phase gradient, no WOTF deconvolution",
+        overrides=(("reconstruction", "gradient"),),
+    ),
+    InstrumentVariant(
+        "phase-nm",
+        f"phase given as optical path in nm (×λ/2π = ×{NM_PER_RAD:.1f}), not rad",
+        phase_scale=NM_PER_RAD,
+    ),
+    InstrumentVariant(
+        "coarse-2x-meta",
+        "2× coarser sampling (0.828 µm/px, training ≤ 0.8) with the pixel size given: the "
+        "engine resamples",
+        coarsen=2,
+    ),
+    InstrumentVariant(
+        "coarse-2x-nometa",
+        "2× coarser sampling with no pixel size: nuclei look half their size (training ×0.75–1.35)",
+        coarsen=2,
+        pixel_size_known=False,
+    ),
+    InstrumentVariant(
+        "low-light",
+        "300 photons per pixel and capture, 8 e⁻ read noise (training 2 000–30 000, ≤ 6 e⁻)",
+        overrides=(("photons", 300.0), ("read_noise_e", 8.0)),
+    ),
+)
+
+
+def suite_fields(variant: InstrumentVariant, n: int, size: int) -> list[Any]:
+    """The ``n`` fields of one variant: ``size``² at 0.414 µm/px, or the same area coarser."""
+    import dataclasses
+
+    from . import simulate
+
+    out = []
+    for i in range(n):
+        base = simulate.get_preset(BENCHMARK_PRESETS[i % len(BENCHMARK_PRESETS)])
+        p = dataclasses.replace(
+            base, pixel_size=base.pixel_size * variant.coarsen, **dict(variant.overrides)
+        )
+        s = simulate.simulate_pair(p, size=max(8, size // variant.coarsen), seed=SUITE_SEED0 + i)
+        if variant.phase_scale != 1.0:
+            s = dataclasses.replace(s, qobm=(s.qobm * variant.phase_scale).astype(np.float32))
+        out.append(s)
+    return out
+
+
+def _suite_summary(in_domain: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:
+    """LCM-1 F1 / oracle F1 on a variant vs in-domain (target ≥ 0.8), and LCM-1 vs Pix2Pix F1."""
+
+    def rel(m: dict[str, Any]) -> float | None:
+        if "lcm-1" not in m or "oracle" not in m or m["oracle"]["f1"] <= 0:
+            return None
+        return m["lcm-1"]["f1"] / m["oracle"]["f1"]
+
+    r, r0 = rel(models), rel(in_domain)
+    out: dict[str, Any] = {
+        "lcm1_f1_over_oracle": r,
+        "vs_in_domain": (r / r0) if (r is not None and r0) else None,
+        "lcm1_minus_pix2pix_f1": (
+            models["lcm-1"]["f1"] - models["pix2pix"]["f1"]
+            if "lcm-1" in models and "pix2pix" in models
+            else None
+        ),
+    }
+    out["meets_target"] = (
+        out["vs_in_domain"] is not None
+        and out["lcm1_minus_pix2pix_f1"] is not None
+        and out["vs_in_domain"] >= 0.8
+        and out["lcm1_minus_pix2pix_f1"] > 0
+    )
+    return out
+
+
+def format_suite_table(result: dict[str, Any]) -> str:
+    """One line per variant: F1 (and SSIM) of every model, LCM-1's relative F1 and the target."""
+    names = [r.name for r in SUITE_ROWS]
+    groups = {"in-domain": result["in_domain"], **result["variants"]}
+    w0 = max(len(k) for k in groups)
+    head = ["variant".ljust(w0)] + [f"{m:>13s}" for m in names] + ["  rel.F1", " ÷in-dom", " ok"]
+    lines = [
+        f"lcm-stain evaluate --suite instruments · v{result['suite_version']} · {result['n']} "
+        f"fields of {result['size']}² per variant · device {result['device']}",
+        " ".join(head),
+    ]
+    lines.append("-" * len(lines[-1]))
+    for name, g in groups.items():
+        cells = []
+        for m in names:
+            r = g["models"].get(m)
+            cells.append(f"{'skipped':>13s}" if r is None else f"{r['f1']:.3f} / {r['ssim']:.3f}")
+        sm = g.get("summary") or _suite_summary(result["in_domain"]["models"], g["models"])
+        rel = (
+            "     n/a" if sm["lcm1_f1_over_oracle"] is None else f"{sm['lcm1_f1_over_oracle']:8.3f}"
+        )
+        vs = "     n/a" if sm["vs_in_domain"] is None else f"{sm['vs_in_domain']:8.3f}"
+        ok = "" if name == "in-domain" else (" yes" if sm["meets_target"] else "  no")
+        lines.append(" ".join([name.ljust(w0), *(f"{c:>13s}" for c in cells), rel, vs, ok]))
+    lines.append(
+        "cells: nuclei F1 / SSIM (mean over fields); rel.F1 = LCM-1 F1 / oracle F1; ÷in-dom = "
+        "that over the in-domain rel.F1; ok = ÷in-dom ≥ 0.8 and LCM-1 F1 > Pix2Pix F1."
+    )
+    for name, g in groups.items():
+        lines.append(f"  {name}: {g['description']}")
+        for row, why in g.get("skipped", {}).items():
+            lines.append(f"    skipped {row}: {why}")
+    return "\n".join(lines)
+
+
+def format_suite_markdown(result: dict[str, Any]) -> str:
+    """The suite as a markdown table for the model card: one row per variant with its one-line
+    description, nuclei F1 of every model, LCM-1 SSIM and the target columns."""
+    names = [r.name for r in SUITE_ROWS]
+    head = ["variant", "what it is", *(f"{m} F1" for m in names), "lcm-1 SSIM"]
+    head += ["LCM-1/oracle F1", "÷ in-domain", "target met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups = {"in-domain": result["in_domain"], **result["variants"]}
+    for name, g in groups.items():
+        m = g["models"]
+        sm = g.get("summary") or _suite_summary(result["in_domain"]["models"], m)
+        cells = [f"`{name}`", g["description"]]
+        cells += [f"{m[k]['f1']:.3f}" if k in m else "skipped" for k in names]
+        cells.append(f"{m['lcm-1']['ssim']:.3f}" if "lcm-1" in m else "skipped")
+        for key in ("lcm1_f1_over_oracle", "vs_in_domain"):
+            cells.append("n/a" if sm[key] is None else f"{sm[key]:.2f}")
+        cells.append("—" if name == "in-domain" else ("yes" if sm["meets_target"] else "no"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_instrument_suite(
+    json_path: str | os.PathLike | None = None,
+    n: int | None = None,
+    size: int | None = None,
+    device: str = "auto",
+    quick: bool = False,
+    weights_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Score ``SUITE_ROWS`` on the in-domain fields and every held-out instrument variant; print
+    the table, optionally write JSON (atomically); return the result."""
+    t_start = time.perf_counter()
+    n, size, wdir, dev = _run_settings(
+        n, size, quick, weights_dir, device, SUITE_DEFAULT_N, SUITE_DEFAULT_SIZE
+    )
+    cache: dict[tuple[Any, ...], list[Any]] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for v in (IN_DOMAIN, *INSTRUMENT_VARIANTS):
+        key = (v.overrides, v.coarsen, v.phase_scale)
+        if key not in cache:
+            cache[key] = suite_fields(v, n, size)
+        _log(f"lcm-stain evaluate --suite instruments: {v.name} ({n} fields)")
+        models, skipped = evaluate_rows(
+            cache[key], SUITE_ROWS, device=device, weights_dir=wdir, log=_log,
+            pixel_size_known=v.pixel_size_known,
+        )  # fmt: skip
+        groups[v.name] = {"description": v.description, "models": models, "skipped": skipped}
+    in_domain = groups.pop(IN_DOMAIN.name)
+    for g in groups.values():
+        g["summary"] = _suite_summary(in_domain["models"], g["models"])
+    result: dict[str, Any] = {
+        "suite": "instruments",
+        "suite_version": SUITE_VERSION,
+        "n": n,
+        "size": size,
+        "fields": [
+            {"seed": SUITE_SEED0 + i, "preset": BENCHMARK_PRESETS[i % len(BENCHMARK_PRESETS)]}
+            for i in range(n)
+        ],
+        "variants": groups,
+        "in_domain": in_domain,
+        "weights_dir": str(wdir) if wdir else None,
+        "device": dev,
+    }
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    print(format_suite_table(result), flush=True)
+    if json_path is not None:
+        _write_json_atomic(Path(json_path), result)
+        _log(f"wrote {json_path}")
+    _require_a_model(SUITE_ROWS, in_domain["skipped"])
     return result
 
 

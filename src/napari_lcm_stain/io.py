@@ -8,12 +8,20 @@ temporary name beside the target and renamed with `os.replace` when complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
 import glob
 import json
+import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +39,12 @@ _UNIT_TO_UM = {
     "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
     "m": 1e6, "meter": 1e6,
 }  # fmt: skip
+#: Names that are files of another kind: `-o result.png` is a mistake, not a folder to create.
+_OTHER_FILE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".jp2", ".npy", ".npz", ".h5", ".hdf5",
+    ".czi", ".nd2", ".lif", ".lsm", ".ims", ".vsi", ".svs", ".mrc", ".txt", ".csv", ".json",
+    ".pdf", ".safetensors",
+)  # fmt: skip
 _DEFAULT_AXES = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}
 #: Placeholder OME Description, replaced by the provenance once staining has finished.
 _PENDING = "napari-lcm-stain: staining in progress"
@@ -45,7 +59,9 @@ def _unit_scale(unit: str | None) -> float | None:
     return _UNIT_TO_UM.get(str(unit).strip().lower().replace("\u00b5", "µ"), None)
 
 
-def _ome_pixel_size(xml: str) -> float | None:
+def _ome_pixel_size(xml: str, notes: list[str] | None = None) -> float | None:
+    """PhysicalSizeX in µm; None if absent or unusable (a value that is not a positive number is
+    treated as unknown, with a note in `notes`)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
@@ -55,14 +71,26 @@ def _ome_pixel_size(xml: str) -> float | None:
             scale = _unit_scale(el.attrib.get("PhysicalSizeXUnit", "µm"))
             if scale is None:
                 return None
-            return float(el.attrib["PhysicalSizeX"]) * scale
+            raw = el.attrib["PhysicalSizeX"]
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                if notes is not None:
+                    notes.append(
+                        f"OME PhysicalSizeX {raw!r} is not a positive number: pixel size treated "
+                        "as unknown (give --pixel-size)"
+                    )
+                return None
+            return value * scale
     return None
 
 
-def _tiff_pixel_size(tif) -> float | None:
+def _tiff_pixel_size(tif, notes: list[str] | None = None) -> float | None:
     """µm/px from OME PhysicalSizeX, else ImageJ unit + XResolution, else a cm ResolutionUnit."""
     if tif.is_ome and tif.ome_metadata:
-        ps = _ome_pixel_size(tif.ome_metadata)
+        ps = _ome_pixel_size(tif.ome_metadata, notes)
         if ps:
             return ps
     page = tif.pages.first
@@ -114,7 +142,8 @@ def _read_tiff(path: Path):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
-            ps = _tiff_pixel_size(tif)
+            notes: list[str] = []
+            ps = _tiff_pixel_size(tif, notes)
     except Exception as e:  # tifffile raises many kinds (IndexError, struct.error, ...)
         raise _unreadable(path, e) from e
     try:  # uncompressed, contiguous: a read-only memory map is lazy and free
@@ -132,6 +161,7 @@ def _read_tiff(path: Path):
         "axes": axes,
         "path": str(path),
         "format": "tiff",
+        "notes": notes,
         "_handle": handle,
     }
 
@@ -206,6 +236,15 @@ def read_image(path):
     else:
         raise ValueError(f"cannot read {p}: expected a .tif/.tiff (OME-)TIFF or a .zarr store")
     axes = meta.get("axes")
+    meta.setdefault("notes", [])
+    if axes and len(axes) == arr.ndim and not axes.endswith("YX") and arr.shape[-1] not in (3, 4):
+        if meta.get("_handle") is not None:
+            meta["_handle"].close()
+        raise ValueError(
+            f"{p} has axes {axes} (shape {tuple(arr.shape)}): its last axis "
+            f"({axes[-1]}, {arr.shape[-1]} per pixel) is not a plane axis, and a qOBM phase image "
+            "has one sample per pixel; save each channel as its own image (e.g. img[..., 0])"
+        )
     if not axes or len(axes) != arr.ndim:
         meta["axes"] = _DEFAULT_AXES.get(arr.ndim)
     return arr, meta
@@ -238,30 +277,174 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """os.replace for files and directories (an existing directory is swapped out first)."""
-    if path.is_dir():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)  # never leave the target missing
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+def _backup_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
 
 
 def _remove(p: Path) -> None:
-    if p.is_dir():
+    if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
+    elif os.path.lexists(p):
         p.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    """True unless `pid` is certainly not running (on Windows always True: never guess)."""
+    if pid == os.getpid() or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(targets) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files of dead PIDs beside each target (left by a killed run).
+
+    A `.NAME.old-PID` backup of a dead run is deleted when NAME exists, and put back as NAME when
+    it does not (the run died between moving the old output aside and renaming the new one in).
+    """
+    removed = []
+    for t in targets:
+        t = Path(t)
+        if not t.parent.is_dir():
+            continue
+        for kind in ("tmp", "old"):
+            for c in t.parent.glob(f".{glob.escape(t.name)}.{kind}-*"):
+                pid = c.name.rsplit("-", 1)[1]
+                if not pid.isdigit() or _pid_alive(int(pid)):
+                    continue
+                if kind == "old" and not os.path.lexists(t):
+                    os.replace(c, t)
+                    continue
+                _remove(c)
+                removed.append(c)
+    return removed
+
+
+def _reserve(path: Path, offset: int, nbytes: int) -> None:
+    """Allocate the data region of a new file now, so a full disk is an OSError (ENOSPC) here.
+
+    A sparse file filled through mmap would instead die with SIGBUS on the first page the disk
+    cannot hold.
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), offset, nbytes)
+            return
+        except AttributeError:  # no posix_fallocate (macOS, Windows): write the zeros
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        f.seek(offset)
+        chunk = bytes(min(nbytes, 1 << 24))
+        left = nbytes
+        while left > 0:
+            left -= f.write(chunk[: min(left, len(chunk))])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _create_tiff(path: Path, shape, metadata, description) -> np.memmap:
+    import tifffile
+
+    offset, _first_page_bytes = tifffile.imwrite(
+        path,
+        data=None,
+        shape=shape,
+        dtype=np.float32,
+        align=tifffile.TIFF.ALLOCATIONGRANULARITY,
+        returnoffset=True,
+        ome=True,
+        metadata=_ome_metadata(shape, metadata, description),
+    )
+    _reserve(path, offset, int(np.prod(shape)) * 4)  # the pages are contiguous (as memmap needs)
+    return np.memmap(path, np.float32, "r+", offset, shape)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT / SIGTERM back until the block has finished, then deliver the first one.
+
+    Python runs signal handlers in the main thread only, so (unlike `pthread_sigmask`, which the
+    kernel bypasses by delivering to another thread, e.g. one of torch's) swapping the handlers
+    there defers them reliably. Elsewhere this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    old = {s: signal.getsignal(s) for s in sigs}
+    old = {s: h for s, h in old.items() if h is not None}  # None: set outside Python, leave it
+    for s in old:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
+
+
+def commit_together(outputs) -> list[Path]:
+    """Rename finished outputs into place all together or not at all.
+
+    Signals wait until the renames are done; if a rename fails, the outputs already renamed are
+    taken back and the previous files are restored (the temp files are left for `abort`).
+    """
+    outputs = list(outputs)
+    for o in outputs:
+        o.finish()
+    backups: dict[int, Path] = {}
+    done: list[int] = []
+    with _signals_deferred():
+        try:
+            for i, o in enumerate(outputs):
+                last = i == len(outputs) - 1
+                if o.path.is_dir() and not o.path.is_symlink():
+                    backups[i] = _backup_path(o.path)  # a directory cannot be replaced in one go
+                    _remove(backups[i])
+                    os.replace(o.path, backups[i])
+                elif not last and o.path.is_file():
+                    backups[i] = _backup_path(o.path)  # a hard link: the old file stays in place
+                    _remove(backups[i])
+                    _link_or_copy(o.path, backups[i])
+                os.replace(o.tmp, o.path)
+                done.append(i)
+        except BaseException:
+            for i, o in enumerate(outputs):
+                if i in done:
+                    os.replace(o.path, o.tmp)
+                if i in backups and os.path.lexists(backups[i]):
+                    if os.path.lexists(o.path):  # never renamed: the old file is still in place
+                        _remove(backups[i])
+                    else:
+                        os.replace(backups[i], o.path)
+            raise
+        for b in backups.values():
+            _remove(b)
+    return [o.path for o in outputs]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
 class OutputImage:
-    """A pre-allocated float32 output on disk (OME-TIFF memmap or OME-Zarr), renamed on commit."""
+    """A pre-allocated float32 output on disk (OME-TIFF memmap or OME-Zarr), renamed on commit.
+
+    The TIFF's data region is allocated when it is created, so a full disk fails here with
+    `[Errno 28]`, not later inside the memory map.
+    """
 
     def __init__(self, path, shape, metadata=None, description=None, fmt="tiff", chunk=1024):
         self.path = Path(path)
@@ -273,27 +456,22 @@ class OutputImage:
             raise ValueError(f"output format must be 'tiff' or 'zarr', got {fmt!r}")
         try:
             if fmt == "tiff":
-                import tifffile
-
-                self.array = tifffile.memmap(
-                    self.tmp,
-                    shape=shape,
-                    dtype=np.float32,
-                    ome=True,
-                    metadata=_ome_metadata(shape, metadata, description),
-                )
+                self.array = _create_tiff(self.tmp, shape, metadata, description)
             else:
                 self.array = _create_ome_zarr(self.tmp, shape, metadata, description, chunk)
         except BaseException:
+            self.array = None
             _remove(self.tmp)  # e.g. disk full: no half-created temp file left behind
             raise
 
-    def commit(self) -> Path:
-        if self.fmt == "tiff":
+    def finish(self) -> None:
+        """Flush the data and let go of the memory map (before the rename)."""
+        if self.fmt == "tiff" and self.array is not None:
             self.array.flush()
-        del self.array
-        _replace(self.tmp, self.path)
-        return self.path
+        self.array = None
+
+    def commit(self) -> Path:
+        return commit_together([self])[0]
 
     def abort(self) -> None:
         self.array = None
@@ -402,28 +580,90 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _expand_inputs(inputs) -> list[Path]:
+#: Name words of files a folder holds beside its qOBM images: DAPI, labels, our own outputs.
+_SKIP_WORDS = {
+    "dapi", "nuclei", "nucleus", "label", "labels", "mask", "masks", "seg", "segmentation",
+    "distractors", "gt", "groundtruth",
+}  # fmt: skip
+
+
+def _skip_reason(p: Path) -> str | None:
+    """Why a file found in a folder is not a qOBM image to stain (None: stain it)."""
+    words = set(re.split(r"[^a-z0-9]+", _stem(p).lower()))
+    if words & _SKIP_WORDS:
+        return "named like a DAPI, label or lcm-stain output image"
+    try:
+        arr, meta = read_image(p)
+    except (OSError, ValueError):
+        return None  # unreadable: staining it reports the problem with the file's name
+    handle = meta.pop("_handle", None)
+    try:
+        if np.dtype(arr.dtype).kind not in "biu" or arr.ndim < 2:
+            return None
+        first = np.asarray(arr[(0,) * (arr.ndim - 2)])
+        if first.size and first.min() >= 0 and np.mean(first == 0) >= 0.2:
+            return "an integer label image (mostly 0, non-negative)"
+        return None
+    except (OSError, ValueError):
+        return None
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _is_image_path(p: Path) -> bool:
+    return _is_zarr_path(p) or p.suffix.lower() in TIFF_SUFFIXES
+
+
+def _folder_images(folder: Path, pattern: str | None, notes: list[str]) -> list[Path]:
+    """A folder's images, by `pattern` (a glob on names) or without DAPI / label / output files."""
+    found = sorted(c for c in folder.iterdir() if _is_image_path(c))
+    if pattern is not None:
+        hits = [c for c in found if fnmatch.fnmatch(c.name, pattern)]
+        if not hits:
+            raise FileNotFoundError(
+                f"no .tif/.tiff/.zarr images in folder {folder} match {pattern!r}"
+            )
+        return hits
+    keep = []
+    for c in found:
+        why = _skip_reason(c)
+        if why is None:
+            keep.append(c)
+        else:
+            notes.append(f"skipped {c}: {why}; choose files with --pattern")
+    if found and not keep:
+        raise FileNotFoundError(
+            f"no qOBM images in folder {folder}: its {len(found)} image(s) look like DAPI, label "
+            "or output images; name the files, or choose them with --pattern"
+        )
+    if not found:
+        raise FileNotFoundError(f"no .tif/.tiff/.zarr images in folder {folder}")
+    return keep
+
+
+def _expand_inputs(
+    inputs, pattern: str | None = None, notes: list[str] | None = None
+) -> list[Path]:
+    """Files from paths, folders and globs. A path that exists is taken as it is, even when its
+    name has glob characters (`scan[1].tif`); skipped folder entries are noted in `notes`."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    notes = [] if notes is None else notes
     files: list[Path] = []
     for item in inputs:
         s = str(item)
-        if any(c in s for c in "*?["):
+        p = Path(s)
+        if not p.exists() and any(c in s for c in "*?["):
             hits = sorted(Path(h) for h in glob.glob(s))
             if not hits:
                 raise FileNotFoundError(f"no files match {s!r}")
-            files += [h for h in hits if _is_zarr_path(h) or h.suffix.lower() in TIFF_SUFFIXES]
+            files += [h for h in hits if _is_image_path(h)]
             continue
-        p = Path(s)
         if not p.exists():
             raise FileNotFoundError(f"input not found: {p}")
         if p.is_dir() and not _is_zarr_path(p):
-            found = sorted(
-                c for c in p.iterdir() if _is_zarr_path(c) or c.suffix.lower() in TIFF_SUFFIXES
-            )
-            if not found:
-                raise FileNotFoundError(f"no .tif/.tiff/.zarr images in folder {p}")
-            files += found
+            files += _folder_images(p, pattern, notes)
         else:
             files.append(p)
     seen, out = set(), []
@@ -471,6 +711,11 @@ def plan_outputs(
     if out_format not in ("auto", "tiff", "zarr"):
         raise ValueError(f"format must be auto, tiff or zarr, got {out_format!r}")
     output = Path(output)
+    if output.suffix.lower() in _OTHER_FILE_SUFFIXES and not output.is_dir():
+        raise ValueError(
+            f"cannot write {output.name}: lcm-stain stain writes OME-TIFF or OME-Zarr; name the "
+            f"output {_stem(output)}.ome.tif (or .ome.zarr), or give a folder"
+        )
     if _is_file_target(output) and (not output.is_dir() or _is_zarr_path(output)):
         if len(files) > 1:
             raise ValueError(
@@ -490,6 +735,14 @@ def plan_outputs(
             fmt = "zarr" if _is_zarr_path(f) else "tiff"
         ext = ".ome.zarr" if fmt == "zarr" else ".ome.tif"
         plan.append((output / f"{_stem(f)}_dapi{ext}", fmt))
+    first: dict[Path, Path] = {}
+    for f, (o, _fmt) in zip(files, plan):
+        if o in first:
+            raise ValueError(
+                f"inputs {first[o]} and {f} would both be written to {o}: stain them into "
+                "separate -o folders, or rename one"
+            )
+        first[o] = f
     return plan
 
 
@@ -499,12 +752,56 @@ def _provenance(info: dict, source: Path, kind: str, samples: int) -> str:
         "version": __version__,
         "content": kind,
         "source": str(source),
-        **{k: info.get(k) for k in ("model", "steps", "seed", "samples", "tile", "overlap")},
+        **{k: info.get(k) for k in ("model", "checkpoint", "steps", "seed", "samples", "tile")},
+        "overlap": info.get("overlap"),
         **{k: info.get(k) for k in ("pixel_size", "model_pixel_size", "rescale", "warnings")},
     }
     if kind == "std":
         prov["note"] = f"per-pixel standard deviation of {samples} one-step samples (ddof=1)"
     return json.dumps(prov)
+
+
+class BatchError(ValueError):
+    """Some inputs of a batch failed (the others were written): `failed` holds (path, error)."""
+
+    def __init__(self, failed: list[tuple[Path, BaseException]], written: list[Path], total: int):
+        self.failed, self.written = failed, written
+        names = "; ".join(f"{f}: {e}" for f, e in failed)
+        super().__init__(
+            f"{len(failed)} of {total} inputs failed (the other outputs were written): {names}"
+        )
+
+
+def _model_label(model, info: dict, pred) -> str:
+    """'LCM-1' for a packaged model; 'fine-tuned LCM-1 from ft.safetensors' for a checkpoint."""
+    name = info.get("model", "model")
+    if _checkpoint(model):
+        tuned = "fine-tuned " if "finetune" in (getattr(pred, "config", None) or {}) else ""
+        return f"{tuned}{name} from {Path(model).name}"
+    return name
+
+
+def _checkpoint(model) -> str | None:
+    """The checkpoint file `model` names (None for a packaged name or a loaded predictor)."""
+    if isinstance(model, (str, os.PathLike)) and str(model).lower() not in (
+        "lcm", "pix2pix", "teacher",
+    ):  # fmt: skip
+        return str(Path(model).resolve())
+    return None
+
+
+def _targets(plan, samples: int) -> list[Path]:
+    return [t for o, _fmt in plan for t in [o] + ([_std_path(o)] if samples > 1 else [])]
+
+
+def _check_targets(targets: list[Path], files: list[Path], overwrite: bool) -> None:
+    for t in targets:
+        if any(_same_file(t, i) for i in files):
+            raise ValueError(f"output {t} is one of the inputs: choose another -o")
+        if t.exists() and not overwrite:
+            raise FileExistsError(
+                f"{t} exists: pass --overwrite to replace it, or choose another -o"
+            )
 
 
 def stain_files(
@@ -523,80 +820,117 @@ def stain_files(
     scheduler=None,
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = False,
+    pattern: str | None = None,
 ) -> list[Path]:
     """Stain files / folders / globs; write OME-TIFF or OME-Zarr (+ `_std` with samples > 1).
 
-    All outputs are checked before any work starts: an output that is an input is refused, an
-    existing output needs `overwrite=True`.
+    Everything is checked before anything is created: the outputs (an output that is an input is
+    refused, two inputs may not share an output, an existing output needs `overwrite=True`) and
+    the settings (tile, model, device). Folders skip DAPI / label / output images unless
+    `pattern` (a glob on file names) picks the files. In a batch, an input that fails is named
+    and skipped; a `BatchError` listing the failures is raised at the end.
     """
-    from .engine import get_predictor, iter_stain, validate_image
+    from . import tiling
+    from .engine import _check_params, get_predictor
 
-    files = _expand_inputs(inputs)
+    clock = time.perf_counter()
+    say = (lambda msg: None) if quiet else print
+    notes: list[str] = []
+    files = _expand_inputs(inputs, pattern, notes)
     plan = plan_outputs(files, Path(output), out_format)
-    for o, _fmt in plan:
-        targets = [o] + ([_std_path(o)] if samples > 1 else [])
-        for t in targets:
-            if any(_same_file(t, i) for i in files):
-                raise ValueError(f"output {t} is one of the inputs: choose another -o")
-            if t.exists() and not overwrite:
-                raise FileExistsError(
-                    f"{t} exists: pass --overwrite to replace it, or choose another -o"
-                )
-    Path(plan[0][0]).parent.mkdir(parents=True, exist_ok=True)
+    targets = _targets(plan, samples)
+    for t in remove_stale_temps(targets):  # first: a restored previous output needs --overwrite
+        notes.append(f"removed {t}, a temporary file left by a stopped run")
+    _check_targets(targets, files, overwrite)
+    _check_params(tile, overlap, samples, seed, pixel_size, steps)
     pred = None if scheduler is not None else get_predictor(model, steps, device)
+    if pred is not None:  # e.g. an overlap that leaves no stride: before any output exists
+        side = 4 * (int(tile) + int(overlap) + int(pred.multiple))
+        tiling.make_grid((side, side), pred.multiple, tile, overlap, tiling.model_context(pred))
+    for note in notes:
+        say(f"note: {note}")
+    Path(plan[0][0]).parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    failed: list[tuple[Path, BaseException]] = []
     for n, (f, (o, fmt)) in enumerate(zip(files, plan), 1):
-        arr, meta = read_image(f)
-        handle = meta.pop("_handle", None)
+        bar = progress or (ProgressBar(f"[{n}/{len(files)}] {f.name}") if not quiet else None)
         try:
-            validate_image(arr)  # e.g. an RGB TIFF: the engine's message, before any output
-            ps = pixel_size if pixel_size is not None else meta.get("pixel_size")
-            shape = tuple(int(s) for s in arr.shape)
-            out_meta = {"pixel_size": meta.get("pixel_size") or ps, "axes": meta.get("axes")}
-            mean_o = OutputImage(o, shape, out_meta, _PENDING, fmt)
-            std_o = None
-            bar = progress or (ProgressBar(f"[{n}/{len(files)}] {f.name}") if not quiet else None)
-            try:
-                if samples > 1:  # inside the try: a failure here must not leak mean_o's temp
-                    std_o = OutputImage(_std_path(o), shape, out_meta, _PENDING, fmt)
-                gen = iter_stain(
-                    arr,
-                    pred if pred is not None else model,
-                    steps,
-                    tile,
-                    overlap,
-                    device,
-                    seed,
-                    ps,
-                    samples,
-                    out=mean_o.array,
-                    out_std=None if std_o is None else std_o.array,
-                    scheduler=scheduler,
-                )
-                result = drain(gen, None if bar is None else lambda ev, b=bar: b(*ev))
-                _set_description(mean_o, _provenance(result.info, f, "mean", samples))
-                written.append(mean_o.commit())
-                if std_o is not None:
-                    _set_description(std_o, _provenance(result.info, f, "std", samples))
-                    written.append(std_o.commit())
-            except BaseException:
-                if hasattr(bar, "end"):
-                    bar.end()
-                mean_o.abort()
-                if std_o is not None:
-                    std_o.abort()
+            paths, info = _stain_one(
+                f, o, fmt, pred if pred is not None else model, bar,
+                steps=steps, tile=tile, overlap=overlap, device=device, seed=seed,
+                pixel_size=pixel_size, samples=samples, scheduler=scheduler,
+                checkpoint=_checkpoint(model),
+            )  # fmt: skip
+        except (ValueError, TypeError) as e:
+            if len(files) == 1:
                 raise
+            failed.append((f, e))
             if not quiet:
-                print(
-                    f"wrote {o} ({result.info['model']}, {result.info['planes']} plane(s), "
-                    f"{result.info['seconds']:.1f} s)"
-                )
-                for w in result.info["warnings"]:
-                    print(f"  note: {w}")
-        finally:
-            if handle is not None:
-                handle.close()
+                print(f"lcm-stain stain: skipped {f}: {e}", file=sys.stderr, flush=True)
+            continue
+        written += paths
+        now = time.perf_counter()
+        label = _model_label(model, info, pred)
+        say(
+            f"wrote {', '.join(str(w) for w in paths)} ({label}, {info['planes']} plane(s), "
+            f"{now - clock:.1f} s)"
+        )
+        clock = now
+        for w in info["warnings"]:
+            say(f"  note: {w}")
+    if failed:
+        raise BatchError(failed, written, len(files))
     return written
+
+
+def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, **kw):
+    """Stain one file into `o` (and its `_std`); both outputs are committed together or neither."""
+    from .engine import iter_stain, rescale_factor, validate_image
+
+    arr, meta = read_image(f)
+    handle = meta.pop("_handle", None)
+    outs: list[OutputImage] = []
+    caught: list[warnings.WarningMessage] = []
+    info: dict = {}
+    try:
+        validate_image(arr)  # e.g. an RGB TIFF: the engine's message, before any output
+        if pixel_size is not None:
+            ps, source = pixel_size, "--pixel-size"
+        else:
+            ps, source = meta.get("pixel_size"), f"the metadata of {f.name}"
+        rescale_factor(ps, getattr(model, "pixel_size", None), source)  # before any output
+        shape = tuple(int(s) for s in arr.shape)
+        out_meta = {"pixel_size": meta.get("pixel_size") or ps, "axes": meta.get("axes")}
+        try:
+            outs.append(OutputImage(o, shape, out_meta, _PENDING, fmt))
+            if samples > 1:
+                outs.append(OutputImage(_std_path(o), shape, out_meta, _PENDING, fmt))
+            gen = iter_stain(
+                arr, model, kw["steps"], kw["tile"], kw["overlap"], kw["device"], kw["seed"],
+                ps, samples, out=outs[0].array, out_std=outs[1].array if samples > 1 else None,
+                scheduler=kw["scheduler"], pixel_size_source=source,
+            )  # fmt: skip
+            # the engine's warnings are printed once, as notes under the "wrote" line
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = drain(gen, None if bar is None else lambda ev, b=bar: b(*ev))
+            warned = meta["notes"] + result.info["warnings"]
+            info = {**result.info, "warnings": warned, "checkpoint": kw["checkpoint"]}
+            for out, kind in zip(outs, ("mean", "std")):
+                _set_description(out, _provenance(info, f, kind, samples))
+            return commit_together(outs), info
+        except BaseException:
+            if hasattr(bar, "end"):
+                bar.end()
+            for out in outs:
+                out.abort()
+            raise
+    finally:
+        if handle is not None:
+            handle.close()
+        for w in caught:  # other warnings (not our notes) still reach the user
+            if str(w.message) not in info.get("warnings", []):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _set_description(out: OutputImage, description: str) -> None:

@@ -6,8 +6,9 @@ calls `plane_stats` once per whole plane and `apply` per tile or crop, with the 
 model).
 
 Two types:
-- ``"robust"`` (current): per plane, centre = median and spread = 1.4826·MAD (the standard
-  deviation of a Gaussian with that MAD), both from the whole plane before tiling so tiles agree.
+- ``"robust"`` (current): per plane, centre = median and spread = `mad_scale`·MAD of the plane
+  smoothed by a 1.5-px Gaussian (so noise does not inflate it), both from the whole plane before
+  tiling so tiles agree.
   The result is invariant to any affine change ``a·x + b`` (a > 0) of the phase values: radians
   vs nm of optical path, another regulariser or section thickness, integer camera units. The
   median/MAD pair, unlike mean/std or a 99.8th percentile, barely moves with the amount of
@@ -30,7 +31,15 @@ MAX_STAT_PIXELS = 4_000_000
 MAD_TO_STD = 1.4826
 
 
-def robust_config(clip: float = 10.0, mad_scale: float = MAD_TO_STD) -> dict:
+#: The spread is measured on the plane smoothed by this Gaussian (px): camera and shot noise then
+#: barely inflate it (on the instrument suite's low-light variant the MAD of the raw plane grew
+#: with the noise and scaled the nuclei down), while a linear filter keeps the affine invariance.
+SMOOTH_SIGMA_PX = 1.5
+
+
+def robust_config(
+    clip: float = 10.0, mad_scale: float = MAD_TO_STD, smooth_sigma_px: float = SMOOTH_SIGMA_PX
+) -> dict:
     """The `normalization` entry new checkpoints carry. scale = `mad_scale`·MAD: 1.4826 (a
     Gaussian's std) for models trained with it; weights trained with the fixed normalisation are
     given the training set's std/MAD instead (`scripts/robust_norm_for_fixed.py`)."""
@@ -39,6 +48,7 @@ def robust_config(clip: float = 10.0, mad_scale: float = MAD_TO_STD) -> dict:
         "center": "median",
         "spread": "mad",
         "mad_scale": float(mad_scale),
+        "smooth_sigma_px": float(smooth_sigma_px),
         "clip": float(clip),
         "max_stat_pixels": MAX_STAT_PIXELS,
         "output": "DAPI 0-1",
@@ -55,10 +65,10 @@ def fixed_config(mean: float, std: float, clip: float = 10.0) -> dict:
     }
 
 
-def _subsample(plane) -> np.ndarray:
+def _subsample(plane) -> tuple[np.ndarray, int]:
     h, w = plane.shape[-2:]
     step = max(1, math.ceil(math.sqrt(h * w / MAX_STAT_PIXELS)))
-    return np.asarray(plane[..., ::step, ::step], dtype=np.float64)
+    return np.asarray(plane[..., ::step, ::step], dtype=np.float64), step
 
 
 def plane_stats(config: dict | None, plane) -> dict:
@@ -77,14 +87,22 @@ def plane_stats(config: dict | None, plane) -> dict:
         }
     if kind != "robust":
         raise ValueError(f"unknown normalization type {kind!r} (expected 'robust' or 'fixed')")
-    x = _subsample(plane)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
+    x, step = _subsample(plane)
+    finite = np.isfinite(x)
+    if not finite.any():
         raise ValueError("the plane has no finite pixels (all NaN/Inf): nothing to normalise")
-    center = float(np.median(x))
-    scale = float(config.get("mad_scale", MAD_TO_STD)) * float(np.median(np.abs(x - center)))
+    center = float(np.median(x[finite]))
+    sigma = float(config.get("smooth_sigma_px", 0.0)) / step
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        s = gaussian_filter(np.where(finite, x, center), sigma, mode="reflect")[finite]
+    else:
+        s = x[finite]
+    mid = float(np.median(s))
+    scale = float(config.get("mad_scale", MAD_TO_STD)) * float(np.median(np.abs(s - mid)))
     if not scale > 0:  # more than half the pixels share one value (e.g. a padded or masked field)
-        scale = float(np.std(x))
+        scale = float(np.std(x[finite]))
     constant = not scale > 0
     return {"center": center, "scale": scale if not constant else 1.0, "constant": constant}
 

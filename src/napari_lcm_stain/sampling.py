@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from . import checkpoints as ckpt
 from . import normalization
-from .device import inference_dtype, prepare_module, resolve_device
+from .device import inference_dtype, prepare_module, resolve_device, to_device
 from .models import build
 
 # v-prediction with zero-terminal-SNR betas and trailing spacing: epsilon-prediction with SD's
@@ -88,9 +88,9 @@ class Predictor:
 
     def __call__(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            x = x.to(self.device, self.dtype)
+            x = to_device(x, self.device, self.dtype)
             if noise is not None:
-                noise = noise.to(self.device, self.dtype)
+                noise = to_device(noise, self.device, self.dtype)
             y = self._forward(x, noise)
             return y.float().clamp_(0.0, 1.0).cpu()
 
@@ -101,10 +101,12 @@ class Predictor:
 class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps)."""
 
-    def __init__(self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None):
+    def __init__(
+        self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False
+    ):
         super().__init__(config, device, dtype)
-        self.unet = prepare_module(unet, device, self.dtype)
-        self.decoder = prepare_module(decoder, device, self.dtype)
+        self.unet = prepare_module(unet, device, self.dtype, compile)
+        self.decoder = prepare_module(decoder, device, self.dtype, compile)
         self.mode = mode
         self.steps = int(steps)
         self.latent_scale = float(config["latent_scale"])
@@ -150,9 +152,9 @@ class PixelPredictor(Predictor):
 
     name = "Pix2Pix"
 
-    def __init__(self, generator, config: dict, device):
-        super().__init__(config, device)
-        self.generator = prepare_module(generator, device)
+    def __init__(self, generator, config: dict, device, dtype=None, compile=False):
+        super().__init__(config, device, dtype)
+        self.generator = prepare_module(generator, device, self.dtype, compile)
         self.multiple = generator.multiple
 
     def _forward(self, x, noise):
@@ -160,16 +162,25 @@ class PixelPredictor(Predictor):
 
 
 def predictor_from_checkpoint(
-    checkpoint: ckpt.Checkpoint, steps: int | None = None, device="auto", mode: str | None = None
+    checkpoint: ckpt.Checkpoint,
+    steps: int | None = None,
+    device="auto",
+    mode: str | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Predictor:
-    """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix')."""
+    """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix').
+
+    `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
+    `compile`: `torch.compile` the networks on CUDA."""
     dev = resolve_device(device)
+    dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config
     kind = mode or cfg.get("kind")
     if kind == "pix2pix":
         gen = build(cfg["architecture"]["generator"])
         ckpt.load_into(gen, checkpoint.sub("generator"), "Pix2Pix generator")
-        return PixelPredictor(gen, cfg, dev)
+        return PixelPredictor(gen, cfg, dev, dtype, compile)
     if kind in ("lcm", "teacher"):
         unet = build(cfg["architecture"]["unet"])
         vae = build(cfg["architecture"]["vae"])
@@ -180,18 +191,22 @@ def predictor_from_checkpoint(
             raise ValueError(f"LCM steps must be 1-{MAX_LCM_STEPS} (1 is the default), got {n}")
         if kind == "teacher" and not 1 <= n <= 1000:
             raise ValueError(f"teacher DDIM steps must be 1-1000, got {n}")
-        return LatentPredictor(unet, vae.decoder, cfg, dev, "lcm" if kind == "lcm" else "ddim", n)
+        mode = "lcm" if kind == "lcm" else "ddim"
+        return LatentPredictor(unet, vae.decoder, cfg, dev, mode, n, dtype, compile)
     raise ckpt.CheckpointError(
         f"checkpoint kind {kind!r} is not a stain model (expected 'lcm', 'teacher' or 'pix2pix')"
     )
 
 
-def load_predictor(model="lcm", steps: int | None = None, device="auto") -> Predictor:
+def load_predictor(
+    model="lcm", steps: int | None = None, device="auto", precision="auto", compile=False
+) -> Predictor:
     """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
     if isinstance(model, Predictor):
         return model
+    opts = {"precision": precision, "compile": compile}
     if isinstance(model, str) and model.lower() in ckpt.PACKAGED:
-        return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device)
+        return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device, **opts)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix != ".safetensors" and not path.exists():
@@ -199,7 +214,7 @@ def load_predictor(model="lcm", steps: int | None = None, device="auto") -> Pred
                 f"unknown model {str(model)!r}: use 'lcm', 'pix2pix', 'teacher' or a path to a "
                 ".safetensors checkpoint"
             )
-        return predictor_from_checkpoint(ckpt.load_checkpoint(path), steps, device)
+        return predictor_from_checkpoint(ckpt.load_checkpoint(path), steps, device, **opts)
     raise TypeError(
         f"model must be a name, a checkpoint path or a Predictor, not {type(model).__name__}"
     )

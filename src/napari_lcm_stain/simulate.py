@@ -30,7 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,12 @@ __all__ = [
     "render_scene",
     "simulate_pair",
     "write_dataset",
+    "DOMAIN_RANGES",
+    "MODEL_PIXEL_SIZE",
+    "RANDOM_PRESET",
+    "DomainRange",
+    "sample_instrument",
+    "simulate_training_pair",
 ]
 
 # Nucleus type codes (Scene.nuclei["kind"]).
@@ -77,6 +83,9 @@ class SimParams:
     name: str = "brain-20x"
     # --- qOBM optics -----------------------------------------------------------------------
     pixel_size: float = 0.414  # µm/px in the sample (6.5 µm camera pixel / ~15.7x); 20x qOBM
+    # qOBM camera pixel when it is coarser than the simulation grid (the phase is imaged on that
+    # coarser grid and interpolated back; DAPI and labels stay on the grid). None = the grid
+    qobm_pixel_size: float | None = None
     wavelength_um: float = 0.72  # LED centre wavelength (720 nm; NIR for depth in tissue)
     na_objective: float = 0.40  # objective NA (20x/0.4)
     # illumination NA / objective NA (back-scattered light fills the pupil: σ ≈ 1)
@@ -84,7 +93,19 @@ class SimParams:
     illum_tilt: float = 0.6  # 0 = uniform half-pupil source; >0 weights oblique angles more (0..1)
     optical_section_um: float = 3.0  # axial thickness the qOBM phase integrates (2-4 µm)
     section_edge_um: float = 0.6  # softness (erf width) of the optical-section edges
+    illum_rotation_deg: float = 0.0  # rotation of the two illumination axes vs the camera axes
+    # relative power of the +x, -x, +y, -y sources (fibre coupling; 1 = balanced)
+    source_gains: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     tikhonov_alpha: float = 5e-3  # Tikhonov regularisation of the deconvolution (brain: 5e-3)
+    # --- reconstruction: the model of the instrument it assumes (None = the true value) -------
+    recon_na_objective: float | None = None
+    recon_wavelength_um: float | None = None
+    recon_illum_na_ratio: float | None = None
+    recon_illum_tilt: float | None = None
+    recon_illum_rotation_deg: float | None = None
+    dpc_axes: str = "xy"  # "xy": both DPC axes; "x": single-axis DPC (the y pair is not used)
+    # "tikhonov": WOTF deconvolution; "gradient": DPC integrated as a pure phase gradient (no WOTF)
+    reconstruction: str = "tikhonov"
     background_sigma_um: float = 25.0  # DPC background subtraction (Gaussian low-pass), µm
     photons: float = 10000.0  # mean detected photons per pixel per raw capture
     read_noise_e: float = 2.0  # camera read noise, electrons rms
@@ -104,6 +125,7 @@ class SimParams:
     cytoplasm_dn: tuple[float, float] = (-0.002, 0.008)  # cell body Δn vs neuropil, per cell
     cytoplasm_absent_p: float = 0.35  # cells whose body has no contrast at all
     cell_body_scale: tuple[float, float] = (1.2, 2.0)  # cell body radius / nucleus radius
+    nucleus_size_scale: float = 1.0  # multiplies every nuclear radius (the per-type ranges)
     background_dn_rms: float = 0.003  # neuropil RI fluctuation (rms Δn), power-law field
     background_beta: float = 3.0  # P(k) ∝ k^-β of the background field
     tissue_depth_um: float = 24.0  # depth of tissue contributing DAPI haze (widefield, ±12 µm)
@@ -204,8 +226,14 @@ def get_preset(name: str | SimParams) -> SimParams:
     try:
         return PRESETS[name]
     except KeyError:
+        if name == RANDOM_PRESET:
+            raise ValueError(
+                f"{RANDOM_PRESET!r} draws a new instrument per field: pass it to simulate_pair "
+                "or write_dataset, or draw one with sample_instrument(seed)"
+            ) from None
         raise ValueError(
-            f"unknown simulator preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}"
+            f"unknown simulator preset {name!r}; choose one of: "
+            f"{', '.join(sorted([*PRESETS, RANDOM_PRESET]))}"
         ) from None
 
 
@@ -340,11 +368,28 @@ def qobm_transfer_functions(shape: tuple[int, int], params: SimParams) -> np.nda
         float(params.wavelength_um),
         float(params.illum_na_ratio),
         float(params.illum_tilt),
+        float(params.illum_rotation_deg),
     )
 
 
+def _assumed_instrument(p: SimParams) -> SimParams:
+    """The instrument the reconstruction believes in: ``recon_*`` fields replace the true optics."""
+    over = {
+        k: getattr(p, f"recon_{k}")
+        for k in (
+            "na_objective",
+            "wavelength_um",
+            "illum_na_ratio",
+            "illum_tilt",
+            "illum_rotation_deg",
+        )
+        if getattr(p, f"recon_{k}") is not None
+    }
+    return replace(p, **over) if over else p
+
+
 @functools.lru_cache(maxsize=32)
-def _transfer_cached(shape, px, na, wl, ratio, tilt) -> np.ndarray:
+def _transfer_cached(shape, px, na, wl, ratio, tilt, rot_deg=0.0) -> np.ndarray:
     f, h_ref = _wotf_reference(na, wl, ratio, tilt)
     fy, fx = _freqs(shape, px)
     d = f[1] - f[0]
@@ -352,6 +397,9 @@ def _transfer_cached(shape, px, na, wl, ratio, tilt) -> np.ndarray:
     out = np.empty((2, *shape), np.float64)
     fyy = np.broadcast_to(fy, shape)
     fxx = np.broadcast_to(fx, shape)
+    if rot_deg:  # sources rotated by θ: H_θ(f) = H(R(-θ) f)
+        t = math.radians(rot_deg)
+        fxx, fyy = math.cos(t) * fxx + math.sin(t) * fyy, math.cos(t) * fyy - math.sin(t) * fxx
     # x-DPC: source on +x; y-DPC: the same source rotated by 90° (swap axes)
     out[0] = ndimage.map_coordinates(h_ref, [fyy / d + c0, fxx / d + c0], order=1, cval=0.0)
     out[1] = ndimage.map_coordinates(h_ref, [fxx / d + c0, fyy / d + c0], order=1, cval=0.0)
@@ -418,6 +466,14 @@ def qobm_forward(
     if phi.ndim != 2:
         raise ValueError(f"ri_phase must be a 2-D (H, W) array, got shape {phi.shape}")
     shape = phi.shape
+    if p.dpc_axes not in ("xy", "x"):
+        raise ValueError(f"dpc_axes must be 'xy' or 'x', got {p.dpc_axes!r}")
+    if p.reconstruction not in ("tikhonov", "gradient"):
+        raise ValueError(
+            f"reconstruction must be 'tikhonov' or 'gradient', got {p.reconstruction!r}"
+        )
+    if p.qobm_pixel_size is not None and p.qobm_pixel_size != p.pixel_size:
+        return _qobm_on_coarser_camera(phi, p, rng)
     htf = _half(qobm_transfer_functions(shape, p))  # (2, H, W//2+1), H = i*htf
     fphi = sfft.rfft2(phi)
     # modulation for +x and +y sources; the opposed sources have the mirrored (negated) WOTF
@@ -426,6 +482,8 @@ def qobm_forward(
     fall = _falloff_maps(shape, p.falloff)
     mean = p.photons * np.stack([fall[0] * (1 + mod[0]), fall[1] * (1 - mod[0]),
                                  fall[2] * (1 + mod[1]), fall[3] * (1 - mod[1])])  # fmt: skip
+    if any(g != 1.0 for g in p.source_gains):
+        mean *= np.asarray(p.source_gains, np.float64)[:, None, None]
     noise_sd = np.sqrt(mean + p.read_noise_e**2)
     raw = mean + noise_sd * rng.standard_normal(mean.shape)
     raw = np.maximum(raw, 1.0)
@@ -436,10 +494,16 @@ def qobm_forward(
     fy = sfft.fftfreq(shape[0], d=p.pixel_size)[:, None]
     fx = sfft.rfftfreq(shape[1], d=p.pixel_size)[None, :]
     highpass = 1.0 - np.exp(-2 * (np.pi * p.background_sigma_um) ** 2 * (fx * fx + fy * fy))
-    denom = (htf**2).sum(0) + p.tikhonov_alpha
-    fd = sfft.rfft2(dpc, axes=(-2, -1))
+    assumed = _assumed_instrument(p)
+    hrec = htf if assumed is p else _half(qobm_transfer_functions(shape, assumed))
+    if p.reconstruction == "gradient":
+        hrec = _gradient_model(hrec, fx, fy)
+    if p.dpc_axes == "x":
+        hrec = hrec[:1]
+    denom = (hrec**2).sum(0) + p.tikhonov_alpha
+    fd = sfft.rfft2(dpc[:, : len(hrec)], axes=(-2, -1))
     # Tikhonov: conj(H)·D / (Σ|H|² + α) with H = i*htf, i.e. conj(H)·D = -i*htf·D
-    num = (-1j * htf[None] * fd).sum(1) * (highpass / denom)
+    num = (-1j * hrec[None] * fd).sum(1) * (highpass / denom)
     rec = sfft.irfft2(num, s=shape, axes=(-2, -1))
     phase, clean = rec[0], rec[1]
     return QobmOutput(
@@ -449,6 +513,45 @@ def qobm_forward(
         dpc=dpc[0].astype(np.float32),
         noise_std=float(np.std(phase - clean)),
     )
+
+
+def _qobm_on_coarser_camera(phi: np.ndarray, p: SimParams, rng) -> QobmOutput:
+    """qOBM with a camera pixel ``p.qobm_pixel_size`` coarser than the grid of ``phi``: the true
+    phase is resampled (anti-aliased) to the camera grid, imaged and reconstructed there, and the
+    phase is interpolated back (linear) to the grid. ``raw`` / ``dpc`` stay on the camera grid."""
+    from skimage.transform import resize
+
+    if p.qobm_pixel_size < p.pixel_size:
+        raise ValueError(
+            f"qobm_pixel_size ({p.qobm_pixel_size:g} µm) must not be finer than pixel_size "
+            f"({p.pixel_size:g} µm): simulate at the camera's pixel size instead"
+        )
+    h, w = phi.shape
+    hc = max(8, round(h * p.pixel_size / p.qobm_pixel_size))
+    wc = max(8, round(w * p.pixel_size / p.qobm_pixel_size))
+    cam = replace(p, pixel_size=h * p.pixel_size / hc, qobm_pixel_size=None)
+    out = qobm_forward(
+        resize(phi, (hc, wc), order=1, anti_aliasing=True, preserve_range=True), cam, rng
+    )
+
+    def up(a):
+        return resize(a, (h, w), order=1, preserve_range=True).astype(np.float32)
+
+    phase, clean = up(out.phase), up(out.phase_clean)
+    return QobmOutput(phase=phase, phase_clean=clean, raw=out.raw, dpc=out.dpc,
+                      noise_std=float(np.std(phase - clean)))  # fmt: skip
+
+
+def _gradient_model(htf: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
+    """A reconstruction without the WOTF: DPC_k ≈ c·f_k (a pure phase gradient), with c the
+    least-squares slope of the true transfer function over its inner half band."""
+    out = np.empty_like(htf)
+    fxx, fyy = np.broadcast_arrays(fx, fy)
+    for k, f in enumerate((fxx, fyy)):
+        band = np.hypot(fxx, fyy) < 0.5 * np.hypot(fxx, fyy)[np.abs(htf[k]) > 0].max()
+        c = float((htf[k] * f)[band].sum() / max(float((f * f)[band].sum()), 1e-12))
+        out[k] = c * f
+    return out
 
 
 def _half(htf: np.ndarray) -> np.ndarray:
@@ -569,6 +672,8 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
     r_lo = np.array([3.2, 5.0, 2.5, 0, 4.0, 2.0])[kind]
     r_hi = np.array([4.8, 7.0, 3.4, 0, 8.0, 3.2])[kind]
     r = rng.uniform(r_lo, r_hi)
+    if p.nucleus_size_scale != 1.0:
+        r = r * p.nucleus_size_scale
     asp = rng.uniform(*p.aspect, n_tot)
     asp = np.where(kind == LYMPHOCYTE, np.minimum(asp, 1.15), asp)
     a = r * np.sqrt(asp)
@@ -653,8 +758,8 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
     if extra_nuc:
         e = np.asarray(extra_nuc)
         m = len(e)
-        ea = rng.uniform(5.0, 9.0, m)
-        eb = rng.uniform(1.2, 2.3, m)
+        ea = rng.uniform(5.0, 9.0, m) * p.nucleus_size_scale
+        eb = rng.uniform(1.2, 2.3, m) * p.nucleus_size_scale
         ecls = rng.choice(3, size=m, p=np.asarray(p.nucleus_sign_p) / np.sum(p.nucleus_sign_p))
         edn = np.select(
             [ecls == 0, ecls == 1],
@@ -1109,8 +1214,16 @@ def simulate_pair(
 ) -> SimSample:
     """Simulate one paired qOBM phase / DAPI field (or a Z stack of ``z_planes`` planes).
 
-    Deterministic for a given (preset, size, seed, z_planes, z_step_um).
+    Deterministic for a given (preset, size, seed, z_planes, z_step_um). ``"domain-random"``
+    draws the instrument from the seed too (:func:`simulate_training_pair`; single planes only).
     """
+    if isinstance(preset, str) and preset == RANDOM_PRESET:
+        if z_planes is not None:
+            raise ValueError(
+                f"preset {RANDOM_PRESET!r} simulates single planes: leave z_planes unset, or use "
+                "a fixed preset for Z stacks"
+            )
+        return simulate_training_pair(seed, size)
     p = get_preset(preset)
     H, W = _parse_size(size)
     if z_planes is not None and (not isinstance(z_planes, (int, np.integer)) or z_planes < 1):
@@ -1187,6 +1300,215 @@ def _kinds_present(r: Rendered, crop) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Domain randomisation: a new instrument and tissue for every training field
+# --------------------------------------------------------------------------------------------
+#: Name of the domain-randomised "preset" (:func:`simulate_pair`, ``lcm-stain simulate --preset``).
+RANDOM_PRESET = "domain-random"
+#: Pixel size (µm/px) that :func:`simulate_training_pair` resamples to: the packaged models'.
+MODEL_PIXEL_SIZE = 0.414
+
+
+@dataclass(frozen=True)
+class DomainRange:
+    """One randomised quantity: drawn uniformly (``log``: log-uniformly) in [lo, hi] per field."""
+
+    lo: float
+    hi: float
+    log: bool
+    why: str
+
+    def draw(self, rng: np.random.Generator, size=None):
+        return (
+            _loguniform(rng, (self.lo, self.hi), size)
+            if self.log
+            else rng.uniform(self.lo, self.hi, size)
+        )
+
+
+#: Every range :func:`sample_instrument` draws from, in drawing order. docs/simulator.md shows
+#: this table (``python scripts/make_domain_figure.py --table``); the instrument suite of
+#: `evaluate --suite instruments` lies outside it.
+DOMAIN_RANGES: dict[str, DomainRange] = {
+    # --- optics ---
+    "pixel_size": DomainRange(0.25, 0.8, True, "µm/px in the sample, 40×-class (0.25) to 10×-class (0.8) cameras; brackets 0.414 (20×). Finer sampling adds nothing once resampled to 0.414 and costs time"),  # noqa: E501
+    "na_objective": DomainRange(0.25, 0.75, False, "10×/0.25 to 40×/0.75 objectives; brackets 0.4 (brain-20x), 0.5 (shifted-20x), 0.7 (brain-60x)"),  # noqa: E501
+    "wavelength_um": DomainRange(0.55, 0.85, False, "green to near-infrared LEDs; brackets 0.65 and 0.72 µm"),  # noqa: E501
+    "illum_na_ratio": DomainRange(0.7, 1.0, False, "σ: multiply scattered light fills the pupil (1) or less (thin or weakly scattering samples, apertured fibres); brackets 0.95, 1"),  # noqa: E501
+    "illum_tilt": DomainRange(0.0, 1.0, False, "flat (0) to strongly oblique-weighted (1) half-pupil source; brackets 0.2 and 0.6"),  # noqa: E501
+    "illum_rotation_deg": DomainRange(-10.0, 10.0, False, "fibres off the camera axes; the reconstruction assumes 0° (a WOTF mismatch)"),  # noqa: E501
+    "source_gain": DomainRange(0.8, 1.25, True, "power of each of the four sources (fibre coupling, LED ageing), drawn per source; presets: 1"),  # noqa: E501
+    "falloff": DomainRange(0.0, 0.7, False, "illumination fall-off across the field; brackets 0.35 and 0.6"),  # noqa: E501
+    "optical_section_um": DomainRange(1.5, 4.5, False, "axial thickness the phase integrates (2–4 µm in qOBM, ± a margin); brackets 2, 2.5, 3"),  # noqa: E501
+    # --- reconstruction ---
+    "tikhonov_alpha": DomainRange(1e-3, 3e-2, True, "Tikhonov regulariser: sharp and noisy (1e-3) to smooth (3e-2); brackets 5e-3"),  # noqa: E501
+    "background_sigma_um": DomainRange(15.0, 40.0, True, "σ of the DPC background high-pass; brackets 25 µm"),  # noqa: E501
+    "recon_na_error": DomainRange(0.85, 1.15, False, "WOTF mismatch: NA the reconstruction assumes / true NA (nominal vs effective NA)"),  # noqa: E501
+    "recon_wavelength_error": DomainRange(0.95, 1.05, False, "WOTF mismatch: assumed / true wavelength (LED spectrum and centre)"),  # noqa: E501
+    "recon_illum_na_ratio_error": DomainRange(0.9, 1.1, False, "WOTF mismatch: assumed / true σ (capped at 1)"),  # noqa: E501
+    "recon_tilt_error": DomainRange(-0.3, 0.3, False, "WOTF mismatch: assumed − true source tilt (the source shape is rarely measured; clipped to 0–1)"),  # noqa: E501
+    # --- camera ---
+    "photons": DomainRange(2000.0, 30000.0, True, "detected photons per pixel and capture, dim to full-well sCMOS; brackets 8000–12000"),  # noqa: E501
+    "read_noise_e": DomainRange(0.5, 6.0, False, "camera read noise, e⁻ rms: sCMOS (0.5–2) to CCD (6); brackets 2 and 4"),  # noqa: E501
+    # --- tissue ---
+    "background_dn_rms": DomainRange(0.001, 0.009, True, "RI roughness of the background: smooth (cultures, grey matter) to rough (white matter, stroma); brackets 0.003, 0.006"),  # noqa: E501
+    "background_beta": DomainRange(2.4, 3.6, False, "power-law slope of tissue RI spectra (2–4 in the literature); brackets 2.8, 3"),  # noqa: E501
+    "nucleus_dn_scale": DomainRange(0.6, 1.6, True, "|Δn| nucleus vs cytoplasm × brain-20x's 0.003–0.010 (both signs); brackets shifted-20x's 0.004–0.012"),  # noqa: E501
+    "nucleus_size_scale": DomainRange(0.75, 1.35, True, "every nuclear radius × brain-20x's per-type ranges (small glia to large tumour nuclei)"),  # noqa: E501
+    "nuclei_density": DomainRange(8.0, 40.0, True, "lower end of the labelled-nuclei density per 100×100 µm (upper end 2× that); brackets 12–30 (brain) and 35–60 (tumour)"),  # noqa: E501
+    "tumour_fraction": DomainRange(0.0, 1.0, False, "blend of brain-20x and tumour-dense-20x cell-type mix, 4N fraction and DAPI level"),  # noqa: E501
+    "shape_noise": DomainRange(0.04, 0.16, False, "irregularity of nuclear outlines; brackets 0.08, 0.14"),  # noqa: E501
+    "aspect_max": DomainRange(1.15, 1.9, False, "upper end of the nuclear aspect ratio (lower end 1); brackets 1.35, 1.8"),  # noqa: E501
+    "cell_body_lo": DomainRange(1.05, 1.3, False, "lower end of cell-body / nucleus radius; brackets 1.1, 1.2"),  # noqa: E501
+    "cell_body_span": DomainRange(0.3, 0.9, False, "upper − lower cell-body / nucleus radius; brackets 0.4, 0.8"),  # noqa: E501
+    "cytoplasm_dn_lo": DomainRange(-0.004, 0.0, False, "lower end of cell-body Δn vs neuropil; brackets −0.002, 0"),  # noqa: E501
+    "cytoplasm_dn_hi": DomainRange(0.005, 0.012, False, "upper end of cell-body Δn; brackets 0.008, 0.012"),  # noqa: E501
+    "cytoplasm_absent_p": DomainRange(0.1, 0.6, False, "fraction of cells with no body contrast; brackets 0.2, 0.35"),  # noqa: E501
+    "distractor_density_scale": DomainRange(0.3, 3.0, True, "density of each distractor kind (vessels, lipid, granules, debris, fibres) × its brain-20x range, drawn per kind: the mix varies"),  # noqa: E501
+    "near_nucleus_p": DomainRange(0.1, 0.6, False, "fraction of blob distractors touching a nucleus; brackets 0.4"),  # noqa: E501
+}  # fmt: skip
+#: Dirichlet concentration of P(positive, negative, ~zero) nuclear contrast, drawn per field.
+NUCLEUS_SIGN_DIRICHLET: tuple[float, float, float] = (2.0, 2.0, 1.5)
+
+
+def sample_instrument(
+    rng: np.random.Generator | int, base: str | SimParams = "brain-20x"
+) -> SimParams:
+    """Draw one instrument and tissue from :data:`DOMAIN_RANGES` (deterministic for a seed).
+
+    Returns a ``SimParams`` named ``"domain-random"`` built on ``base`` (the DAPI side stays the
+    base's: it is the model's output convention, not the instrument).
+    """
+    b = get_preset(base)
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    d = {k: r.draw(rng) for k, r in DOMAIN_RANGES.items() if k not in ("source_gain",)}
+    d_scale = DOMAIN_RANGES["distractor_density_scale"].draw(rng, 5)
+    gains = DOMAIN_RANGES["source_gain"].draw(rng, 4)
+    sign_p = rng.dirichlet(NUCLEUS_SIGN_DIRICHLET)
+    tum, tumour = d["tumour_fraction"], get_preset("tumour-dense-20x")
+    kinds = (1 - tum) * np.asarray(b.kind_fractions) + tum * np.asarray(tumour.kind_fractions)
+    kinds = kinds / kinds.sum()
+
+    def scaled(rng_pair, s):
+        return (float(rng_pair[0] * s), float(rng_pair[1] * s))
+
+    dn_s = d["nucleus_dn_scale"]
+    return replace(
+        b,
+        name=RANDOM_PRESET,
+        pixel_size=float(d["pixel_size"]),
+        na_objective=float(d["na_objective"]),
+        wavelength_um=float(d["wavelength_um"]),
+        illum_na_ratio=float(d["illum_na_ratio"]),
+        illum_tilt=float(d["illum_tilt"]),
+        illum_rotation_deg=float(d["illum_rotation_deg"]),
+        source_gains=tuple(float(g) for g in gains),
+        falloff=float(d["falloff"]),
+        optical_section_um=float(d["optical_section_um"]),
+        tikhonov_alpha=float(d["tikhonov_alpha"]),
+        background_sigma_um=float(d["background_sigma_um"]),
+        recon_na_objective=float(d["na_objective"] * d["recon_na_error"]),
+        recon_wavelength_um=float(d["wavelength_um"] * d["recon_wavelength_error"]),
+        recon_illum_na_ratio=float(min(1.0, d["illum_na_ratio"] * d["recon_illum_na_ratio_error"])),
+        recon_illum_tilt=float(np.clip(d["illum_tilt"] + d["recon_tilt_error"], 0.0, 1.0)),
+        recon_illum_rotation_deg=0.0,
+        photons=float(d["photons"]),
+        read_noise_e=float(d["read_noise_e"]),
+        background_dn_rms=float(d["background_dn_rms"]),
+        background_beta=float(d["background_beta"]),
+        nucleus_dn_positive=scaled(b.nucleus_dn_positive, dn_s),
+        nucleus_dn_negative=scaled(b.nucleus_dn_negative, dn_s),
+        nucleus_sign_p=tuple(float(x) for x in sign_p),
+        nucleus_size_scale=float(d["nucleus_size_scale"]),
+        nuclei_per_100um2=(float(d["nuclei_density"]), float(2 * d["nuclei_density"])),
+        kind_fractions=tuple(float(x) for x in kinds),
+        dapi_4n_p=float((1 - tum) * b.dapi_4n_p + tum * tumour.dapi_4n_p),
+        dapi_level=float((1 - tum) * b.dapi_level + tum * tumour.dapi_level),
+        shape_noise=float(d["shape_noise"]),
+        aspect=(1.0, float(d["aspect_max"])),
+        cell_body_scale=(float(d["cell_body_lo"]), float(d["cell_body_lo"] + d["cell_body_span"])),
+        cytoplasm_dn=(float(d["cytoplasm_dn_lo"]), float(d["cytoplasm_dn_hi"])),
+        cytoplasm_absent_p=float(d["cytoplasm_absent_p"]),
+        vessels_per_100um2=scaled(b.vessels_per_100um2, d_scale[0]),
+        lipid_per_100um2=scaled(b.lipid_per_100um2, d_scale[1]),
+        granules_per_100um2=scaled(b.granules_per_100um2, d_scale[2]),
+        debris_per_100um2=scaled(b.debris_per_100um2, d_scale[3]),
+        fibres_per_100um2=scaled(b.fibres_per_100um2, d_scale[4]),
+        near_nucleus_p=float(d["near_nucleus_p"]),
+    )
+
+
+def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive ids 1..K for the labels present; returns (new labels, old ids present)."""
+    u = np.unique(labels)
+    u = u[u > 0]
+    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+    lut[u] = np.arange(1, len(u) + 1, dtype=np.int32)
+    return lut[labels], u
+
+
+def simulate_training_pair(
+    seed: int, size: int | tuple[int, int] = 256, pixel_size: float = MODEL_PIXEL_SIZE
+) -> SimSample:
+    """One domain-randomised training field at the model's pixel size.
+
+    Draws an instrument and tissue with :func:`sample_instrument` from
+    ``numpy.random.default_rng(seed)``. A camera finer than ``pixel_size`` is simulated on its own
+    grid over the same area, then qOBM and DAPI are resampled (anti-aliased linear, scikit-image)
+    and the labels by nearest neighbour; a coarser one images only the phase on its grid
+    (``qobm_pixel_size``), interpolated back, while ground truth and DAPI stay at ``pixel_size``.
+    ``params`` records the instrument (camera pixel: ``qobm_pixel_size or pixel_size``);
+    ``pixel_size`` is the output's. Deterministic per (seed, size, pixel_size).
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not (isinstance(pixel_size, (int, float)) and math.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"pixel_size must be a positive number of µm/px, got {pixel_size!r}")
+    H, W = _parse_size(size)
+    rng = np.random.default_rng(int(seed))
+    p = sample_instrument(rng)
+    scene_seed = int(rng.integers(2**31))
+    if p.pixel_size > pixel_size:
+        # a coarser qOBM camera: ground truth and DAPI stay on the model's grid (the DAPI is the
+        # output convention, not the instrument); only the phase is imaged on the camera grid
+        p = replace(p, qobm_pixel_size=p.pixel_size, pixel_size=float(pixel_size))
+        s = simulate_pair(p, size=(H, W), seed=scene_seed)
+        return replace(s, preset=RANDOM_PRESET, seed=int(seed))
+    # a finer camera: simulate on its grid over the same area (the native pixel is adjusted by
+    # < 0.5 px over the field so the resampling factor is exact), then resample everything
+    hn = max(8, round(H * pixel_size / p.pixel_size))
+    wn = max(8, round(W * pixel_size / p.pixel_size))
+    p = replace(p, pixel_size=float(H * pixel_size / hn))
+    s = simulate_pair(p, size=(hn, wn), seed=scene_seed)
+    return _resample_sample(s, (H, W), pixel_size, preset=RANDOM_PRESET, seed=int(seed))
+
+
+def _resample_sample(s: SimSample, shape: tuple[int, int], pixel_size: float, preset: str,
+                     seed: int) -> SimSample:  # fmt: skip
+    """A single-plane sample on a (H, W) grid over the same area: images by anti-aliased linear
+    interpolation, labels by nearest neighbour (renumbered 1..K; per-nucleus arrays follow)."""
+    from skimage.transform import resize
+
+    down = s.qobm.shape[0] > shape[0]
+
+    def img(a):
+        return resize(a, shape, order=1, anti_aliasing=down, preserve_range=True).astype(np.float32)
+
+    def lab(a):
+        return resize(a, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+
+    nuclei, keep = _relabel(lab(s.nuclei))
+    distr, dkeep = _relabel(lab(s.distractors))
+    return SimSample(
+        qobm=img(s.qobm), dapi=np.clip(img(s.dapi), 0, 1), nuclei=nuclei, distractors=distr,
+        nucleus_cnr=s.nucleus_cnr[keep - 1], nucleus_in_section=s.nucleus_in_section[keep - 1],
+        pixel_size=float(pixel_size), preset=preset, seed=seed, focus_um=0.0,
+        nucleus_kind=s.nucleus_kind[keep - 1], distractor_kind=s.distractor_kind[dkeep - 1],
+        params=s.params,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # Dataset writer
 # --------------------------------------------------------------------------------------------
 def _atomic_write_tiff(path: Path, data: np.ndarray, px: float, axes: str, z_step=None) -> None:
@@ -1231,7 +1553,7 @@ def write_dataset(out, preset: str = "brain-20x", n: int = 4, size: int | tuple[
 
     Sample ``i`` uses seed ``seed + i``. Returns the qOBM paths, one per sample.
     """
-    p = get_preset(preset)
+    p = preset if preset == RANDOM_PRESET else get_preset(preset)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive number of samples, got {n!r}")
     out = Path(out)
@@ -1260,7 +1582,7 @@ def write_dataset(out, preset: str = "brain-20x", n: int = 4, size: int | tuple[
             "nucleus_cnr": _json_list(s.nucleus_cnr),
             "nucleus_in_section": _json_list(s.nucleus_in_section),
             "nucleus_kind": [KIND_NAMES[k] for k in s.nucleus_kind],
-            "params": p.to_dict(),
+            "params": s.params.to_dict(),
         }
         _atomic_write_text(out / f"{stem}_meta.json", json.dumps(meta, indent=1, allow_nan=False))
         paths.append(qp)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..normalization import fixed_config, normalize, robust_config
+from .augment import augment_qobm
 from .presets import TrainPreset
 
 
@@ -20,12 +21,20 @@ class PairedData:
     pixel_size: float
     normalization: dict  # the `normalization` config the checkpoints record
     latents: np.ndarray | None = None  # (N, C, H/f, W/f), scaled
+    augment: bool = False  # instrument augmentation of the qOBM crops (training/augment.py)
 
     def batch(
-        self, rng: np.random.Generator, n: int, crop: int, factor: int = 4, latents: bool = True
+        self,
+        rng: np.random.Generator,
+        n: int,
+        crop: int,
+        factor: int = 4,
+        latents: bool = True,
+        device: torch.device | None = None,
     ):
         """Random aligned crops (+ flips / 90° rotations) of qOBM, DAPI and (if `latents` and
-        present) latents; crops start on multiples of `factor`, the latent downsampling."""
+        present) latents; crops start on multiples of `factor`, the latent downsampling; the
+        tensors go to `device` (default: stay on the CPU)."""
         N, H, W = self.qobm.shape
         crop = min(crop, H - H % factor, W - W % factor)
         q, d, z = [], [], []
@@ -46,9 +55,15 @@ class PairedData:
                 z.append(
                     aug(self.latents[i, :, y // f : (y + crop) // f, x // f : (x + crop) // f])
                 )
-        qt = torch.from_numpy(np.stack(q))[:, None]
+        q = np.stack(q)
+        if self.augment:
+            q = augment_qobm(q, rng)
+        qt = torch.from_numpy(q)[:, None]
         dt = torch.from_numpy(np.stack(d))[:, None]
         zt = torch.from_numpy(np.stack(z)) if z else None
+        if device is not None and device.type != "cpu":
+            qt, dt = qt.to(device, non_blocking=True), dt.to(device, non_blocking=True)
+            zt = None if zt is None else zt.to(device, non_blocking=True)
         return qt, dt, zt
 
 
@@ -73,4 +88,5 @@ def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
         dapi=np.stack(ds),
         pixel_size=float(np.median(px)),
         normalization=norm,
+        augment=preset.augment,
     )

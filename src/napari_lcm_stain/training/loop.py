@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import mixed_precision
 from .presets import TrainPreset
 
 #: Seed offsets per stage: stage S seeds torch with `seed + offset` and draws its batches from a
@@ -70,7 +71,9 @@ def dist_info() -> tuple[int, int]:
 def ddp(module: torch.nn.Module) -> torch.nn.Module:
     """Wrap for DistributedDataParallel (gradients averaged across ranks) when distributed."""
     if dist_info()[1] > 1:
-        return torch.nn.parallel.DistributedDataParallel(module)
+        dev = next(module.parameters()).device
+        ids = [dev.index] if dev.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     return module
 
 
@@ -85,12 +88,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def maybe_init_distributed() -> bool:
-    """Join the process group `torchrun` describes (gloo: CPU); returns True if this call made it."""
+def maybe_init_distributed(device: torch.device) -> bool:
+    """Join the process group `torchrun` describes (NCCL on CUDA, one GPU per rank by LOCAL_RANK;
+    gloo on the CPU); returns True if this call made it."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return True
     return False
 
@@ -135,18 +141,21 @@ def optimise(
     warmup: int = 50,
     clip: torch.nn.Module | None = None,
     after_step: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Run `steps` optimiser steps of `step_fn(step) -> loss`.
 
     `lr`: cosine schedule with `warmup` (None = leave the optimiser's rate alone); `clip`: clip this
-    module's gradient norm to 1; `after_step(step)`: e.g. an EMA update. Losses are logged to
+    module's gradient norm to 1; `after_step(step)`: e.g. an EMA update; `device`: the forward
+    pass runs under `device.mixed_precision` (bf16 autocast on CUDA). Losses are logged to
     `<out>/<stage>_loss.csv` and `<out>/train.log`.
     """
     log = Logger(out, stage, quiet, p.log_every)
     for step in range(steps):
         if lr is not None:
             cosine_lr(opt, lr, step, steps, warmup)
-        loss = step_fn(step)
+        with mixed_precision(device or torch.device("cpu")):
+            loss = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip is not None:

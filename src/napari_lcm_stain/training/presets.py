@@ -48,6 +48,8 @@ class TrainPreset:
     # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or
     # "fixed" (one training-set mean and std: the recipe before robust normalisation)
     input_norm: str = "robust"
+    # blur / noise / gamma on the qOBM crops (training/augment.py); flips and rotations always
+    augment: bool = True
     threads: int = 2
     log_every: int = 50
     data_seed_offset: int = 0
@@ -65,6 +67,42 @@ PRESETS = {
         vae_crop=96,
         decoder_steps=3000,
         polish_steps=1500,
+        # instrument robustness: half the fields from fixed presets, half with a new instrument
+        # and tissue drawn per field (simulate.sample_instrument); robust input, augmentation
+        data_presets=("brain-20x", "tumour-dense-20x", "domain-random", "domain-random"),
+        n_fields=128,
+    ),
+    # The recipe of the weights packaged in session 3 (runs/v4, commit 458f38a): training-set
+    # mean/std input, the two fixed presets, no augmentation. Their configs were then given the
+    # robust normalisation by scripts/robust_norm_for_fixed.py.
+    "v4": TrainPreset(
+        name="v4",
+        latent_factor=8,
+        latent_channels=8,
+        unet_channels=(40, 80, 160),
+        vae_channels=48,
+        vae_crop=96,
+        decoder_steps=3000,
+        polish_steps=1500,
+        input_norm="fixed",
+        augment=False,
+    ),
+    # The default layout at about a quarter of its steps and half its fields (~15 min of stage
+    # time on 2 cores): for ablations on validation seeds before a release training.
+    "small": TrainPreset(
+        name="small",
+        latent_factor=8,
+        latent_channels=8,
+        unet_channels=(40, 80, 160),
+        vae_channels=48,
+        vae_crop=96,
+        n_fields=48,
+        vae_steps=1000,
+        decoder_steps=600,
+        teacher_steps=2500,
+        lcm_steps=800,
+        polish_steps=300,
+        pix2pix_steps=800,
     ),
     "tiny": TrainPreset(
         name="tiny",

@@ -61,15 +61,15 @@ def run_recipe(
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
-    dev = resolve_device(device)
-    if dev.type != "cpu":
-        print(f"note: training runs on the CPU path in this version (requested {dev})")
+    dev = resolve_device(device)  # a device that is not there fails here, before any work
     torch.set_num_threads(threads or p.threads)
-    owns_group = maybe_init_distributed()
+    owns_group = maybe_init_distributed(dev)
+    if dev.type == "cuda" and owns_group:
+        dev = torch.device("cuda", torch.cuda.current_device())
     try:
         t0 = time.time()
         data = make_training_data(p, seed)
-        return Recipe(p, Path(out), seed, data, resume, quiet, t0).run(stages, package)
+        return Recipe(p, Path(out), seed, data, resume, quiet, t0, dev).run(stages, package)
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -80,9 +80,10 @@ def run_recipe(
 class Recipe:
     """One run folder: the stages' order, what each loads and saves, and resuming."""
 
-    def __init__(self, p, out, seed, data: PairedData, resume, quiet, t_data: float):
+    def __init__(self, p, out, seed, data: PairedData, resume, quiet, t_data: float, dev=None):
         self.p, self.out, self.seed, self.data = p, out, seed, data
         self.resume, self.quiet = resume, quiet
+        self.dev = dev or torch.device("cpu")
         self.is_main = dist_info()[0] == 0
         out.mkdir(parents=True, exist_ok=True)
         self.timings_file = out / "timings.json"
@@ -202,7 +203,7 @@ class Recipe:
 
     def run(self, stages: list[str], package: bool) -> dict[str, Path]:
         p, data, seed, out, quiet = self.p, self.data, self.seed, self.out, self.quiet
-        common = (p, seed, out, quiet)
+        common = (p, seed, out, quiet, self.dev)
 
         if "vae" in stages and not self.done("vae"):
             self.save_vae("vae", self.timed("vae", st.train_vae, data, *common), inference=False)

@@ -21,6 +21,8 @@ from .diffusion import consistency, eps_from_v, lcm_solver_grid, sample_timestep
 from .loop import ddp, dist_info, ema_update, optimise, seed_stage, unwrap
 from .presets import TrainPreset
 
+CPU = torch.device("cpu")
+
 # ------------------------------------------------------------------------------- the networks
 
 
@@ -93,38 +95,41 @@ def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ stages
 
 
-def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False) -> VAE:
+def train_vae(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU) -> VAE:
     rng = seed_stage("vae", seed)
-    vae = ddp(make_vae(p))
+    vae = ddp(make_vae(p).to(dev))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 
     def step_fn(step):
-        _, d, _ = data.batch(rng, p.batch, p.vae_crop)
+        _, d, _ = data.batch(rng, p.batch, p.vae_crop, device=dev)
         rec, mean, logvar = vae(d)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         return reconstruction_loss(rec, d) + 1e-5 * kl  # tiny KL keeps z smooth
 
-    optimise("vae", p.vae_steps, opt, step_fn, p, out, quiet, lr=1e-3)
+    optimise("vae", p.vae_steps, opt, step_fn, p, out, quiet, lr=1e-3, device=dev)
     return unwrap(vae).eval()
 
 
-def train_decoder(data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Path, quiet=False):
+def train_decoder(
+    data: PairedData, vae: VAE, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU
+):
     """Refit the thin inference decoder on the frozen VAE encoder (latents sampled as in the VAE
     stage). Returns a VAE holding the original encoder and the new decoder."""
     rng = seed_stage("decoder", seed)
     slim = make_inference_vae(p)
     slim.encoder.load_state_dict(vae.encoder.state_dict())
+    slim.to(dev)
     slim.encoder.requires_grad_(False).eval()
     dec = ddp(slim.decoder)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
 
     def step_fn(step):
-        _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor)
+        _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, device=dev)
         with torch.no_grad():
             z = slim.reparameterize(*slim.encode(d))
         return reconstruction_loss(dec(z), d)
 
-    optimise("decoder", p.decoder_steps, opt, step_fn, p, out, quiet, lr=1e-3)
+    optimise("decoder", p.decoder_steps, opt, step_fn, p, out, quiet, lr=1e-3, device=dev)
     return slim.eval()
 
 
@@ -137,6 +142,7 @@ def polish_decoder(
     seed: int,
     out: Path,
     quiet=False,
+    dev=CPU,
 ) -> VAE:
     """Tune the thin decoder on half encoder latents, half the LCM's 1-step latents of the same
     crops (fresh noise each step), against the true DAPI. Returns `thin` with the tuned decoder."""
@@ -144,40 +150,39 @@ def polish_decoder(
     lcm = lcm_scheduler()
     lcm.set_timesteps(1)
     t = int(lcm.timesteps[0])
-    thin.encoder.requires_grad_(False).eval()
-    student.requires_grad_(False).eval()
+    thin.to(dev).encoder.requires_grad_(False).eval()
+    student.to(dev).requires_grad_(False).eval()
     dec = ddp(thin.decoder)
     opt = torch.optim.Adam(dec.parameters(), lr=3e-4)
     half = max(1, p.batch // 2)
     f = p.latent_factor
 
     def step_fn(step):
-        q, d, _ = data.batch(rng, p.batch, p.vae_crop, f, latents=False)
+        q, d, _ = data.batch(rng, p.batch, p.vae_crop, f, latents=False, device=dev)
         with torch.no_grad():
             z_enc = thin.reparameterize(*thin.encode(d[:half]))
-            noise = torch.randn(
-                len(d) - half, p.latent_channels, d.shape[-2] // f, d.shape[-1] // f
-            )
-            v = student(noise, torch.full((len(noise),), t), q[half:])
+            shape = (len(d) - half, p.latent_channels, d.shape[-2] // f, d.shape[-1] // f)
+            noise = torch.randn(shape, device=dev)
+            v = student(noise, torch.full((len(noise),), t, device=dev), q[half:])
             z_lcm = lcm.step(v, t, noise).denoised / latent_scale
         return reconstruction_loss(dec(torch.cat([z_enc, z_lcm])), d)
 
-    optimise("polish", p.polish_steps, opt, step_fn, p, out, quiet, lr=3e-4)
+    optimise("polish", p.polish_steps, opt, step_fn, p, out, quiet, lr=3e-4, device=dev)
     return thin.eval()
 
 
-def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
+def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU):
     """The conditional latent diffusion teacher (v-prediction); returns its EMA weights."""
     rng = seed_stage("teacher", seed)
     sched = train_scheduler()
-    unet = ddp(make_unet(p))
+    unet = ddp(make_unet(p).to(dev))
     ema = copy.deepcopy(unwrap(unet)).eval()
     opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=1e-4)
 
     def step_fn(step):
-        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor)
+        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
         noise = torch.randn_like(z0)
-        t = sample_timesteps(rng, z0.shape[0], p.high_t_fraction, p.high_t_min)
+        t = sample_timesteps(rng, z0.shape[0], p.high_t_fraction, p.high_t_min).to(dev)
         z_t = sched.add_noise(z0, noise, t)
         target = sched.get_velocity(z0, noise, t)
         return F.mse_loss(unet(z_t, t, q), target)
@@ -187,7 +192,7 @@ def train_teacher(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
 
     optimise(
         "teacher", p.teacher_steps, opt, step_fn, p, out, quiet,
-        lr=p.lr, clip=unet, after_step=ema_step,
+        lr=p.lr, clip=unet, after_step=ema_step, device=dev,
     )  # fmt: skip
     return ema
 
@@ -199,6 +204,7 @@ def distill_lcm(
     seed: int,
     out: Path,
     quiet=False,
+    dev=CPU,
     anchor_weight: float | None = None,
 ):
     """Latent consistency distillation with a skipping-step DDIM solver and an EMA target.
@@ -211,16 +217,16 @@ def distill_lcm(
     sched = train_scheduler()
     lcm = lcm_scheduler()
     grid, k = lcm_solver_grid()
-    teacher = teacher.eval().requires_grad_(False)
+    teacher = teacher.to(dev).eval().requires_grad_(False)
     student = ddp(copy.deepcopy(teacher).train().requires_grad_(True))
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
     c = p.huber_c
 
     def step_fn(step):
-        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor)
+        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
         idx = rng.integers(0, len(grid), size=z0.shape[0])
-        start_t = torch.from_numpy(grid[idx]).long()
+        start_t = torch.from_numpy(grid[idx]).long().to(dev)
         t = torch.clamp(start_t - k, min=0)
         noise = torch.randn_like(z0)
         z_start = sched.add_noise(z0, noise, start_t)
@@ -229,7 +235,7 @@ def distill_lcm(
             v = teacher(z_start, start_t, q)
             x0_t = x0_from_v(sched, z_start, v, start_t)
             eps_t = eps_from_v(sched, z_start, v, start_t)
-            a_prev = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            a_prev = sched.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
             z_prev = a_prev.sqrt() * x0_t + (1 - a_prev).sqrt() * eps_t
             tgt = consistency(lcm, sched, target, z_prev, t, q)
         loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
@@ -239,17 +245,17 @@ def distill_lcm(
 
     optimise(
         "lcm", p.lcm_steps, opt, step_fn, p, out, quiet,
-        lr=p.lr * 0.2, warmup=20, clip=student,
+        lr=p.lr * 0.2, warmup=20, clip=student, device=dev,
         after_step=lambda step: ema_update(target, unwrap(student), p.ema_target),
     )  # fmt: skip
     return target
 
 
-def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False):
+def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=False, dev=CPU):
     """The lab's baseline: U-Net generator + PatchGAN, vanilla GAN loss + 100 L1 (Isola et al.)."""
     rng = seed_stage("pix2pix", seed)
-    gen = ddp(build(pix2pix_arch(p)))
-    disc = ddp(PatchDiscriminator(2 * p.pix2pix_ngf))
+    gen = ddp(build(pix2pix_arch(p)).to(dev))
+    disc = ddp(PatchDiscriminator(2 * p.pix2pix_ngf).to(dev))
     parallel = dist_info()[1] > 1
     og = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
     od = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -259,7 +265,7 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
 
     def step_fn(step):
         """One discriminator update here; the generator loss goes back to the loop."""
-        q, d, _ = data.batch(rng, p.batch, crop, latents=False)
+        q, d, _ = data.batch(rng, p.batch, crop, latents=False, device=dev)
         fake = gen(q)
         if parallel:  # DDP allows one forward per backward: real and fake in one batch
             logits = disc(torch.cat([q, q]), torch.cat([d, fake.detach()]))
@@ -276,5 +282,5 @@ def train_pix2pix(data: PairedData, p: TrainPreset, seed: int, out: Path, quiet=
         g_logit = disc(q, fake)
         return bce(g_logit, torch.ones_like(g_logit)) + 100.0 * F.l1_loss(fake, d)
 
-    optimise("pix2pix", p.pix2pix_steps, og, step_fn, p, out, quiet)
+    optimise("pix2pix", p.pix2pix_steps, og, step_fn, p, out, quiet, device=dev)
     return unwrap(gen).eval()
