@@ -8,7 +8,7 @@ For each N in --pairs: writes N simulated `shifted-20x` pairs of 512² (seeds 20
 LCM-1 and every fine-tuned model on 16 other 512² fields of the same preset (seeds 3000-3015) that
 no run saw: mean Pearson and nuclei F1 against the simulator's true nuclei, and the paired gain
 with a bootstrap 95 % interval. Prints a table and writes DIR/result.json, which also records the
-packaged weights' `weights/SHA256SUMS.json` digest the numbers belong to.
+packaged weights' `weights/SHA256SUMS.json` and `weights/lcm.json` digests the numbers belong to.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main() -> None:
             "device": "cpu",
         },
         "weights_sha256sums_digest": hashlib.sha256(sums).hexdigest(),
+        # the config holds the input normalisation, which SHA256SUMS.json does not cover
+        "lcm_json_digest": hashlib.sha256((WEIGHTS_DIR / "lcm.json").read_bytes()).hexdigest(),
         "runs": {},
     }
     held = [simulate_pair(PRESET, size=SIZE, seed=s) for s in HELD_SEEDS]
@@ -107,6 +109,7 @@ def main() -> None:
         }
         (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"weights/{HASH_FILE} sha256 {result['weights_sha256sums_digest'][:16]}")
+    print(f"weights/lcm.json sha256 {result['lcm_json_digest'][:16]}")
     b_p, b_f = np.mean([r["pearson"] for r in base]), np.mean([r["f1"] for r in base])
     print(f"packaged LCM-1 on 16 held-out {PRESET} fields: Pearson {b_p:.3f}, F1 {b_f:.3f}")
     print("pairs | wall min | steps (best) | Pearson (gain, 95% CI)     | F1 (gain, 95% CI)")
