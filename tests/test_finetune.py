@@ -276,6 +276,15 @@ def test_a_users_json_beside_out_needs_overwrite(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mine.json").read_text() == '{"my": "notes"}' and not out.exists()
 
 
+def test_a_folder_as_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    refuse_training(monkeypatch)
+    data = write_pairs(tmp_path / "pairs", [(64, 64)])
+    (tmp_path / "x.safetensors").mkdir()
+    args = ["finetune", "--data", str(data), "--out", str(tmp_path / "x.safetensors")]
+    assert cli.main([*args, "--overwrite"]) == 2
+    assert "x.safetensors is a folder: give a file name" in capsys.readouterr().err
+
+
 def test_missing_output_folder_is_reported_before_training(tmp_path, capsys, monkeypatch):
     refuse_training(monkeypatch)
     data = write_pairs(tmp_path / "pairs", [(64, 64)])

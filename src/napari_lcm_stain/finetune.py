@@ -533,6 +533,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
     name, existing files (the tensors or a JSON of that name), a missing or unwritable folder."""
     if out.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {out.name!r}")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: give a file name, NAME.safetensors")
     for f in (out, ckpt.config_path(out)):
         if f.exists() and not overwrite:
             raise FileExistsError(f"{f} exists; pass --overwrite to replace it")
