@@ -23,7 +23,7 @@ def test_run_bench_json_shape(tmp_path):
     assert json.loads(path.read_text()) == json.loads(json.dumps(res))
     assert set(res["models"]) == {"lcm-1", "lcm-4", "teacher-50", "pix2pix"}
     for name, m in res["models"].items():
-        for key in ("ms_per_mp", "mp_per_s", "gflop_per_mp", "fraction_of_limit"):
+        for key in ("ms_per_mp", "mp_per_s", "gflop_per_mp", "fraction_of_matmul"):
             assert m[key] > 0, (name, key)
         assert m["ms_per_mp"] * m["mp_per_s"] == pytest.approx(1000.0)
         assert m["repeats"] == (1 if name == "teacher-50" else 2)
@@ -35,6 +35,25 @@ def test_run_bench_json_shape(tmp_path):
     assert set(r) == {"lcm-1/pix2pix", "teacher-50/lcm-1", "lcm-4/lcm-1"}
     assert res["cpu_matmul_gflops"] > 0 and res["peak_rss_mb"] is None
     assert res["size"] == 64 and res["device"] == "cpu"
+
+
+def test_matmul_share_is_called_a_reference_and_explained(monkeypatch, capsys):
+    """The probe is not a limit (a model can pass 100 %): the output says so, and uses the faster
+    of a probe before and one after the models (load only slows a probe down)."""
+    probes = iter([50.0, 80.0])
+    monkeypatch.setattr(bench, "cpu_matmul_gflops", lambda n: next(probes))
+    res = bench.run_bench(size=64, repeats=1, big=0, predictors={"m": FakePredictor()}, tile=32,
+                          overlap=8)  # fmt: skip
+    out = capsys.readouterr().out
+    m = res["models"]["m"]
+    assert res["cpu_matmul_gflops"] == 80.0 and res["cpu_matmul_probes_gflops"] == [50.0, 80.0]
+    assert m["fraction_of_matmul"] == pytest.approx(m["achieved_gflops"] / 80.0)
+    assert "fraction_of_limit" not in m and "% of matmul" not in out
+    assert "CPU float32 matmul reference: 80.0 GFLOP/s" in out
+    assert f"({bench.MATMUL_NOTE})" in out and "not a limit" in bench.MATMUL_NOTE
+    assert "exceed 100 %" in bench.MATMUL_NOTE and res["matmul_note"] == bench.MATMUL_NOTE
+    share = f"m {100 * m['fraction_of_matmul']:.1f} %"
+    assert f"achieved GFLOP/s as % of the matmul reference: {share}" in out
 
 
 def test_tile_gflop_counts_convolutions():

@@ -130,3 +130,210 @@ def test_packaged_weights_hash_mismatch_detected(tmp_path, monkeypatch, saved):
     (path.parent / "lcm.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ck.CheckpointError, match="hash"):
         ck.load_packaged("lcm")
+
+
+# ------------------------------------------------------------------ structurally wrong configs
+
+
+def _packaged_config() -> dict:
+    return json.loads((ck.WEIGHTS_DIR / "lcm.json").read_text())
+
+
+def _write_config(path, config) -> None:
+    """Replace the config beside `path` (no weights hash, like a pre-hash checkpoint)."""
+    ck.config_path(path).write_text(json.dumps(config))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    import socket
+
+    def refuse(*a, **k):
+        pytest.fail("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def _without(key):
+    cfg = _packaged_config()
+    del cfg[key]
+    return cfg
+
+
+def _with(**kw):
+    cfg = _packaged_config()
+    for k, v in kw.items():
+        if k == "num_train_timesteps":
+            cfg["scheduler"][k] = v
+        else:
+            cfg[k] = v
+    return cfg
+
+
+BAD_CONFIGS = [
+    ("list", [], r"must be a JSON object \{\.\.\.\}, got an array"),
+    ("null", None, r"must be a JSON object \{\.\.\.\}, got null"),
+    ("string", "lcm", r"must be a JSON object \{\.\.\.\}, got a string"),
+    ("no architecture", _without("architecture"), r"architecture: Field required"),
+    ("no latent_scale", _without("latent_scale"), r"latent_scale: Field required"),
+    ("null normalization", _with(normalization=None), r"normalization: Input should be a JSON object \{\.\.\.\}, got None"),
+    ("string normalization", _with(normalization="fixed"), r"normalization: Input should be a JSON object \{\.\.\.\}, got 'fixed'"),
+    ("negative timesteps", _with(num_train_timesteps=-5), r"scheduler.num_train_timesteps: Input should be greater than 0, got -5;"),
+    ("string scheduler", _with(scheduler="abc"), r"scheduler: Input should be a JSON object \{\.\.\.\}, got 'abc'"),
+    ("zero latent_scale", _with(latent_scale=0), r"latent_scale: Input should be greater than 0"),
+    ("NaN latent_scale", _with(latent_scale=float("nan")), r"latent_scale: Input should be a finite number"),
+    ("string latent_scale", _with(latent_scale="2"), r"latent_scale: Input should be a valid number"),
+    ("no unet", _with(architecture={"vae": {"class": "VAE"}}), r"architecture.unet: Field required"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_structurally_wrong_config_is_a_checkpoint_error(saved, no_network, case):
+    path, _ = saved
+    _name, config, match = case
+    if isinstance(config, dict):
+        config["format_version"] = ck.FORMAT_VERSION
+    _write_config(path, config)
+    with pytest.raises(ck.CheckpointError, match=match) as info:
+        load_predictor(path, device="cpu")
+    assert "\n" not in str(info.value) and "m.json" in str(info.value)
+
+
+def test_new_normalization_types_and_extra_fields_are_accepted(saved):
+    path, _ = saved
+    cfg = {**_packaged_config(), "future_key": [1, 2]}
+    cfg["normalization"] = {"type": "robust", "percentiles": [1, 99], "anything": None}
+    _write_config(path, cfg)
+    assert ck.load_checkpoint(path).config["normalization"]["type"] == "robust"
+    del cfg["normalization"]["type"], cfg["scheduler"]  # absent keys take their defaults
+    _write_config(path, cfg)
+    assert ck.load_checkpoint(path).config["kind"] == "lcm"
+
+
+@pytest.mark.parametrize("build", ["lcm_scheduler", "ddim_scheduler", "train_scheduler"])
+def test_schedulers_are_built_from_dicts_only_never_the_network(no_network, build):
+    from napari_lcm_stain import sampling
+
+    make = getattr(sampling, build)
+    with pytest.raises(ck.CheckpointError, match="scheduler config must be a JSON object.*'abc'"):
+        make("abc")
+    assert make().config.num_train_timesteps == 1000
+    assert (
+        make({**sampling.SCHEDULER_CONFIG, "num_train_timesteps": 500}).config[
+            "num_train_timesteps"
+        ]
+        == 500
+    )
+
+
+def test_hub_is_offline_only_during_scheduler_construction(monkeypatch):
+    import os
+
+    from huggingface_hub import constants
+
+    from napari_lcm_stain import sampling
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+    real = sampling.LCMScheduler.from_config.__func__
+
+    def spy(cls, config, **kw):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE))
+        return real(cls, config, **kw)
+
+    monkeypatch.setattr(sampling.LCMScheduler, "from_config", classmethod(spy))
+    flag = constants.HF_HUB_OFFLINE
+    sampling.lcm_scheduler()
+    assert seen == [("1", True)]
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE == flag
+
+
+# ------------------------------------------------------------------ corrupt weights
+
+
+def _damaged(path, net, how):
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    k0 = next(iter(sd))
+    if how == "nan":
+        sd[k0].view(-1)[0] = float("nan")
+    elif how == "inf":
+        sd[k0].view(-1)[-1] = float("inf")
+    elif how == "bool":
+        sd[k0] = sd[k0] > 0
+    elif how == "int8":
+        sd = {k: v.to(torch.int8) for k, v in sd.items()}
+    elif how == "zero":
+        sd = {k: torch.zeros_like(v) for k, v in sd.items()}
+    # saved properly (its hash recorded), so only the tensor checks can refuse it
+    return ck.save_checkpoint(path, {"unet": sd}, {"kind": "test"})
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("nan", r"tensor .* has NaN or Inf values: the weights are damaged"),
+        ("inf", r"tensor .* has NaN or Inf values"),
+        ("bool", r"tensor .* has dtype torch.bool, not floating point"),
+        ("int8", r"tensor .* has dtype torch.int8, not floating point"),
+        ("zero", r"every 'unet' weight is zero: the weights are damaged or were never trained"),
+    ],
+)
+def test_damaged_weights_are_refused_on_load(saved, how, match):
+    path, net = saved
+    _damaged(path, net, how)
+    with pytest.raises(ck.CheckpointError, match=match):
+        ck.load_checkpoint(path)
+
+
+def test_batchnorm_step_counters_and_zero_initialised_layers_still_load(tmp_path):
+    from napari_lcm_stain.models import Pix2PixGenerator
+
+    torch.manual_seed(0)
+    gen = Pix2PixGenerator()
+    assert any(not v.is_floating_point() for v in gen.state_dict().values())
+    path = ck.save_checkpoint(tmp_path / "g.safetensors", {"generator": gen}, {"kind": "x"})
+    assert set(ck.load_checkpoint(path).sub("generator")) == set(gen.state_dict())
+
+
+def test_saved_checkpoint_records_and_verifies_its_weights_hash(saved):
+    path, _ = saved
+    cfg = json.loads(ck.config_path(path).read_text())
+    assert cfg[ck.WEIGHTS_HASH_KEY] == ck.sha256(path)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01  # one flipped bit in a weight: still finite, still loads as safetensors
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ck.CheckpointError, match=r"does not match the hash recorded in m\.json"):
+        ck.load_checkpoint(path)
+    del cfg[ck.WEIGHTS_HASH_KEY]  # a checkpoint from before hashes were recorded still loads
+    ck.config_path(path).write_text(json.dumps(cfg))
+    assert ck.load_checkpoint(path).config["kind"] == "test"
+
+
+def test_packaged_configs_are_hash_verified(tmp_path, monkeypatch, saved):
+    path, _ = saved
+    monkeypatch.setattr(ck, "WEIGHTS_DIR", path.parent)
+    (path.parent / "lcm.safetensors").write_bytes(path.read_bytes())
+    (path.parent / "lcm.json").write_text(ck.config_path(path).read_text())
+    assert set(ck.record_packaged_hashes()) == {
+        "lcm.safetensors", "lcm.json", "m.safetensors", "m.json"
+    }  # fmt: skip
+    assert ck.load_packaged("lcm").config["kind"] == "test"
+    cfg = json.loads((path.parent / "lcm.json").read_text())
+    cfg["x"] = 2  # an edit that is still a valid config
+    (path.parent / "lcm.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ck.CheckpointError, match=r"lcm\.json does not match the hash recorded in the package"
+    ):
+        ck.load_packaged("lcm")
+
+
+def test_shipped_hash_file_covers_every_packaged_file():
+    hashes = ck.packaged_hashes()
+    if not hashes:
+        pytest.skip("no packaged weights")
+    for name in ck.PACKAGED:
+        for f in (ck.packaged_path(name), ck.config_path(ck.packaged_path(name))):
+            assert hashes[f.name] == ck.sha256(f), f.name

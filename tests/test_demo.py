@@ -18,6 +18,20 @@ def test_demo_writes_outputs_and_refuses_overwrite(tmp_path, capsys):
     assert str(out.resolve()) in printed
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["models"]) == {"oracle", "lcm", "pix2pix"}
+    # the whole table: realism too, the winner of each column, one line explaining each name
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header].split() == ["model", "pearson", "ssim", "F1", "realism"]
+    for i, name in enumerate(("oracle", "lcm", "pix2pix"), start=header + 1):
+        m = report["models"][name]
+        want = [name] + [f"{m[k]:.3f}" for k in ("pearson", "ssim", "f1", "realism")]
+        assert lines[i].split() == want
+    real = {k: v for k, v in report["models"].items() if k != "oracle"}
+    best_realism = min(real, key=lambda k: real[k]["realism"])
+    assert f"realism {best_realism}" in lines[header + 4]
+    explained = [line.split()[0] for line in lines[header + 5 :]]
+    assert explained == ["oracle", "lcm", "pix2pix", "pearson", "ssim", "F1", "realism"]
+    assert "ceiling" in lines[header + 5] and set(report["legend"]) == set(explained)
     for name in ("lcm", "pix2pix"):
         assert 0.0 < report["models"][name]["pearson"] <= 1.0
         assert 0.0 <= report["models"][name]["f1"] <= 1.0

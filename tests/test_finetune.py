@@ -192,7 +192,7 @@ def test_cli_finetune_data_folder(tiny, tmp_path, capsys):
     assert cli.main(args + ["--steps", "2", "--patch", "32", "--device", "cpu"]) == 0
     assert "3 pair(s); validation: held-out pairs: f2" in capsys.readouterr().out
     cfg = json.loads(out.with_suffix(".json").read_text())
-    assert cfg["finetune"]["pairs"] == 3 and cfg["tensors_sha256"] == digest(out)
+    assert cfg["finetune"]["pairs"] == 3 and cfg[checkpoints.WEIGHTS_HASH_KEY] == digest(out)
 
 
 def test_cli_finetune_repeated_qobm_dapi(tiny, tmp_path, capsys):
@@ -229,24 +229,29 @@ def test_cli_constant_dapi_exits_2(tmp_path, capsys):
 # ------------------------------------------------------------------------- output safety
 
 
-def fake_result(value: float) -> finetune.FinetuneResult:
-    tensors = {"unet.w": torch.full((3,), value), "decoder.w": torch.zeros(2)}
-    return finetune.FinetuneResult(tensors, {"kind": "lcm", "value": value})
+def result_of(tiny: str, value: float) -> finetune.FinetuneResult:
+    """A loadable FinetuneResult (the tiny LCM) whose first U-Net tensor is filled with `value`."""
+    ck = checkpoints.load_checkpoint(tiny)
+    tensors = dict(ck.tensors)
+    first = next(k for k in tensors if k.startswith("unet."))
+    tensors[first] = torch.full_like(tensors[first], value)
+    cfg = {k: v for k, v in ck.config.items() if k != checkpoints.WEIGHTS_HASH_KEY}
+    return finetune.FinetuneResult(tensors, {**cfg, "value": value})
 
 
-def test_saved_config_records_the_tensors_hash(tmp_path):
-    path = fake_result(1.0).save(tmp_path / "a.safetensors")
+def test_saved_config_records_the_tensors_hash(tiny, tmp_path):
+    path = result_of(tiny, 1.0).save(tmp_path / "a.safetensors")
     cfg = json.loads(path.with_suffix(".json").read_text())
-    assert cfg["tensors_sha256"] == digest(path) and cfg["value"] == 1.0
+    assert cfg[checkpoints.WEIGHTS_HASH_KEY] == digest(path) and cfg["value"] == 1.0
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
 
 
 @pytest.mark.parametrize("had_old", [True, False])
-def test_interrupt_between_the_renames_keeps_the_old_pair(tmp_path, monkeypatch, had_old):
+def test_interrupt_between_the_renames_keeps_the_old_pair(tiny, tmp_path, monkeypatch, had_old):
     """Ctrl-C after the tensors are renamed, before the config: the old pair stays whole."""
     path = tmp_path / "ft.safetensors"
     if had_old:
-        fake_result(1.0).save(path)
+        result_of(tiny, 1.0).save(path)
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     real = os.replace
 
@@ -257,13 +262,20 @@ def test_interrupt_between_the_renames_keeps_the_old_pair(tmp_path, monkeypatch,
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        fake_result(2.0).save(path)
+        result_of(tiny, 2.0).save(path)
     monkeypatch.undo()
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
     if had_old:
-        ck = checkpoints.load_checkpoint(path)
-        assert ck.config["value"] == 1.0 and torch.equal(ck.tensors["unet.w"], torch.ones(3))
-        assert ck.config["tensors_sha256"] == digest(path)
+        assert checkpoints.load_checkpoint(path).config["value"] == 1.0
+
+
+def test_a_pair_torn_by_a_hard_kill_is_refused_on_load(tiny, tmp_path):
+    """No rollback runs after SIGKILL or a power cut: the recorded hash catches the mismatch."""
+    old = result_of(tiny, 1.0).save(tmp_path / "old.safetensors")
+    new = result_of(tiny, 2.0).save(tmp_path / "new.safetensors")
+    os.replace(new, old)  # new tensors beside the old config, as a kill between renames leaves
+    with pytest.raises(checkpoints.CheckpointError, match="does not match the hash recorded in"):
+        checkpoints.load_checkpoint(old)
 
 
 def test_a_users_json_beside_out_needs_overwrite(tmp_path, capsys, monkeypatch):

@@ -291,6 +291,74 @@ def test_bad_model_and_device_arguments(fake):
         napari_lcm_stain.stain(img, model="/nonexistent/model.safetensors")
 
 
+def test_tensor_that_requires_grad_is_detached(fake):
+    t = torch.from_numpy(blobs((40, 48))).requires_grad_(True)
+    out = run_case(t, fake)
+    np.testing.assert_array_equal(out, stain(t.detach().numpy().copy(), fake))
+    assert t.requires_grad and t.grad is None  # the caller's tensor is left as it was
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, bool])
+def test_integer_out_is_refused_before_any_work(fake, dtype):
+    img = blobs((32, 32))
+    out = np.ones(img.shape, dtype)
+    calls = fake.calls
+    with pytest.raises(
+        ValueError, match=rf"out has dtype {np.dtype(dtype)}: .*allocate it as float32"
+    ):
+        stain(img, fake, out=out)
+    assert fake.calls == calls and (out == 1).all()
+    std = np.empty(img.shape, np.int32)
+    with pytest.raises(ValueError, match="out_std has dtype int32"):
+        stain(img, fake, samples=2, out_std=std)
+    f = np.empty(img.shape, np.float64)  # any float output is fine
+    np.testing.assert_allclose(stain(img, fake, out=f), stain(img, fake), atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**64, -(2**63) - 1])
+def test_huge_seed_is_a_clear_error(fake, seed):
+    with pytest.raises(ValueError, match=rf"seed {seed} is out of range: use an integer from"):
+        stain(blobs((32, 32)), fake, seed=seed)
+
+
+def test_seed_range_edges_stain(fake):
+    img = blobs((32, 32))
+    run_case(img, fake, seed=2**64 - 1)
+    run_case(img, fake, seed=-(2**63))
+    with pytest.raises(ValueError, match="seed\\+K-1 must be in range too"):
+        stain(img, fake, seed=2**64 - 1, samples=2)
+
+
+def test_masked_pixels_are_treated_as_missing(fake):
+    img = blobs((40, 48))
+    spoiled = img.copy()
+    spoiled[10:20, 10:20] = 1e6  # hidden under the mask: must not reach the model
+    m = np.ma.masked_array(spoiled, mask=np.zeros(img.shape, bool))
+    m.mask[10:20, 10:20] = True
+    before = m.copy()
+    with pytest.warns(
+        UserWarning, match="masked array: its 100 masked pixels are treated as missing"
+    ):
+        out = stain(m, fake)
+    nan_img = img.copy()
+    nan_img[10:20, 10:20] = np.nan
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        np.testing.assert_array_equal(out, stain(nan_img, fake))
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(m.mask, before.mask)
+    np.testing.assert_array_equal(m.data, before.data)
+    unmasked = np.ma.masked_array(img, mask=False)  # an empty mask changes nothing
+    np.testing.assert_array_equal(run_case(unmasked, fake), stain(img, fake))
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 16, 16), (16, 0)])
+def test_finetune_with_empty_arrays_is_a_clear_error(shape):
+    from napari_lcm_stain.finetune import run_finetune
+
+    with pytest.raises(ValueError, match=r"qOBM image is empty \(shape .*\): fine-tuning needs"):
+        run_finetune(np.zeros(shape, np.float32), np.zeros(shape, np.float32), steps=1)
+
+
 # ------------------------------------------------------------------------------ real model
 
 
@@ -334,6 +402,28 @@ def test_determinism_on_cpu_is_bit_identical():
     assert a.tobytes() == c.tobytes()
     # and the check is not vacuous: the LCM is stochastic, another seed gives another stain
     assert np.abs(a - stain(img, REAL, device="cpu", seed=8)).max() > 1e-4
+
+
+#: docs/engine.md "Reproducibility" states this bound for different torch thread counts.
+THREAD_TOLERANCE = "1e-5"
+
+
+@needs_real
+def test_thread_count_changes_the_stain_by_less_than_the_stated_tolerance():
+    from pathlib import Path
+
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "engine.md").read_text().split())
+    assert f"agrees within **{THREAD_TOLERANCE}** absolute" in doc
+    img = blobs((2, 96, 80)) * 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stain(img, REAL, device="cpu", seed=3)
+        torch.set_num_threads(2)
+        two = stain(img, REAL, device="cpu", seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(one - two).max() <= float(THREAD_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------ documentation

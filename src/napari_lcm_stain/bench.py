@@ -1,8 +1,9 @@
 """`lcm-stain bench`: latency, throughput, FLOPs and peak memory of the stain models, in one run.
 
 All models stain the same image through the same tiled engine (`engine.stain`), so the ratios
-compare models, not code paths. The FLOP count and the CPU's measured matmul rate tell how close
-the engine gets to the hardware; the streamed big-image run measures the CLI's peak RSS in a
+compare models, not code paths. The FLOP count, set against the CPU's measured matmul rate, tells
+roughly how well the engine uses the hardware (a reference, not a ceiling: see MATMUL_NOTE); the
+streamed big-image run measures the CLI's peak RSS in a
 child process (what a user's machine would see).
 """
 
@@ -32,6 +33,12 @@ MODELS = {
 }
 #: Slow models get fewer timed repeats (the median of 1 is the value).
 MAX_REPEATS = {"teacher-50": 1}
+#: Printed under the matmul probe (and in docs/model-card.md): why "% of matmul" can pass 100 %.
+MATMUL_NOTE = (
+    "the matmul rate is a reference, not a limit: achieved GFLOP/s counts the FLOPs of a direct "
+    "convolution, which the CPU kernels may compute with fewer operations, and the probe runs "
+    "slower on a busy machine, so a model can exceed 100 % of it"
+)
 
 
 def bench_image(size: int, seed: int = 0) -> np.ndarray:
@@ -183,12 +190,12 @@ def run_bench(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     img = bench_image(size)
     mp = size * size / 1e6
+    # the reference rate: on CUDA the card's bf16 tensor-core matmul; on the CPU a float32 matmul
+    # probed before and after the models (load from other processes only ever slows a probe)
     if cuda:
-        matmul = 1000.0 * cuda_matmul_tflops(dev)
-        say(f"{torch.cuda.get_device_name(dev)} bfloat16 matmul: {matmul / 1000:.1f} TFLOP/s")
+        probes = [1000.0 * cuda_matmul_tflops(dev)]
     else:
-        matmul = cpu_matmul_gflops(matmul_n)
-        say(f"CPU float32 matmul: {matmul:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+        probes = [cpu_matmul_gflops(matmul_n)]
     names = list(predictors) if predictors is not None else list(MODELS)
     models: dict[str, dict] = {}
     dev_name = None
@@ -227,16 +234,26 @@ def run_bench(
             "repeats": n_rep,
             "overlap_factor": processed_mp / mp,
             "achieved_gflops": achieved,
-            "fraction_of_limit": achieved / matmul,
             "frames_per_s": 1.0 / med,
             "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         }
-        m = models[name]
         say(
-            f"{name:>11}: {m['ms_per_mp']:9.1f} ms/MP  {m['mp_per_s']:7.3f} MP/s  "
-            f"{m['gflop_per_mp']:8.1f} GFLOP/MP  {m['achieved_gflops']:6.1f} GFLOP/s "
-            f"({100 * m['fraction_of_limit']:4.1f} % of matmul)  [{n_rep}x, median {med:.2f} s]"
+            f"{name:>11}: {med * 1000 / mp:9.1f} ms/MP  {mp / med:7.3f} MP/s  "
+            f"{gflop_per_mp:8.1f} GFLOP/MP  {achieved:6.1f} GFLOP/s  [{n_rep}x, median {med:.2f} s]"
         )
+    if cuda:
+        matmul = probes[0]
+        say(f"{torch.cuda.get_device_name(dev)} bf16 matmul reference: {matmul / 1000:.1f} TFLOP/s")
+    else:
+        probes.append(cpu_matmul_gflops(matmul_n))
+        matmul = max(probes)
+        threads = torch.get_num_threads()
+        say(f"CPU float32 matmul reference: {matmul:.1f} GFLOP/s ({threads} threads)")
+        say(f"  ({MATMUL_NOTE})")
+    for m in models.values():
+        m["fraction_of_matmul"] = m["achieved_gflops"] / matmul
+    shares = ", ".join(f"{n} {100 * m['fraction_of_matmul']:.1f} %" for n, m in models.items())
+    say(f"achieved GFLOP/s as % of the matmul reference: {shares}")
 
     def ratio(a, b):
         if a in models and b in models:
@@ -263,7 +280,9 @@ def run_bench(
         "models": models,
         "ratios": ratios,
         "cpu_matmul_gflops": None if cuda else matmul,
+        "cpu_matmul_probes_gflops": None if cuda else probes,
         "cuda_bf16_matmul_tflops": matmul / 1000 if cuda else None,
+        "matmul_note": MATMUL_NOTE,
         "precision": precision,
         "compile": compile,
         "peak_rss_mb": None if big_res is None else big_res["peak_rss_mb"],

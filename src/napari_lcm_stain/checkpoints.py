@@ -1,8 +1,11 @@
 """Checkpoints: tensors in safetensors, everything else in a JSON config beside them.
 
 Never unpickles. Writes are atomic (temp file + rename) so an interrupted save never replaces a good
-checkpoint with a truncated one. Packaged weights are verified against hashes recorded in
-`weights/SHA256SUMS.json`.
+checkpoint with a truncated one. Packaged weights and configs are verified against hashes recorded in
+`weights/SHA256SUMS.json`; a saved checkpoint records the SHA-256 of its tensor file in its config
+(`weights_sha256`), verified on load. Every load validates the config's structure (pydantic models
+below) and the tensors (floating point, finite, not all zero), so a damaged file is named as such
+instead of surfacing later as a traceback or a blank stain.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -24,10 +30,128 @@ FORMAT_VERSION = 1
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PACKAGED = {"lcm": "lcm", "teacher": "teacher", "pix2pix": "pix2pix"}
 HASH_FILE = "SHA256SUMS.json"
+WEIGHTS_HASH_KEY = "weights_sha256"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------ config schema
+# Only what the loaders rely on is checked; every model allows extra keys (provenance, metrics,
+# future normalisation fields). A key may be absent (its default applies) but never null.
+
+_PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Arch(_Open):
+    class_: str = Field(alias="class")
+    kwargs: dict = {}
+
+
+class _Normalization(_Open):
+    type: str = "fixed"
+
+
+class _Scheduler(_Open):
+    num_train_timesteps: _PositiveInt = 1000
+    beta_start: _PositiveFloat = 0.00085
+    beta_end: _PositiveFloat = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
+
+
+class _Config(_Open):
+    format_version: int
+    kind: str = ""
+    normalization: _Normalization = _Normalization()
+    pixel_size: _PositiveFloat = 0.414
+    multiple: _PositiveInt = 1
+    receptive_field: Annotated[int, Field(ge=0)] = 64
+    weights_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] = ""
+
+
+class _LatentArch(_Open):
+    unet: _Arch
+    vae: _Arch
+
+
+class _LatentConfig(_Config):
+    architecture: _LatentArch
+    latent_scale: _PositiveFloat
+    scheduler: _Scheduler = _Scheduler()
+
+
+class _PixelArch(_Open):
+    generator: _Arch
+
+
+class _PixelConfig(_Config):
+    architecture: _PixelArch
+
+
+_SCHEMAS = {"lcm": _LatentConfig, "teacher": _LatentConfig, "pix2pix": _PixelConfig}
+_JSON_TYPES = {list: "an array", type(None): "null", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number"}  # fmt: skip
+
+
+def validate_config(config, where: Path) -> dict:
+    """Check a checkpoint config's structure; a `CheckpointError` names the first bad field."""
+    if not isinstance(config, dict):
+        got = _JSON_TYPES.get(type(config), type(config).__name__)
+        raise CheckpointError(
+            f"config {where} must be a JSON object {{...}}, got {got}: restore the .json saved "
+            "with the checkpoint"
+        )
+    schema = _SCHEMAS.get(config.get("kind"), _Config)
+    try:
+        schema.model_validate(config)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field_name = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] in ("model_type", "dict_type"):  # not the name of our pydantic class
+            msg = "Input should be a JSON object {...}"
+        if err["type"] != "missing":
+            msg += f", got {reprlib.repr(err['input'])}"
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise CheckpointError(
+            f"config {where} is not a valid checkpoint config: {field_name}: {msg}{more}; "
+            "restore the .json saved with the checkpoint or re-export it"
+        ) from None
+    return config
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse weights that cannot be a trained network: non-float, NaN/Inf, or a part all zero."""
+    nonzero: dict[str, bool] = {}
+    for k, v in tensors.items():
+        if k.endswith("num_batches_tracked"):  # BatchNorm's step counter is an integer
+            continue
+        if not v.is_floating_point():
+            raise CheckpointError(
+                f"{where}: tensor {k} has dtype {v.dtype}, not floating point: the weights were "
+                "converted or damaged; re-save or re-download the checkpoint"
+            )
+        if not torch.isfinite(v).all():
+            raise CheckpointError(
+                f"{where}: tensor {k} has NaN or Inf values: the weights are damaged (a diverged "
+                "run or a corrupt file); use another checkpoint"
+            )
+        part = k.split(".", 1)[0]
+        nonzero[part] = nonzero.get(part, False) or bool(v.any())
+    zero = sorted(p for p, nz in nonzero.items() if not nz)
+    if zero:
+        raise CheckpointError(
+            f"{where}: every {zero[0]!r} weight is zero: the weights are damaged or were never "
+            "trained; use another checkpoint"
+        )
 
 
 @dataclass
@@ -72,7 +196,6 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module | dict], conf
         sd = m.state_dict() if isinstance(m, torch.nn.Module) else m
         for k, v in sd.items():
             tensors[f"{prefix}.{k}"] = v.detach().to("cpu").contiguous().clone()
-    config = {**config, "format_version": FORMAT_VERSION, "package_version": __version__}
     fd, tmp = tempfile.mkstemp(dir=path.parent if path.parent.exists() else None, suffix=".tmp")
     os.close(fd)
     try:
@@ -81,6 +204,12 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module | dict], conf
         data = Path(tmp).read_bytes()
     finally:
         Path(tmp).unlink(missing_ok=True)
+    config = {
+        **config,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        WEIGHTS_HASH_KEY: hashlib.sha256(data).hexdigest(),
+    }
     atomic_write_bytes(path, data)
     atomic_write_bytes(config_path(path), json.dumps(config, indent=2, sort_keys=True).encode())
     return path
@@ -113,31 +242,49 @@ def _check_safetensors_header(path: Path) -> None:
         )
 
 
-def load_checkpoint(path: Path, verify_hash: str | None = None) -> Checkpoint:
-    """Load tensors + config; every failure is a `CheckpointError` naming the problem."""
+def _verify_hash(path: Path, expected: str, recorded_in: str, fix: str) -> None:
+    if sha256(path) != expected:
+        raise CheckpointError(
+            f"{path} does not match the hash recorded in {recorded_in}: the file is corrupt or "
+            f"was changed after saving; {fix}"
+        )
+
+
+def load_checkpoint(
+    path: Path, verify_hash: str | None = None, verify_config_hash: str | None = None
+) -> Checkpoint:
+    """Load tensors + config; every failure is a `CheckpointError` naming the problem.
+
+    `verify_hash` / `verify_config_hash`: expected SHA-256 of the tensor file / its JSON config
+    (the packaged weights); a user checkpoint's own `weights_sha256` is verified in any case."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give the .safetensors file inside it")
     _check_safetensors_header(path)
-    if verify_hash is not None and sha256(path) != verify_hash:
-        raise CheckpointError(
-            f"{path} does not match the hash recorded in the package: the file is corrupt or was "
-            "replaced; reinstall napari-lcm-stain"
-        )
+    reinstall = "reinstall napari-lcm-stain"
+    if verify_hash is not None:
+        _verify_hash(path, verify_hash, "the package", reinstall)
     cfg_file = config_path(path)
     if not cfg_file.exists():
         raise CheckpointError(f"config {cfg_file.name} missing beside {path.name}")
+    if verify_config_hash is not None:
+        _verify_hash(cfg_file, verify_config_hash, "the package", reinstall)
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"config {cfg_file} is not valid JSON: {e}") from None
-    fv = config.get("format_version")
-    if fv != FORMAT_VERSION:
+    fv = config.get("format_version") if isinstance(config, dict) else None
+    if isinstance(config, dict) and fv != FORMAT_VERSION:
         raise CheckpointError(
             f"{path.name} has checkpoint format {fv!r}; this napari-lcm-stain reads format "
             f"{FORMAT_VERSION}. Use a matching napari-lcm-stain version or re-export the checkpoint."
+        )
+    validate_config(config, cfg_file)
+    if config.get(WEIGHTS_HASH_KEY):
+        _verify_hash(
+            path, config[WEIGHTS_HASH_KEY], cfg_file.name, "re-save or re-download the checkpoint"
         )
     try:
         tensors = load_file(str(path))
@@ -145,6 +292,7 @@ def load_checkpoint(path: Path, verify_hash: str | None = None) -> Checkpoint:
         raise CheckpointError(
             f"{path} could not be read as safetensors ({e}); it may be corrupt"
         ) from None
+    check_tensors(tensors, path)
     return Checkpoint(tensors=tensors, config=config)
 
 
@@ -183,14 +331,19 @@ def load_packaged(name: str) -> Checkpoint:
         raise CheckpointError(
             f"packaged {name!r} weights are missing from {WEIGHTS_DIR}; reinstall napari-lcm-stain"
         )
-    expected = packaged_hashes().get(path.name)
-    if expected is None:
-        raise CheckpointError(f"no hash recorded for packaged {path.name} in {HASH_FILE}")
-    return load_checkpoint(path, verify_hash=expected)
+    hashes = packaged_hashes()
+    expected = [hashes.get(p.name) for p in (path, config_path(path))]
+    for p, h in zip((path, config_path(path)), expected):
+        if h is None:
+            raise CheckpointError(f"no hash recorded for packaged {p.name} in {HASH_FILE}")
+    return load_checkpoint(path, verify_hash=expected[0], verify_config_hash=expected[1])
 
 
 def record_packaged_hashes() -> dict[str, str]:
-    """Write SHA256SUMS.json for every packaged .safetensors (run after `train --package`)."""
-    hashes = {p.name: sha256(p) for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+    """Write SHA256SUMS.json for every packaged .safetensors and its .json config (run after
+    `train --package`)."""
+    files = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    files += [config_path(p) for p in files if config_path(p).exists()]
+    hashes = {p.name: sha256(p) for p in sorted(files)}
     atomic_write_bytes(WEIGHTS_DIR / HASH_FILE, json.dumps(hashes, indent=2).encode())
     return hashes

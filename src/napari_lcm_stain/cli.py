@@ -159,7 +159,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 #: and training.presets.PRESETS, which are not imported here so that `--help` stays instant).
 SIM_PRESETS = ("brain-20x", "brain-60x", "shifted-20x", "tumour-dense-20x", "domain-random")
 TRAIN_PRESETS = ("default", "small", "tiny", "v4")
-D = " (default: %(default)s)"
+_DEFAULT = " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,31 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
     dev = {
         "choices": ["auto", "cpu", "cuda", "mps"],
         "default": "auto",
-        "help": "where to run: auto (a GPU if there is one, else the CPU), cpu, cuda or mps" + D,
+        "help": "where to run: auto (a GPU if there is one, else the CPU), cpu, cuda or mps"
+        + _DEFAULT,
     }
     seed = {
         "type": int,
         "default": 0,
-        "help": "random seed; the same seed gives the same output" + D,
+        "help": "random seed; the same seed gives the same output" + _DEFAULT,
     }
 
     s = sub.add_parser(
         "demo", help="stain the packaged sample with LCM and Pix2Pix, write TIFF/PNG/JSON"
     )
-    s.add_argument("--out", default="lcm-stain-demo", help="output folder" + D)
+    s.add_argument("--out", default="lcm-stain-demo", help="output folder" + _DEFAULT)
     s.add_argument("--device", **dev)
     s.add_argument("--overwrite", action="store_true", help="replace existing demo outputs")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("simulate", help="write simulated paired qOBM/DAPI OME-TIFFs")
     s.add_argument(
-        "--preset", default="brain-20x", help=f"simulator preset: {', '.join(SIM_PRESETS)}" + D
+        "--preset",
+        default="brain-20x",
+        help=f"simulator preset: {', '.join(SIM_PRESETS)}" + _DEFAULT,
     )
-    s.add_argument("--n", type=int, default=4, help="number of simulated pairs" + D)
-    s.add_argument("--size", type=int, default=512, help="image side in pixels (>= 8)" + D)
-    s.add_argument("--seed", **{**seed, "help": "seed of pair 0; pair i uses seed + i" + D})
+    s.add_argument("--n", type=int, default=4, help="number of simulated pairs" + _DEFAULT)
+    s.add_argument("--size", type=int, default=512, help="image side in pixels (>= 8)" + _DEFAULT)
+    s.add_argument("--seed", **{**seed, "help": "seed of pair 0; pair i uses seed + i" + _DEFAULT})
     s.add_argument(
-        "--z-planes", type=int, default=None, help="write Z stacks with this many planes" + D
+        "--z-planes",
+        type=int,
+        default=None,
+        help="write Z stacks with this many planes (default: none, 2-D images)",
     )
     s.add_argument(
         "--out",
@@ -223,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model",
         default="lcm",
-        help="lcm | pix2pix | teacher | path to a .safetensors checkpoint" + D,
+        help="lcm | pix2pix | teacher | path to a .safetensors checkpoint" + _DEFAULT,
     )
     s.add_argument(
         "--steps",
@@ -232,10 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling steps: LCM 1-8, teacher DDIM 1-1000 (default: the model's, LCM 1, teacher 50)",
     )
     s.add_argument(
-        "--tile", type=int, default=1024, help="tile side in px (a context margin is added)" + D
+        "--tile",
+        type=int,
+        default=1024,
+        help="tile side in px (a context margin is added)" + _DEFAULT,
     )
     s.add_argument(
-        "--overlap", type=int, default=32, help="overlap of neighbouring tiles in px" + D
+        "--overlap", type=int, default=32, help="overlap of neighbouring tiles in px" + _DEFAULT
     )
     s.add_argument("--device", **dev)
     s.add_argument(
@@ -249,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="K > 1 draws K samples and writes their mean (NAME_dapi.ome.tif) and per-pixel std "
-        "(NAME_dapi_std.ome.tif)" + D,
+        "(NAME_dapi_std.ome.tif)" + _DEFAULT,
     )
     s.add_argument("--seed", **seed)
     s.add_argument(
@@ -257,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "tiff", "zarr"],
         default="auto",
         help="output format; auto: from the -o name, else zarr for zarr inputs, OME-TIFF for the "
-        "rest" + D,
+        "rest" + _DEFAULT,
     )
     s.add_argument(
         "--pattern",
@@ -278,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train VAE -> decoder -> teacher -> LCM distillation -> decoder polish -> Pix2Pix",
     )
     s.add_argument(
-        "--preset", default="default", help=f"training preset: {' | '.join(TRAIN_PRESETS)}" + D
+        "--preset",
+        default="default",
+        help=f"training preset: {' | '.join(TRAIN_PRESETS)}" + _DEFAULT,
     )
     s.add_argument("--out", required=True, help="run folder (resumed if it exists) (required)")
     s.add_argument("--seed", **seed)
@@ -331,15 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none)",
     )
     s.add_argument("--out", required=True, help="output checkpoint (.safetensors) (required)")
-    s.add_argument("--model", default="lcm", help="LCM to start from: lcm or a checkpoint" + D)
-    s.add_argument("--steps", type=int, default=300, help="optimisation steps" + D)
-    s.add_argument("--lr", type=float, default=2e-4, help="learning rate" + D)
-    s.add_argument("--patch", type=int, default=128, help="training patch side in px" + D)
+    s.add_argument(
+        "--model", default="lcm", help="LCM to start from: lcm or a checkpoint" + _DEFAULT
+    )
+    s.add_argument("--steps", type=int, default=300, help="optimisation steps" + _DEFAULT)
+    s.add_argument("--lr", type=float, default=2e-4, help="learning rate" + _DEFAULT)
+    s.add_argument("--patch", type=int, default=128, help="training patch side in px" + _DEFAULT)
     s.add_argument(
         "--val-fraction",
         type=float,
         default=0.2,
-        help="with one pair: fraction of the image held out for validation" + D,
+        help="with one pair: fraction of the image held out for validation" + _DEFAULT,
     )
     s.add_argument(
         "--max-minutes",
@@ -365,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["benchmark", "instruments"],
         default="benchmark",
         help="benchmark: the v1 benchmark; instruments: held-out instrument variants + in-domain"
-        + D,
+        + _DEFAULT,
     )
     s.add_argument("--json", default=None, help="also write the results here (default: none)")
     s.add_argument(
@@ -390,17 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="latency/throughput/memory of LCM-1, LCM-4, teacher-50, Pix2Pix"
     )
     s.add_argument("--json", default=None, help="also write the results here (default: none)")
-    s.add_argument("--size", type=int, default=2048, help="side of the timed image in px" + D)
-    s.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)" + D)
     s.add_argument(
-        "--big", type=int, default=8192, help="side of the streamed memory test (0: skip)" + D
+        "--size", type=int, default=2048, help="side of the timed image in px" + _DEFAULT
+    )
+    s.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per model (median)" + _DEFAULT
+    )
+    s.add_argument(
+        "--big",
+        type=int,
+        default=8192,
+        help="side of the streamed memory test (0: skip)" + _DEFAULT,
     )
     s.add_argument("--device", **dev)
     s.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="network dtype: auto = fp16 on CUDA, fp32 elsewhere" + D,
+        help="network dtype: auto = fp16 on CUDA, fp32 elsewhere" + _DEFAULT,
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json")

@@ -31,6 +31,8 @@ RESCALE_RANGE = (0.125, 8.0)
 #: a raw camera frame (intensity, not phase), which gets a note.
 PHASE_LIMIT = 100.0
 MAX_NDIM = 5
+#: Seeds torch's generator accepts (a signed or unsigned 64-bit integer).
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -61,6 +63,10 @@ def validate_image(image):
         )
     if image is None:
         raise TypeError("stain() needs an image array, got None")
+    if type(image).__module__.split(".")[0] == "torch" and hasattr(image, "detach"):
+        image = image.detach().cpu()  # a tensor that requires grad cannot become numpy
+    if isinstance(image, np.ma.MaskedArray):
+        image = _unmask(image)
     arr = image if _is_lazy(image) else np.asarray(image)
     try:
         dtype = np.dtype(arr.dtype)
@@ -98,12 +104,35 @@ def validate_image(image):
     return arr
 
 
+def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
+    """A masked array's masked pixels become NaN in a float copy, so they are filled like NaN
+    pixels (the plane's finite median) instead of being stained from their hidden values."""
+    mask = np.ma.getmaskarray(image)
+    if not mask.any():
+        return np.ma.getdata(image)
+    if image.dtype.kind not in "biuf":
+        return np.ma.getdata(image)  # validate_image names the bad dtype
+    dtype = np.float64 if image.dtype.itemsize > 4 else np.float32
+    warnings.warn(
+        f"masked array: its {int(mask.sum())} masked pixels are treated as missing (filled with "
+        "the plane's finite median before staining); the result is a plain array",
+        stacklevel=4,
+    )
+    return np.ma.filled(image.astype(dtype), np.nan)
+
+
 def _check_params(tile, overlap, samples, seed, pixel_size, steps):
     for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0), ("samples", samples, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    lo, hi = SEED_RANGE
+    if not lo <= int(seed) <= hi - (int(samples) - 1):
+        raise ValueError(
+            f"seed {seed} is out of range: use an integer from {lo} to {hi} (with samples=K, "
+            "seed+K-1 must be in range too), e.g. seed % 2**32"
+        )
     if steps is not None and (
         isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
     ):
@@ -218,6 +247,19 @@ def _plane_normalizer(pred, plane, where: str, notes: list[str]):
     if stats.get("constant"):
         notes.append(f"{where} is constant (no phase structure): its stain carries no information")
     return stats, functools.partial(pred.normalize, stats=stats)
+
+
+def _prenormalize_float64(pred, plane, stats, transform):
+    """Tiles are cut as float32; a float64 plane whose values float32 cannot hold (beyond ~1e38)
+    is normalised whole in float64 first (a float32 copy), so huge units still stain. Returns
+    (plane, transform, stats); stats False = the plane is normalised already."""
+    if not stats or plane.dtype != np.float64 or float(np.nanmax(np.abs(plane))) < 1e30:
+        return plane, transform, stats
+    return pred.normalize(plane, stats), _as_float32, False
+
+
+def _as_float32(tile):
+    return np.asarray(tile, dtype=np.float32)
 
 
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -347,6 +389,11 @@ def iter_stain(
     for name, o in (("out", mean_out), ("out_std", std_out)):
         if o is not None and tuple(o.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(o.shape)}, expected the input's {shape}")
+        if o is not None and np.dtype(o.dtype).kind != "f":
+            raise ValueError(
+                f"{name} has dtype {np.dtype(o.dtype)}: the stain is a 0-1 float, so an integer "
+                "or bool output would hold only 0 and 1; allocate it as float32"
+            )
 
     if scheduler is not None:
         compute, close = _scheduler_context(scheduler)
@@ -381,13 +428,14 @@ def iter_stain(
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
             stats, transform = _plane_normalizer(pred, plane, where, notes)
+            plane, transform, stats = _prenormalize_float64(pred, plane, stats, transform)
             direct = k_eff == 1 and scale == 1.0 and compute is None
             mean = m2 = None
             for k in range(k_eff):
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
                         plane, pred, tile, overlap, noises[k], batch, loader=loader,
-                        normalize=stats or True, clip=clip, context=context,
+                        normalize=True if stats is None else stats, clip=clip, context=context,
                     )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles

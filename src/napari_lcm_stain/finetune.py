@@ -15,7 +15,6 @@ one pair. A saved checkpoint replaces its tensors and config as a pair (`Finetun
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
@@ -60,9 +59,8 @@ class FinetuneResult:
         Both files are first written completely under temporary names beside `path`; then the
         tensors and then the config are renamed into place (the config's rename is the commit).
         An interruption between the two renames puts the previous tensors back, so the old pair
-        stays whole; the config records the tensors' SHA-256 (`tensors_sha256`), so a pair torn
-        by a hard kill can still be recognised.
-        """
+        stays whole; the config records the tensors' SHA-256 (`checkpoints.WEIGHTS_HASH_KEY`), so
+        a pair torn by a hard kill is refused on load."""
         path = Path(path)
         whole = ckpt.Checkpoint(self.tensors)
         modules = {prefix: whole.sub(prefix) for prefix in ("unet", "decoder", "encoder")}
@@ -76,12 +74,7 @@ class FinetuneResult:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp_dir:
-            new = ckpt.save_checkpoint(Path(tmp_dir) / path.name, modules, cfg)
-            new_cfg = ckpt.config_path(new)
-            written = json.loads(new_cfg.read_text())
-            written["tensors_sha256"] = ckpt.sha256(new)
-            ckpt.atomic_write_bytes(new_cfg, json.dumps(written, indent=2, sort_keys=True).encode())
-            _replace_pair(new, path)
+            _replace_pair(ckpt.save_checkpoint(Path(tmp_dir) / path.name, modules, cfg), path)
         return path
 
     def predictor(self, device="auto"):
@@ -144,6 +137,8 @@ def _as_planes(a, name: str) -> np.ndarray:
         a = a[None]
     if a.ndim != 3:
         raise ValueError(f"{name} must be 2D (Y, X) or a stack (N, Y, X), got shape {a.shape}")
+    if 0 in a.shape:
+        raise ValueError(f"{name} is empty (shape {a.shape}): fine-tuning needs at least one plane")
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise ValueError(

@@ -109,7 +109,10 @@ def plane_stats(config: dict | None, plane) -> dict:
 
 def apply(x, stats: dict, clip: float = 10.0) -> np.ndarray:
     """(x - centre) / scale, clipped to ±clip, as a new float32 array (the input is not touched)."""
-    y = (np.asarray(x, dtype=np.float32) - np.float32(stats["center"])) / np.float32(stats["scale"])
+    a = np.asarray(x)
+    if a.dtype == np.float64:  # values beyond float32's range must be scaled before the cast
+        return np.clip((a - stats["center"]) / stats["scale"], -clip, clip).astype(np.float32)
+    y = (a.astype(np.float32) - np.float32(stats["center"])) / np.float32(stats["scale"])
     return np.clip(y, -clip, clip, out=y)
 
 

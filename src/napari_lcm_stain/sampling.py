@@ -7,6 +7,8 @@ engine draws it once per image canvas so overlapping tiles agree.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +38,48 @@ DEFAULT_STEPS = {"lcm": 1, "teacher": 50, "pix2pix": 1}
 MAX_LCM_STEPS = 8
 
 
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face Hub offline mode for the duration (the env var, and the flag huggingface_hub
+    read from it at import), so nothing in diffusers can reach the network."""
+    from huggingface_hub import constants
+
+    old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _scheduler(cls, config: dict | None):
+    """A diffusers scheduler built from a config dict only: given a string, diffusers'
+    `from_config` would treat it as a Hub repo id and try to download it."""
+    config = SCHEDULER_CONFIG if config is None or config == {} else config
+    if not isinstance(config, dict):
+        raise ckpt.CheckpointError(
+            f"scheduler config must be a JSON object of scheduler settings, got "
+            f"{type(config).__name__} {config!r}; restore the checkpoint's original .json"
+        )
+    with _hub_offline():
+        return cls.from_config(dict(config))
+
+
 def train_scheduler(config: dict | None = None) -> DDPMScheduler:
-    return DDPMScheduler.from_config(config or SCHEDULER_CONFIG)
+    return _scheduler(DDPMScheduler, config)
 
 
 def lcm_scheduler(config: dict | None = None) -> LCMScheduler:
-    return LCMScheduler.from_config(config or SCHEDULER_CONFIG)
+    return _scheduler(LCMScheduler, config)
 
 
 def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
-    return DDIMScheduler.from_config(config or SCHEDULER_CONFIG)
+    return _scheduler(DDIMScheduler, config)
 
 
 class Predictor:
