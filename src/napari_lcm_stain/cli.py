@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", **seed)
     s.add_argument("--device", **dev)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out and its NAME.json"
+    )
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser(
