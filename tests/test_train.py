@@ -192,12 +192,9 @@ def test_finetune_rejects_bad_pairs(tiny_run):
                 np.full((64, 64), np.nan), np.zeros((64, 64)), model=str(paths["lcm"])
             )
         )
+    dapi = np.random.default_rng(0).random((64, 64))  # an empty DAPI is refused before the model
     with pytest.raises(ValueError, match="LCM checkpoint"):
-        next(
-            finetune.iter_finetune(
-                np.zeros((64, 64)), np.zeros((64, 64)), model=str(paths["pix2pix"])
-            )
-        )
+        next(finetune.iter_finetune(np.zeros((64, 64)), dapi, model=str(paths["pix2pix"])))
 
 
 def test_batch_crops_align_with_the_latent_grid():

@@ -110,8 +110,9 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     from .finetune import finetune_files
 
     finetune_files(
-        qobm=Path(a.qobm),
-        dapi=Path(a.dapi),
+        qobm=a.qobm,
+        dapi=a.dapi,
+        data=a.data,
         out=Path(a.out),
         model=a.model,
         steps=a.steps,
@@ -121,6 +122,7 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
         seed=a.seed,
         device=a.device,
         overwrite=a.overwrite,
+        max_minutes=a.max_minutes,
     )
     return 0
 
@@ -350,10 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("finetune", help="fine-tune the 1-step model on paired qOBM/DAPI images")
-    s.add_argument("--qobm", required=True, help="qOBM phase image (TIFF / zarr) (required)")
+    s = sub.add_parser(
+        "finetune",
+        help="fine-tune the 1-step model on paired qOBM/DAPI images",
+        description="Fine-tune the 1-step model on one or more registered qOBM/DAPI pairs: a "
+        "folder (--data) or --qobm/--dapi, repeatable and paired in order. With two or more "
+        "pairs every fourth pair (at least one) is held out for validation; with one, the bottom "
+        "--val-fraction of each plane.",
+    )
     s.add_argument(
-        "--dapi", required=True, help="measured DAPI of the same field, pixel-aligned (required)"
+        "--data",
+        default=None,
+        help="folder of pairs NAME_qobm.EXT + NAME_dapi.EXT (.tif, .tiff, .ome.tif, .zarr) "
+        "(default: none; or give --qobm/--dapi)",
+    )
+    s.add_argument(
+        "--qobm",
+        action="append",
+        default=None,
+        help="qOBM phase image (TIFF / zarr); repeat for several pairs (default: none; or --data)",
+    )
+    s.add_argument(
+        "--dapi",
+        action="append",
+        default=None,
+        help="measured DAPI of the same field, pixel-aligned; one per --qobm, in the same order "
+        "(default: none)",
     )
     s.add_argument("--out", required=True, help="output checkpoint (.safetensors) (required)")
     s.add_argument(
@@ -366,11 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction",
         type=float,
         default=0.2,
-        help="fraction of the image held out for validation" + _DEFAULT,
+        help="with one pair: fraction of the image held out for validation" + _DEFAULT,
+    )
+    s.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes and keep the best weights so far (default: no limit)",
     )
     s.add_argument("--seed", **seed)
     s.add_argument("--device", **dev)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out and its NAME.json"
+    )
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser(

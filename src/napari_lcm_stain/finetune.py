@@ -6,12 +6,18 @@ from the LCM inference grid the student's consistency output f(z_t, t) is pulled
 L1), and its decoded image to the DAPI (pixel L1, which also adapts the thin decoder). This keeps
 the 1-step sampling path identical to inference and costs one student pass per step. Validation
 predicts through `sampling.LatentPredictor`, the same forward pass the engine runs.
+
+Several pairs (lists of images, sizes may differ) are trained together; with two or more, whole
+pairs are held out for validation (every fourth, at least one), otherwise the bottom strip of the
+one pair. A saved checkpoint replaces its tensors and config as a pair (`FinetuneResult.save`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +32,6 @@ from ._drain import drain
 from .device import mixed_precision, resolve_device
 from .models import build
 from .sampling import LatentPredictor, lcm_scheduler, train_scheduler
-from .training.data import PairedData
 from .training.diffusion import consistency
 
 
@@ -49,11 +54,16 @@ class FinetuneResult:
     history: list = field(default_factory=list)
 
     def save(self, path) -> Path:
-        """Atomic safetensors + JSON; reload with `load_predictor(path)`."""
-        modules = {}
-        for prefix in ("unet", "decoder", "encoder"):
-            p = prefix + "."
-            modules[prefix] = {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
+        """Write safetensors + JSON as one pair; reload with `load_predictor(path)`.
+
+        Both files are first written completely under temporary names beside `path`; then the
+        tensors and then the config are renamed into place (the config's rename is the commit).
+        An interruption between the two renames puts the previous tensors back, so the old pair
+        stays whole; the config records the tensors' SHA-256 (`checkpoints.WEIGHTS_HASH_KEY`), so
+        a pair torn by a hard kill is refused on load."""
+        path = Path(path)
+        whole = ckpt.Checkpoint(self.tensors)
+        modules = {prefix: whole.sub(prefix) for prefix in ("unet", "decoder", "encoder")}
         cfg = {
             **self.config,
             "finetune": {
@@ -62,7 +72,10 @@ class FinetuneResult:
                 "metrics_after": self.metrics_after,
             },
         }
-        return ckpt.save_checkpoint(Path(path), modules, cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp_dir:
+            _replace_pair(ckpt.save_checkpoint(Path(tmp_dir) / path.name, modules, cfg), path)
+        return path
 
     def predictor(self, device="auto"):
         from .sampling import predictor_from_checkpoint
@@ -70,10 +83,43 @@ class FinetuneResult:
         return predictor_from_checkpoint(ckpt.Checkpoint(self.tensors, self.config), 1, device)
 
 
-def dapi_to_model_units(dapi: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Map a user's DAPI (any units) to the model's 0-1 scale: percentiles 0.5 / 99.8 -> 0 / 0.9."""
+def _replace_pair(new: Path, path: Path) -> None:
+    """Rename the complete pair `new` (+ its .json) onto `path` (+ .json): tensors first, then the
+    config. If anything (Ctrl-C included) stops it before the config is in place, the previous
+    tensors are put back (or the new ones removed when there were none), so `path` never holds new
+    tensors beside an old config."""
+    new_cfg, cfg = ckpt.config_path(new), ckpt.config_path(path)
+    backup = new.with_name(f"{new.name}.previous")
+    had_old = path.is_file()
+    if had_old:
+        try:
+            os.link(path, backup)  # a second name for the old bytes: no copy
+        except OSError:  # file systems without hard links
+            backup.write_bytes(path.read_bytes())
+    try:
+        os.replace(new, path)
+        os.replace(new_cfg, cfg)  # the commit point
+    except BaseException:
+        if new_cfg.exists():  # the config never moved: undo the tensors
+            if had_old:
+                os.replace(backup, path)
+            elif not new.exists():
+                path.unlink(missing_ok=True)
+        raise
+
+
+def dapi_to_model_units(dapi: np.ndarray, name: str = "DAPI image") -> tuple[np.ndarray, dict]:
+    """Map a user's DAPI (any units) to the model's 0-1 scale: percentiles 0.5 / 99.8 -> 0 / 0.9.
+
+    An image without contrast (all zero, constant, or almost empty) is refused: it has no nuclei
+    to learn from and would be scaled by ~1e6."""
     d = np.asarray(dapi, dtype=np.float32)
     lo, hi = np.percentile(d, [0.5, 99.8])
+    if not hi - lo > 1e-6 * max(1.0, abs(float(hi))):
+        raise ValueError(
+            f"{name} has no contrast (its 0.5th and 99.8th percentiles are both {float(lo):g}): "
+            "it is empty, constant or almost empty; give the DAPI channel of the same field"
+        )
     scale = 0.9 / max(float(hi - lo), 1e-6)
     return np.clip((d - lo) * scale, 0, 1).astype(np.float32), {"lo": float(lo), "scale": scale}
 
@@ -82,6 +128,11 @@ def _as_planes(a, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a numeric image, got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        raise ValueError(
+            f"{name} of shape {a.shape} looks like RGB/RGBA (last axis {a.shape[-1]}): fine-tuning "
+            "needs one channel; save that channel alone (e.g. img[..., 2] for blue DAPI)"
+        )
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:
@@ -120,19 +171,24 @@ def _pad_to(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
     return x, h, w
 
 
-def _predict_planes(predictor: LatentPredictor, q: np.ndarray, seed: int = 0) -> np.ndarray:
+def _predict_planes(predictor: LatentPredictor, q, seed: int = 0) -> list[np.ndarray]:
     """1-step prediction of whole (small, normalised) planes through the engine's forward pass,
-    for validation during fine-tuning; one seeded noise draw per plane."""
+    for validation during fine-tuning; one seeded noise draw per plane. Planes may differ in size."""
     out = []
     for plane in q:
         x, h, w = _pad_to(torch.from_numpy(plane)[None, None], predictor.multiple)
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(predictor.noise_shape(*x.shape[-2:]), generator=g)
         out.append(predictor(x, noise[None])[0, 0, :h, :w].numpy())
-    return np.stack(out)
+    return out
 
 
-def _val_metrics(pred: np.ndarray, target: np.ndarray, pixel_size: float) -> dict:
+def _l1(pred: list[np.ndarray], target: list[np.ndarray]) -> float:
+    """Mean absolute error over every pixel of every plane (planes may differ in size)."""
+    return float(np.mean(np.concatenate([np.abs(p - t).ravel() for p, t in zip(pred, target)])))
+
+
+def _val_metrics(pred, target, pixel_size: float) -> dict:
     from . import metrics
 
     rows = []
@@ -143,6 +199,73 @@ def _val_metrics(pred: np.ndarray, target: np.ndarray, pixel_size: float) -> dic
             {k: float(m[k]) for k in ("pearson", "ssim", "recall", "precision", "f1") if k in m}
         )
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+class _Planes:
+    """Training planes of any sizes (normalised qOBM, DAPI 0-1, scaled latents) and the random
+    aligned crops (+ flips / 90° rotations) each step draws. With planes of one size it draws the
+    same random stream and crops as `training.data.PairedData.batch`."""
+
+    def __init__(self, qobm: list, dapi: list, latents: list):
+        self.qobm, self.dapi, self.latents = qobm, dapi, latents
+        self.shapes = [p.shape for p in qobm]
+
+    def batch(self, rng: np.random.Generator, n: int, crop: int, factor: int):
+        crop = min([crop] + [min(h - h % factor, w - w % factor) for h, w in self.shapes])
+        f, q, d, z = factor, [], [], []
+        for _ in range(n):
+            i = rng.integers(len(self.qobm))
+            H, W = self.qobm[i].shape
+            y = rng.integers(0, (H - crop) // f + 1) * f
+            x = rng.integers(0, (W - crop) // f + 1) * f
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            for out, a, s in ((q, self.qobm[i], 1), (d, self.dapi[i], 1), (z, self.latents[i], f)):
+                a = np.rot90(
+                    a[..., y // s : (y + crop) // s, x // s : (x + crop) // s], k, (-2, -1)
+                )
+                out.append(np.ascontiguousarray(a[..., ::-1] if flip else a))
+        return (
+            torch.from_numpy(np.stack(q))[:, None],
+            torch.from_numpy(np.stack(d))[:, None],
+            torch.from_numpy(np.stack(z)),
+        )
+
+
+def held_out_pairs(n: int) -> list[int]:
+    """Which of `n` pairs validate: every fourth counted from the last, at least one (none if
+    n < 2: then the bottom strip of the one pair validates)."""
+    return sorted(range(n - 1, -1, -4))[-max(1, n // 4) :] if n >= 2 else []
+
+
+def _pairs(qobm, dapi, names) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+    """One pair (two arrays) or several (two lists paired in order) as checked (N, Y, X) stacks,
+    with a label per pair for messages ('' for a single pair)."""
+    several = isinstance(qobm, (list, tuple))
+    if several != isinstance(dapi, (list, tuple)):
+        raise TypeError("give one qOBM and one DAPI image, or two lists of images paired in order")
+    qs, ds = (list(qobm), list(dapi)) if several else ([qobm], [dapi])
+    if len(qs) != len(ds):
+        raise ValueError(
+            f"{len(qs)} qOBM images but {len(ds)} DAPI images: give one DAPI image per qOBM image"
+        )
+    if not qs:
+        raise ValueError("no training pairs: give at least one qOBM/DAPI pair")
+    if names is None:
+        names = [f"pair {i + 1}" for i in range(len(qs))] if several else [""]
+    if len(names) != len(qs):
+        raise ValueError(f"{len(names)} names for {len(qs)} pairs")
+    pairs = []
+    for qi, di, label in zip(qs, ds, names):
+        of = f" of {label}" if label else ""
+        q, d = _as_planes(qi, "qOBM image" + of), _as_planes(di, "DAPI image" + of)
+        if q.shape != d.shape:
+            raise ValueError(
+                f"qOBM {q.shape[1:] if q.shape[0] == 1 else q.shape} and DAPI "
+                f"{d.shape[1:] if d.shape[0] == 1 else d.shape}{of} must have the same shape "
+                "(paired images)"
+            )
+        pairs.append((q, d))
+    return pairs, list(names)
 
 
 def iter_finetune(
@@ -158,22 +281,32 @@ def iter_finetune(
     device="auto",
     stop: threading.Event | None = None,
     val_every: int | None = None,
+    names: list[str] | None = None,
 ) -> Iterator[FinetuneEvent]:
     """Fine-tune the 1-step model on paired images; yields events, returns a `FinetuneResult`.
 
-    `val` is an optional (qobm, dapi) validation pair; otherwise the bottom `val_fraction` of each
-    plane is held out. Setting `stop` ends training early and keeps the best weights so far.
+    `qobm`/`dapi`: one pair (2-D images or (N, Y, X) stacks of the same shape) or two lists of
+    them paired in order; pairs may differ in size, and `names` labels them in messages.
+    Validation: `val`, an optional (qobm, dapi) pair; else with two or more pairs the pairs of
+    `held_out_pairs` (every fourth, at least one) are kept out of training; else the bottom
+    `val_fraction` of each plane. Setting `stop` ends training early and keeps the best weights
+    so far. `device` 'auto' | 'cpu' | 'cuda' | 'mps'; CUDA trains in bfloat16 autocast.
     """
     if not 1 <= int(steps) <= 100_000:
         raise ValueError(f"steps must be between 1 and 100000, got {steps}")
     if not 0 < float(lr) < 1:
         raise ValueError(f"learning rate must be in (0, 1), got {lr}")
-    q, d = _as_planes(qobm, "qOBM image"), _as_planes(dapi, "DAPI image")
-    if q.shape != d.shape:
-        raise ValueError(
-            f"qOBM {q.shape[1:] if q.shape[0] == 1 else q.shape} and DAPI "
-            f"{d.shape[1:] if d.shape[0] == 1 else d.shape} must have the same shape (paired images)"
-        )
+    pairs, names = _pairs(qobm, dapi, names)
+    dapis = [
+        dapi_to_model_units(d, "DAPI image" + (f" of {n}" if n else ""))
+        for (_, d), n in zip(pairs, names)
+    ]
+    if val is not None:
+        vq = _as_planes(val[0], "validation qOBM")
+        vd = _as_planes(val[1], "validation DAPI")
+        if vq.shape != vd.shape:
+            raise ValueError("validation qOBM and DAPI must have the same shape")
+        vd = dapi_to_model_units(vd, "validation DAPI")[0]
     dev = resolve_device(device)  # a device that is not there fails here, before any work
     base = _load_finetune_base(model)
     cfg = copy.deepcopy(base.config)
@@ -188,41 +321,49 @@ def iter_finetune(
     # validation runs the engine's forward pass on the very modules being trained (fp32)
     predictor = LatentPredictor(unet, vae.decoder, cfg, dev, "lcm", 1, dtype=torch.float32)
     px = predictor.pixel_size
-    qn = predictor.normalize(q)
-    dn, dapi_norm = dapi_to_model_units(d)
+    qn = [predictor.normalize(q) for q, _ in pairs]
+    dn = [d for d, _ in dapis]
     m, fac = unet.multiple, unet.factor
+    held = [] if val is not None else held_out_pairs(len(pairs))
     if val is not None:
-        vq = _as_planes(val[0], "validation qOBM")
-        vd = _as_planes(val[1], "validation DAPI")
-        if vq.shape != vd.shape:
-            raise ValueError("validation qOBM and DAPI must have the same shape")
-        vq = predictor.normalize(vq)
-        vd = dapi_to_model_units(vd)[0]
-        tq, td = qn, dn
+        vq, vd = list(predictor.normalize(vq)), list(vd)
+        tq, td = [p for s in qn for p in s], [p for s in dn for p in s]
+        validation = "separate validation pair"
+    elif held:
+        train = [i for i in range(len(pairs)) if i not in held]
+        tq, td = [p for i in train for p in qn[i]], [p for i in train for p in dn[i]]
+        vq, vd = [p for i in held for p in qn[i]], [p for i in held for p in dn[i]]
+        validation = "held-out pairs: " + ", ".join(names[i] for i in held)
     else:
-        H = q.shape[1]
+        q1 = qn[0]
+        H = q1.shape[1]
         cut = int(round(H * (1 - val_fraction) / fac)) * fac
         if cut < m or H - cut < 16:
             raise ValueError(
-                f"image too small ({q.shape[1]}x{q.shape[2]}) to hold out {val_fraction:.0%} for "
-                "validation; give a larger image or a separate validation pair"
+                f"image too small ({q1.shape[1]}x{q1.shape[2]}) to hold out {val_fraction:.0%} for "
+                "validation; give a larger image, more pairs or a separate validation pair"
             )
-        tq, td, vq, vd = qn[:, :cut], dn[:, :cut], qn[:, cut:], dn[:, cut:]
-    patch = int(min(patch, tq.shape[1] - tq.shape[1] % m, tq.shape[2] - tq.shape[2] % m))
+        tq, td, vq, vd = (
+            list(q1[:, :cut]),
+            list(dn[0][:, :cut]),
+            list(q1[:, cut:]),
+            list(dn[0][:, cut:]),
+        )
+        validation = f"bottom {val_fraction:.0%} of each plane"
+    patch = int(min([patch] + [min(h - h % m, w - w % m) for h, w in (p.shape for p in tq)]))
     if patch < m:
-        raise ValueError(f"training region is smaller than the model's tile multiple ({m} px)")
+        raise ValueError(
+            f"training region is smaller than the model's tile multiple ({m} px); "
+            "drop the smallest pair or use larger fields"
+        )
     with torch.no_grad():
-        z_all = [
+        latents = [
             vae.encode(_pad_to(torch.from_numpy(p)[None, None], fac)[0].to(dev))[0][0].cpu().numpy()
             * latent_scale
             for p in td
         ]
-    data = PairedData(
-        qobm=tq,
-        dapi=td,
-        pixel_size=px,
-        normalization=predictor.normalization,
-        latents=np.stack([z[:, : td.shape[1] // fac, : td.shape[2] // fac] for z in z_all]),
+    data = _Planes(
+        tq, td, [z[:, : p.shape[0] // fac, : p.shape[1] // fac] for z, p in zip(latents, td)]
     )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -287,7 +428,7 @@ def iter_finetune(
             unet.eval()
             vae.decoder.eval()
             pred = _predict_planes(predictor, vq)
-            val_loss = float(np.mean(np.abs(pred - vd)))
+            val_loss = _l1(pred, vd)
             score = selection_score(_val_metrics(pred, vd, px))
             if score < best[0]:
                 best = (score, step, snapshot())
@@ -313,8 +454,10 @@ def iter_finetune(
         "lr": lr,
         "patch": patch,
         "seed": seed,
-        "dapi_normalization": dapi_norm,
+        "dapi_normalization": dapis[0][1] if len(dapis) == 1 else [n for _, n in dapis],
         "stopped": stopped,
+        "pairs": len(pairs),
+        "validation": validation,
     }
     return FinetuneResult(tensors, cfg, before, after, best[1], stopped, history)
 
@@ -339,10 +482,87 @@ def run_finetune(*args, **kwargs) -> FinetuneResult:
     return drain(iter_finetune(*args, **kwargs), report)
 
 
+#: Image files `find_pairs` pairs by name (OME-TIFF, TIFF, zarr / OME-Zarr).
+PAIR_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr")
+
+
+def find_pairs(folder) -> list[tuple[str, Path, Path]]:
+    """`(NAME, NAME_qobm.ext, NAME_dapi.ext)` for every pair in `folder`, sorted by NAME; ext is
+    one of `PAIR_SUFFIXES` (the two may differ). Other files (e.g. `NAME_nuclei.ome.tif`,
+    `NAME_meta.json` from `lcm-stain simulate`) are ignored. A file without its partner, two files
+    for one role, or no pair at all is an error naming the file or folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder} is not a folder: give the folder of image pairs")
+    found: dict[str, dict[str, Path]] = {"qobm": {}, "dapi": {}}
+    for f in sorted(folder.iterdir()):
+        suffix = next((x for x in PAIR_SUFFIXES if f.name.lower().endswith(x)), None)
+        stem = f.name[: -len(suffix)] if suffix else ""
+        role = stem.rsplit("_", 1)[-1].lower() if "_" in stem else ""
+        if role not in found:
+            continue
+        name = stem.rsplit("_", 1)[0]
+        if name in found[role]:
+            raise ValueError(
+                f"two {role} images for pair {name!r} in {folder}: {found[role][name].name} and "
+                f"{f.name}; keep one"
+            )
+        found[role][name] = f
+    for role, other in (("qobm", "dapi"), ("dapi", "qobm")):
+        alone = sorted(set(found[role]) - set(found[other]))
+        if alone:
+            raise ValueError(
+                f"{found[role][alone[0]]} has no {other} partner: expected "
+                f"{alone[0]}_{other}.ome.tif (or .tif, .tiff, .zarr) beside it"
+            )
+    if not found["qobm"]:
+        raise ValueError(
+            f"no qOBM/DAPI pairs in {folder}: name each pair NAME_qobm.tif and NAME_dapi.tif "
+            "(.tif, .tiff, .ome.tif or .zarr)"
+        )
+    return [(n, found["qobm"][n], found["dapi"][n]) for n in sorted(found["qobm"])]
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Everything that would stop the checkpoint from being saved, checked before training: the
+    name, existing files (the tensors or a JSON of that name), a missing or unwritable folder."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"output must end in .safetensors, got {out.name!r}")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: give a file name, NAME.safetensors")
+    for f in (out, ckpt.config_path(out)):
+        if f.exists() and not overwrite:
+            raise FileExistsError(f"{f} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(
+            f"output folder {out.parent} does not exist: create it or choose another --out"
+        )
+    try:  # the one sure test of writability (permissions, read-only mounts, ACLs)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write to the output folder {out.parent} ({e.strerror or e}): "
+            "choose a writable --out"
+        ) from None
+
+
+def _read_plane_stack(path: Path) -> np.ndarray:
+    from .io import read_image
+
+    arr, meta = read_image(path)
+    handle = meta.pop("_handle", None)
+    try:
+        return np.asarray(arr)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def finetune_files(
-    qobm: Path,
-    dapi: Path,
-    out: Path,
+    qobm=None,
+    dapi=None,
+    out: Path | None = None,
     model="lcm",
     steps=300,
     lr=2e-4,
@@ -351,33 +571,72 @@ def finetune_files(
     seed=0,
     device="auto",
     overwrite=False,
+    data=None,
+    max_minutes: float | None = None,
 ) -> Path:
-    """`lcm-stain finetune`: read two images, fine-tune, save atomically (refuses to overwrite)."""
-    from .io import read_image
+    """`lcm-stain finetune`: read the pairs, fine-tune, save the checkpoint pair.
 
+    Pairs: `data`, a folder (`find_pairs`), or `qobm`/`dapi`, one path each or two lists paired in
+    order. The device, the output (name, existing files, folder) and the inputs are all checked
+    before any image is read or any training starts. `max_minutes` stops training after that
+    much wall time (counted from the start of training) and keeps the best weights so far.
+    """
+    if out is None:
+        raise ValueError("give the output checkpoint (--out NAME.safetensors)")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"output must end in .safetensors, got {out.name!r}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    for p in (qobm, dapi):
+    resolve_device(device)  # a missing GPU fails now, not after reading the images
+    _check_output(out, overwrite)
+    if data is not None:
+        if qobm or dapi:
+            raise ValueError("give either --data or --qobm/--dapi, not both")
+        found = find_pairs(data)
+        names = [n for n, _, _ in found]
+        qs, ds = [q for _, q, _ in found], [d for _, _, d in found]
+    else:
+        qs = [qobm] if isinstance(qobm, (str, Path)) else list(qobm or [])
+        ds = [dapi] if isinstance(dapi, (str, Path)) else list(dapi or [])
+        if not qs or len(qs) != len(ds):
+            raise ValueError(
+                f"{len(qs)} --qobm but {len(ds)} --dapi images: give one --dapi per --qobm "
+                "(paired in order), or a folder with --data"
+            )
+        names = [f"{Path(q).name} + {Path(d).name}" for q, d in zip(qs, ds)]
+    for p in (*qs, *ds):
         if not Path(p).exists():
             raise FileNotFoundError(f"input not found: {p}")
-    q = np.asarray(read_image(qobm)[0])
-    d = np.asarray(read_image(dapi)[0])
-    res = run_finetune(
-        q,
-        d,
-        model=model,
-        steps=steps,
-        lr=lr,
-        patch=patch,
-        val_fraction=val_fraction,
-        seed=seed,
-        device=device,
-    )
+    q_imgs = [_read_plane_stack(Path(p)) for p in qs]
+    d_imgs = [_read_plane_stack(Path(p)) for p in ds]
+    single = len(q_imgs) == 1 and data is None
+    stop = threading.Event()
+    timer = None
+    if max_minutes is not None:
+        timer = threading.Timer(float(max_minutes) * 60.0, stop.set)
+        timer.daemon = True
+        timer.start()
+    try:
+        res = run_finetune(
+            q_imgs[0] if single else q_imgs,
+            d_imgs[0] if single else d_imgs,
+            model=model,
+            steps=steps,
+            lr=lr,
+            patch=patch,
+            val_fraction=val_fraction,
+            seed=seed,
+            device=device,
+            names=None if single else names,
+            stop=stop,
+        )
+    finally:
+        if timer is not None:
+            timer.cancel()
     res.save(out)
     print(f"fine-tuned checkpoint: {out} (best step {res.best_step})")
+    print(f"  {len(q_imgs)} pair(s); validation: {res.config['finetune']['validation']}")
+    if res.stopped:
+        print(f"  stopped by --max-minutes after {len(res.history)} of {steps} steps")
     for k in res.metrics_before:
         print(
             f"  {k:10s} before {res.metrics_before[k]:.3f}  after {res.metrics_after.get(k, float('nan')):.3f}"
