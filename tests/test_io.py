@@ -264,11 +264,16 @@ def test_signals_wait_until_outputs_are_committed():
     order = []
     torch_like = threading.Thread(target=threading.Event().wait, args=(2,), daemon=True)
     torch_like.start()  # another thread, which the kernel may pick to receive the signal
-    with pytest.raises(KeyboardInterrupt):
-        with io._signals_deferred():
-            for _ in range(3):
-                os.kill(os.getpid(), signal.SIGINT)
-                sum(range(100000))  # bytecode for a pending handler to run at
-            order.append("block finished")
-    assert order == ["block finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever an earlier test (a napari viewer) left installed
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with io._signals_deferred():
+                for _ in range(3):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    sum(range(100000))  # bytecode for a pending handler to run at
+                order.append("block finished")
+        assert order == ["block finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -121,13 +121,15 @@ def test_cli_watch_stains_a_new_file_and_stops_cleanly_on_ctrl_c(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a child inherits an ignored SIGINT (an earlier test in this process may leave one)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout.readline().startswith("watching"), proc.stderr.read()
         (src / "field.tif").write_bytes(_tiff_bytes(blobs((64, 64), seed=1)))
         assert proc.stdout.readline().startswith("wrote")
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr
