@@ -801,3 +801,22 @@ def test_out_of_distribution_input_is_a_warning_and_a_status_note(
     assert "OOD score" in widget.status.text()
     assert widget.last_outcome.ood["flag"] is True
     assert "labels as phase · DAPI (LCM)" in viewer.layers
+
+
+def test_an_implausible_layer_scale_is_named_in_the_error(make_napari_viewer, qtbot):
+    """Issue 15 item 10 in the dock: the message says the pixel size came from the layer scale."""
+    from napari_lcm_stain._widgets.stain_widget import StainWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(
+        np.random.default_rng(0).random((64, 64), dtype=np.float32),
+        name="q",
+        scale=(414, 414),
+        units=("micrometer", "micrometer"),
+    )
+    dock = StainWidget(viewer)
+    dock.pix2pix_check.setChecked(False)
+    worker = dock.run()
+    qtbot.waitUntil(lambda: not dock.is_running, timeout=60_000)
+    assert worker is not None
+    assert "layer scale of 'q'" in dock.status.text(), dock.status.text()

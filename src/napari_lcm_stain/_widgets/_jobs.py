@@ -144,6 +144,7 @@ def stain_job(
     truth_labels: Any,
     cache: dict,
     source: str = "",
+    pixel_size_source: str = "pixel_size",
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
     """Stain ``image`` with each job's model; with ``truth``, score each output against it."""
     try:
@@ -166,6 +167,7 @@ def stain_job(
                 seed=seed,
                 pixel_size=pixel_size,
                 samples=job.samples,
+                pixel_size_source=pixel_size_source,
             )
             result, total, overall = yield from _relay(gen, name, offset, len(jobs) - 1 - i)
             offset += total
@@ -342,6 +344,7 @@ def live_job(
     pixel_size: float | None,
     cache: dict,
     source: str = "",
+    pixel_size_source: str = "pixel_size",
 ) -> Generator[LiveResult, None, JobFailure | None]:
     """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
     try:
@@ -355,8 +358,11 @@ def live_job(
                 continue
             t0 = time.perf_counter()
             result = drain(
-                iter_stain(frame.data, predictor, steps, tile, overlap, device, seed, pixel_size)
-            )
+                iter_stain(
+                    frame.data, predictor, steps, tile, overlap, device, seed, pixel_size,
+                    pixel_size_source=pixel_size_source,
+                )
+            )  # fmt: skip
             prov = provenance(result.info, model, source, "mean", cache)
             prov["frame"] = list(frame.key)
             yield LiveResult(

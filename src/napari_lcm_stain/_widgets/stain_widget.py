@@ -342,6 +342,12 @@ class StainWidget(DockBase):
             )
         return source
 
+    def _pixel_size_source(self, source: Layer | None) -> str:
+        """Where the pixel size comes from, for the engine's message when it is implausible."""
+        if self.pixel_spin.value() > 0 or source is None:
+            return "the dock's Pixel size box"
+        return f"the layer scale of '{source.name}'"
+
     def _engine_settings(self, source: Layer | None) -> dict[str, Any]:
         pixel_size = self.pixel_spin.value() or None
         return {
@@ -350,6 +356,7 @@ class StainWidget(DockBase):
             "device": self.device_combo.currentData(),
             "seed": self.seed_spin.value(),
             "pixel_size": self._pixel_size(source) if source is not None else pixel_size,
+            "pixel_size_source": self._pixel_size_source(source),
             "cache": self._cache,
         }
 
@@ -556,7 +563,9 @@ class StainWidget(DockBase):
             show_info("A staining run is already going; cancel it first.")
             return None
         self.folder_watch = FolderWatch(self)
-        worker = self.folder_watch.start(Path(folder), Path(output), self._live_settings(None))
+        settings = self._live_settings(None)
+        settings.pop("pixel_size_source")  # files carry their own pixel size (metadata)
+        worker = self.folder_watch.start(Path(folder), Path(output), settings)
         self.watch_button.blockSignals(True)
         self.watch_button.setChecked(True)
         self.watch_button.blockSignals(False)
