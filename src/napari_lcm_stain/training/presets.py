@@ -55,16 +55,17 @@ class TrainPreset:
     data_seed_offset: int = 0
 
 
+#: The session-2 layout: f=8 latent with 8 channels, a 3-level U-Net 40/80/160, a 48-channel VAE.
+F8_LAYOUT = dict(
+    latent_factor=8, latent_channels=8, unet_channels=(40, 80, 160), vae_channels=48, vae_crop=96
+)
+
 PRESETS = {
     # f=8 latent with 8 channels and a 3-level U-Net: the profile in docs/architecture.md puts a
     # 1-step f=4 model at ~2x Pix2Pix's latency, and this layout at ~0.5x for the same parameters.
     "default": TrainPreset(
         name="default",
-        latent_factor=8,
-        latent_channels=8,
-        unet_channels=(40, 80, 160),
-        vae_channels=48,
-        vae_crop=96,
+        **F8_LAYOUT,
         decoder_steps=3000,
         polish_steps=1500,
         # instrument robustness: half the fields from fixed presets, half with a new instrument
@@ -77,11 +78,7 @@ PRESETS = {
     # robust normalisation by scripts/robust_norm_for_fixed.py.
     "v4": TrainPreset(
         name="v4",
-        latent_factor=8,
-        latent_channels=8,
-        unet_channels=(40, 80, 160),
-        vae_channels=48,
-        vae_crop=96,
+        **F8_LAYOUT,
         decoder_steps=3000,
         polish_steps=1500,
         input_norm="fixed",
@@ -91,11 +88,7 @@ PRESETS = {
     # time on 2 cores): for ablations on validation seeds before a release training.
     "small": TrainPreset(
         name="small",
-        latent_factor=8,
-        latent_channels=8,
-        unet_channels=(40, 80, 160),
-        vae_channels=48,
-        vae_crop=96,
+        **F8_LAYOUT,
         n_fields=48,
         vae_steps=1000,
         decoder_steps=600,
