@@ -412,7 +412,7 @@ def test_live_job_stains_each_taken_frame_until_stopped(monkeypatch):
     calls = []
 
     class Engine:
-        def __call__(self, image, *args):
+        def __call__(self, image, *args, **kwargs):
             calls.append(np.asarray(image).copy())
             yield 1, 1
             return types.SimpleNamespace(mean=np.asarray(image) * 2, info={"model": "fake"})
