@@ -40,10 +40,12 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["fixed", "robust", "robust+aug", "full"])
     ap.add_argument("--out", type=Path, default=Path("runs/ablate"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", nargs="+", default=STAGES, help="e.g. leave out pix2pix")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: preset)")
     a = ap.parse_args()
     for arm in a.arms:
         print(f"== arm {arm}", flush=True)
-        run_recipe(arm_preset(arm), a.out / arm, seed=a.seed, stages=STAGES, quiet=False)
+        run_recipe(arm_preset(arm), a.out / arm, seed=a.seed, stages=a.stages, threads=a.threads)
 
 
 if __name__ == "__main__":
