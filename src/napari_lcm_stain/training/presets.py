@@ -69,7 +69,9 @@ PRESETS = {
         decoder_steps=3000,
         polish_steps=1500,
         # instrument robustness: half the fields from fixed presets, half with a new instrument
-        # and tissue drawn per field (simulate.sample_instrument); robust input, augmentation
+        # and tissue drawn per field (simulate.sample_instrument); robust input, augmentation.
+        # Proposed, not yet validated: on the `small` budget it lost in-domain F1 to the fixed
+        # recipe (docs/model-card.md, "Ablation on a small budget")
         data_presets=("brain-20x", "tumour-dense-20x", "domain-random", "domain-random"),
         n_fields=128,
     ),
