@@ -15,7 +15,7 @@ import torch
 from napari_lcm_stain.engine import stain
 from napari_lcm_stain.finetune import run_finetune
 from napari_lcm_stain.simulate import simulate_pair
-from napari_lcm_stain.training import get_train_preset, run_recipe
+from napari_lcm_stain.training import STAGES, get_train_preset, run_recipe
 
 STAGE_STEPS = 200
 
@@ -33,30 +33,12 @@ def agreement() -> dict:
 def training_rates(work: Path) -> dict:
     """200 steps of every stage of the default preset; steps/s and the projected recipe time."""
     full = get_train_preset("default")
-    p = replace(
-        full,
-        vae_steps=STAGE_STEPS,
-        decoder_steps=STAGE_STEPS,
-        teacher_steps=STAGE_STEPS,
-        lcm_steps=STAGE_STEPS,
-        polish_steps=STAGE_STEPS,
-        pix2pix_steps=STAGE_STEPS,
-        n_fields=24,
-    )
+    stages = STAGES
+    p = replace(full, n_fields=24, **{f"{s}_steps": STAGE_STEPS for s in stages})
     run_recipe(p, work, seed=0, device="cuda", quiet=True, resume=False)
     t = json.loads((work / "timings.json").read_text())
-    rates = {
-        s: STAGE_STEPS / t[s] for s in ("vae", "decoder", "teacher", "lcm", "polish", "pix2pix")
-    }
-    full_steps = {
-        "vae": full.vae_steps,
-        "decoder": full.decoder_steps,
-        "teacher": full.teacher_steps,
-        "lcm": full.lcm_steps,
-        "polish": full.polish_steps,
-        "pix2pix": full.pix2pix_steps,
-    }
-    projected = sum(full_steps[s] / rates[s] for s in rates)
+    rates = {s: STAGE_STEPS / t[s] for s in stages}
+    projected = sum(getattr(full, f"{s}_steps") / rates[s] for s in stages)
     return {"steps_per_s": rates, "projected_default_recipe_s_excl_data": projected, "timings": t}
 
 
