@@ -249,19 +249,6 @@ def _plane_normalizer(pred, plane, where: str, notes: list[str]):
     return stats, functools.partial(pred.normalize, stats=stats)
 
 
-def _prenormalize_float64(pred, plane, stats, transform):
-    """Tiles are cut as float32; a float64 plane whose values float32 cannot hold (beyond ~1e38)
-    is normalised whole in float64 first (a float32 copy), so huge units still stain. Returns
-    (plane, transform, stats); stats False = the plane is normalised already."""
-    if not stats or plane.dtype != np.float64 or float(np.nanmax(np.abs(plane))) < 1e30:
-        return plane, transform, stats
-    return pred.normalize(plane, stats), _as_float32, False
-
-
-def _as_float32(tile):
-    return np.asarray(tile, dtype=np.float32)
-
-
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize with anti-aliasing when shrinking (skimage), kept float32."""
     from skimage.transform import resize
@@ -432,14 +419,13 @@ def iter_stain(
             if scale != 1.0:
                 plane = _resize(plane.astype(np.float32, copy=False), work)
             stats, transform = _plane_normalizer(pred, plane, where, notes)
-            plane, transform, stats = _prenormalize_float64(pred, plane, stats, transform)
             direct = k_eff == 1 and scale == 1.0 and compute is None
             mean = m2 = None
             for k in range(k_eff):
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
                         plane, pred, tile, overlap, noises[k], batch, loader=loader,
-                        normalize=True if stats is None else stats, clip=clip, context=context,
+                        normalize=stats or True, clip=clip, context=context,
                     )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles

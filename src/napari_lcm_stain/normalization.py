@@ -110,7 +110,8 @@ def plane_stats(config: dict | None, plane) -> dict:
 def apply(x, stats: dict, clip: float = 10.0) -> np.ndarray:
     """(x - centre) / scale, clipped to ±clip, as a new float32 array (the input is not touched)."""
     a = np.asarray(x)
-    if a.dtype == np.float64:  # values beyond float32's range must be scaled before the cast
+    if a.dtype == np.float64 and a.size and float(np.nanmax(np.abs(a))) > 1e30:
+        # beyond float32's range: scale in float64 before the cast
         return np.clip((a - stats["center"]) / stats["scale"], -clip, clip).astype(np.float32)
     y = (a.astype(np.float32) - np.float32(stats["center"])) / np.float32(stats["scale"])
     return np.clip(y, -clip, clip, out=y)

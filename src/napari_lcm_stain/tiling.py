@@ -311,8 +311,8 @@ def _weighted_batch(predictor, grid: TileGrid, items, tiles, noises) -> list[np.
 def _tile_batch(image, chunk, th, tw, transform) -> np.ndarray:
     tiles = []
     for _i, _j, y0, x0 in chunk:
-        t = np.asarray(extract_tile(image, y0, x0, th, tw), dtype=np.float32)
-        tiles.append(np.asarray(transform(t), dtype=np.float32) if transform is not None else t)
+        t = extract_tile(image, y0, x0, th, tw)  # the input's dtype: `transform` casts
+        tiles.append(np.asarray(transform(t) if transform is not None else t, dtype=np.float32))
     return np.stack(tiles)
 
 
@@ -451,7 +451,7 @@ def _dask_batch(crops, index_maps, noises, predictor, loader, grid, items, norma
     pred = _worker_predictor(predictor, loader)
     tiles = []
     for c, (iy, ix) in zip(crops, index_maps):
-        t = np.asarray(np.asarray(c)[np.ix_(iy, ix)], dtype=np.float32)
+        t = np.asarray(c)[np.ix_(iy, ix)]  # the input's dtype: normalize casts
         if isinstance(normalize, dict):  # the whole plane's statistics (engine.norm_stats)
             t = pred.normalize(t, normalize)
         elif normalize:
