@@ -4,7 +4,7 @@ Arms (all the same seed, the same `small` budget):
   fixed     the recipe before robustness: training-set mean/std, simulator presets, no augmentation
   robust    per-image median/MAD normalisation only
   robust+aug  plus blur / noise / gamma augmentation of the qOBM crops
-  full      plus half the fields domain-randomised (the default preset's data mix)
+  full      plus half the fields domain-randomised (the default preset then; it now has a quarter)
 
     python scripts/ablate_robustness.py --arms fixed robust --out runs/ablate
     lcm-stain evaluate --weights-dir runs/ablate/fixed --json runs/ablate/fixed/eval.json
@@ -30,7 +30,7 @@ def arm_preset(arm: str):
     if arm == "robust+aug":
         return replace(p, input_norm="robust", augment=True)
     if arm == "full":
-        mix = get_train_preset("default").data_presets
+        mix = ("brain-20x", "tumour-dense-20x", "domain-random", "domain-random")  # half
         return replace(p, input_norm="robust", augment=True, data_presets=mix)
     raise SystemExit(f"unknown arm {arm!r}")
 
