@@ -238,3 +238,51 @@ def test_augmentation_changes_only_the_qobm_crops():
     data.augment = False
     _, d2, _ = data.batch(np.random.default_rng(3), 4, 32, latents=False)
     assert torch.equal(d1, d2)  # the DAPI target is never augmented
+
+
+def test_decoder_realism_critic_moves_both_losses(tmp_path):
+    """With adv/fm weights the decoder and polish stages train a PatchGAN critic: its hinge loss
+    and the adversarial term both change over the stage, the reconstruction (stage) loss still
+    falls, and the weights differ from the L1-only decoder's."""
+    p = dataclasses.replace(
+        train.get_train_preset("tiny"),
+        decoder_steps=40,
+        adv_weight=0.1,
+        fm_weight=1.0,
+        adv_start=0.25,
+        teacher_steps=5,
+        lcm_steps=5,
+        polish_steps=20,
+    )
+    train.run_recipe(p, tmp_path, stages=["vae", "decoder", "teacher", "lcm", "polish"], quiet=True)
+    for stage, steps in (("decoder", 40), ("polish", 20)):
+        rows = np.loadtxt(tmp_path / f"{stage}_critic.csv", delimiter=",", skiprows=1, ndmin=2)
+        assert rows[0, 0] == int(0.25 * steps) and rows[-1, 0] == steps - 1  # from adv_start on
+        rec, critic, adv, fm = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
+        assert np.ptp(critic) > 1e-3 and np.ptp(adv) > 1e-3, stage
+        assert np.all(fm > 0) and np.all(np.isfinite(rows))
+        assert np.ptp(rec) > 1e-4, stage
+    rec = np.loadtxt(tmp_path / "decoder_critic.csv", delimiter=",", skiprows=1)[:, 1]
+    assert rec[-5:].mean() < rec[:5].mean()  # the reconstruction still improves
+    # the same run without the critic: no critic CSV and other decoder weights
+    plain = dataclasses.replace(p, adv_weight=0.0, fm_weight=0.0)
+    train.run_recipe(plain, tmp_path / "plain", stages=["vae", "decoder"], quiet=True)
+    assert not (tmp_path / "plain" / "decoder_critic.csv").exists()
+    a = ck.load_checkpoint(tmp_path / "decoder.safetensors").sub("vae")
+    b = ck.load_checkpoint(tmp_path / "plain" / "decoder.safetensors").sub("vae")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+
+
+def test_transfer_on_simulated_fields_keeps_the_init_normalisation(tiny_run, tmp_path):
+    """`--init` without `--data`: the simulated fields are normalised as the init checkpoint says
+    (its mad_scale), not with the default robust parameters, so its U-Net sees what it knows."""
+    out, _ = tiny_run
+    cfg = ck.load_checkpoint(out / "lcm.safetensors").config["normalization"]
+    assert cfg["type"] == "robust"
+    odd = dict(cfg, mad_scale=3.0)
+    data = train.make_training_data(train.get_train_preset("tiny"), 0, odd)
+    ref = train.make_training_data(train.get_train_preset("tiny"), 0)
+    assert data.normalization == odd and ref.normalization == cfg
+    ratio = np.median(np.abs(ref.qobm)) / np.median(np.abs(data.qobm))
+    assert ratio == pytest.approx(3.0 / cfg["mad_scale"], rel=1e-3)

@@ -283,13 +283,15 @@ class Pix2PixGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """70x70 PatchGAN on (qOBM, DAPI) pairs, width-scaled."""
+    """70x70 PatchGAN, width-scaled: on (qOBM, DAPI) pairs for Pix2Pix (`in_channels=2`), on
+    DAPI alone for the decoder's realism term (`in_channels=1`). `features` also returns the
+    hidden activations, which feature matching compares."""
 
-    def __init__(self, ndf: int = 32):
+    def __init__(self, ndf: int = 32, in_channels: int = 2):
         super().__init__()
         c = ndf
         self.net = nn.Sequential(
-            nn.Conv2d(2, c, 4, 2, 1),
+            nn.Conv2d(in_channels, c, 4, 2, 1),
             nn.LeakyReLU(0.2),
             nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False),
             nn.BatchNorm2d(2 * c),
@@ -303,8 +305,17 @@ class PatchDiscriminator(nn.Module):
             nn.Conv2d(8 * c, 1, 4, 1, 1),
         )
 
-    def forward(self, qobm: torch.Tensor, dapi: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([qobm, dapi], dim=1))
+    def forward(self, *images: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(images, dim=1))
+
+    def features(self, *images: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every LeakyReLU, then the patch logits."""
+        x, out = torch.cat(images, dim=1), []
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                out.append(x)
+        return out + [x]
 
 
 def count_parameters(module: nn.Module) -> int:

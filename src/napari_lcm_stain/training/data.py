@@ -73,8 +73,12 @@ class PairedData:
         return qt, dt, zt
 
 
-def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
-    """Simulate the training fields (seeded; disjoint from the evaluation benchmark's seeds)."""
+def make_training_data(
+    preset: TrainPreset, seed: int, normalization: dict | None = None
+) -> PairedData:
+    """Simulate the training fields (seeded; disjoint from the evaluation benchmark's seeds).
+    `normalization`: the input normalisation to use (transfer: the init checkpoint's), instead
+    of the one the preset's `input_norm` gives."""
     from ..simulate import simulate_pair
 
     qs, ds, px = [], [], []
@@ -85,7 +89,9 @@ def make_training_data(preset: TrainPreset, seed: int) -> PairedData:
         ds.append(s.dapi.astype(np.float32))
         px.append(s.pixel_size)
     q = np.stack(qs)
-    if preset.input_norm == "fixed":  # the pre-robust recipe: one training-set mean and std
+    if normalization is not None:
+        norm = dict(normalization)
+    elif preset.input_norm == "fixed":  # the pre-robust recipe: one training-set mean and std
         norm = fixed_config(float(q.mean()), float(q.std() + 1e-6))
     else:
         norm = robust_config()

@@ -45,6 +45,14 @@ class TrainPreset:
     # After distillation, tune that decoder on a 50/50 mix of encoder and LCM-1 latents ("polish"):
     # fitted on encoder latents alone it draws an 8-px grid from the LCM's smoother latents.
     polish_steps: int = 0
+    # Realism (decoder and polish stages): a PatchGAN critic on decoded DAPI crops adds
+    # `adv_weight` x its non-saturating loss and `fm_weight` x feature matching to the
+    # reconstruction loss, from `adv_start` (share of the stage's steps; the critic trains from
+    # step 0). 0 / 0 = the L1 recipe before it (stages.DecoderCritic).
+    adv_weight: float = 0.0
+    fm_weight: float = 0.0
+    adv_start: float = 0.2
+    adv_ndf: int = 16
     # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or
     # "fixed" (one training-set mean and std: the recipe before robust normalisation)
     input_norm: str = "robust"

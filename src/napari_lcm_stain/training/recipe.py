@@ -96,8 +96,9 @@ def run_recipe(
         lab = None
         for n in init_notes:
             note(out, n, quiet)
-        if data_dir is None:
-            data = make_training_data(p, seed)
+        if data_dir is None:  # transfer keeps the init's input normalisation
+            norm = None if init_ckpts is None else init_ckpts["lcm"].config["normalization"]
+            data = make_training_data(p, seed, norm)
         else:
             data, lab = fo.prepare(
                 data_dir,

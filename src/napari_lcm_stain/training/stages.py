@@ -95,6 +95,54 @@ def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(rec, d) + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
 
 
+class DecoderCritic:
+    """The decoder's realism term: a PatchGAN on DAPI crops that learns true from decoded, and
+    gives the decoder a non-saturating adversarial loss plus feature matching (L1 between the
+    critic's hidden activations on decoded and true crops). L1 alone makes the mean of all
+    plausible stains, a blur; the critic penalises exactly that blur, as latent diffusion's own
+    autoencoders are trained. With both weights 0 it is plain `reconstruction_loss`."""
+
+    def __init__(self, p: TrainPreset, steps: int, dev=CPU):
+        self.weight, self.fm = float(p.adv_weight), float(p.fm_weight)
+        self.start = int(p.adv_start * steps)
+        self.on = self.weight > 0 or self.fm > 0
+        self.history: list[tuple[float, ...]] = []
+        if self.on:
+            self.disc = ddp(PatchDiscriminator(p.adv_ndf, in_channels=1).to(dev))
+            self.opt = torch.optim.Adam(self.disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def __call__(self, step: int, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """One critic update (hinge loss); returns the decoder's loss for this step:
+        reconstruction plus, from `start` on, the weighted adversarial and feature-matching
+        terms."""
+        rec = reconstruction_loss(fake, real)
+        if not self.on:
+            return rec
+        logits = self.disc(torch.cat([real, fake.detach()]))  # one forward: DDP-safe
+        real_logit, fake_logit = logits.chunk(2)
+        loss_d = F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt.step()
+        if step < self.start:
+            return rec
+        feats = unwrap(self.disc).features(torch.cat([fake, real]))
+        halves = [f.chunk(2) for f in feats]
+        adv = -halves[-1][0].mean()
+        fm = sum(F.l1_loss(f, r.detach()) for f, r in halves[:-1]) / (len(halves) - 1)
+        self.history.append((step, rec.item(), loss_d.item(), adv.item(), fm.item()))
+        return rec + self.weight * adv + self.fm * fm
+
+    def save(self, out: Path, stage: str) -> None:
+        """`<stage>_critic.csv`: per step once the terms apply, the reconstruction loss, the
+        critic's hinge loss, the adversarial and the feature-matching terms (the stage's own
+        CSV has only their weighted sum)."""
+        if self.on and dist_info()[0] == 0:
+            rows = "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in self.history)
+            head = "step,reconstruction,critic,adversarial,feature_match\n"
+            (out / f"{stage}_critic.csv").write_text(head + rows)
+
+
 # ------------------------------------------------------------------------------------ stages
 
 
@@ -136,14 +184,16 @@ def train_decoder(
     slim.encoder.requires_grad_(False).eval()
     dec = ddp(slim.decoder)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
+    critic = DecoderCritic(p, p.decoder_steps, dev)
 
     def step_fn(step):
         _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, device=dev)
         with torch.no_grad():
             z = slim.reparameterize(*slim.encode(d))
-        return reconstruction_loss(dec(z), d)
+        return critic(step, dec(z), d)
 
     optimise("decoder", p.decoder_steps, opt, step_fn, p, out, quiet, lr=1e-3, device=dev)
+    critic.save(out, "decoder")
     return slim.eval()
 
 
@@ -170,6 +220,7 @@ def polish_decoder(
     opt = torch.optim.Adam(dec.parameters(), lr=3e-4)
     half = max(1, p.batch // 2)
     f = p.latent_factor
+    critic = DecoderCritic(p, p.polish_steps, dev)
 
     def step_fn(step):
         q, d, _ = data.batch(rng, p.batch, p.vae_crop, f, latents=False, device=dev)
@@ -179,9 +230,10 @@ def polish_decoder(
             noise = torch.randn(shape, device=dev)
             v = student(noise, torch.full((len(noise),), t, device=dev), q[half:])
             z_lcm = lcm.step(v, t, noise).denoised / latent_scale
-        return reconstruction_loss(dec(torch.cat([z_enc, z_lcm])), d)
+        return critic(step, dec(torch.cat([z_enc, z_lcm])), d)
 
     optimise("polish", p.polish_steps, opt, step_fn, p, out, quiet, lr=3e-4, device=dev)
+    critic.save(out, "polish")
     return thin.eval()
 
 
