@@ -328,3 +328,39 @@ def test_report_has_comparisons_with_intervals(fake_bench, tmp_path, capsys):
     assert (
         "lcm-1 - pix2pix (95 % bootstrap interval over fields): pearson" in capsys.readouterr().out
     )
+
+
+def test_edge_sharpness_in_json_table_and_comparisons(fake_bench, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    E.run_evaluate(json_path=out, n=2, size=96)
+    data = json.loads(out.read_text())
+    for name, row in data["models"].items():
+        assert isinstance(row["edge_sharpness"], float), name
+        assert len(row["per_field"]["edge_sharpness"]) == 2
+    assert data["models"]["oracle"]["edge_sharpness"] == pytest.approx(1.0)
+    # the stub's LCM output is the true DAPI but at the distractor: rims as sharp as the truth
+    assert data["models"]["lcm-1"]["edge_sharpness"] == pytest.approx(1.0, abs=0.05)
+    assert "edge_sharpness" in data["comparisons"]["lcm-1 - pix2pix"]
+    header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model"))
+    assert "edge" in header.split()
+
+
+def test_edge_sharpness_nan_fields_are_skipped_in_means_and_comparisons():
+    base = {k: 0.5 for k in E.COLUMNS + E.EXTRA_COLUMNS + E._COUNTS}
+    bins = [{"lo": 0.0, "hi": None, "n_true": 0, "n_matched": 0}]
+    per = [dict(base, edge_sharpness=v, _bins=bins) for v in (0.4, float("nan"), 0.8)]
+    row = E._aggregate(per, 1.0)
+    assert row["edge_sharpness"] == pytest.approx(0.6)
+    assert row["std"]["edge_sharpness"] == pytest.approx(np.std([0.4, 0.8], ddof=1))
+    assert row["f1"] == 0.5
+    empty = E._aggregate([dict(base, edge_sharpness=float("nan"), _bins=bins)], 1.0)
+    assert np.isnan(empty["edge_sharpness"])
+    assert E._cell("edge_sharpness", empty["edge_sharpness"], 0.0) == "n/a"
+
+    a, b = _rows_for_compare([0.5] * 3, [0.4] * 3, [(1, 2, 0)] * 3, [(1, 2, 0)] * 3)
+    a["per_field"]["edge_sharpness"] = [0.9, float("nan"), 0.7]
+    b["per_field"]["edge_sharpness"] = [0.5, 0.6, float("nan")]
+    c = E.compare_rows(a, b, n_resamples=200)
+    assert c["edge_sharpness"] == {"diff": pytest.approx(0.4), "lo": None, "hi": None}  # 1 field
+    del a["per_field"]["edge_sharpness"]  # a row scored before the column existed
+    assert "edge_sharpness" not in E.compare_rows(a, b, n_resamples=200)

@@ -113,6 +113,7 @@ def test_constant_images_never_nan():
     z = np.zeros((32, 32))
     for pred, targ in [(c, c), (z, c), (c, z), (z, z)]:
         d = M.image_metrics(pred, targ, true_labels=np.zeros((32, 32), np.int32), pixel_size=PS)
+        assert np.isnan(d.pop("edge_sharpness"))  # no true nuclei: no rim to measure (documented)
         for k, v in d.items():
             assert np.isfinite(v), (k, v)
     assert M.image_metrics(c, c)["ssim"] == 1.0
@@ -129,6 +130,54 @@ def test_realism_penalises_blur_and_noise(field):
     # a blurred image lacks high-frequency power
     sp, st = M.radial_log_power(blur), M.radial_log_power(img)
     assert sp[-8:].mean() < st[-8:].mean() - 1
+
+
+def _shot_noise_field():
+    """Smooth-edged discs (like the simulator's blurred DAPI) with Poisson noise, and labels."""
+    img, lab = _discs((96, 96), [(24, 24), (24, 70), (70, 48)], 8, value=0.6)
+    clean = ndi.gaussian_filter(img, 1.5) + 0.05
+    noisy = np.random.default_rng(3).poisson(clean * 400) / 400
+    return noisy, lab
+
+
+def test_edge_sharpness_truth_is_one_blur_lower_contrast_higher():
+    t, lab = _shot_noise_field()
+    assert M.edge_sharpness(t, t, lab) == pytest.approx(1.0)
+    assert M.edge_sharpness(ndi.gaussian_filter(t, 2), t, lab) < 0.8
+    assert M.edge_sharpness(ndi.gaussian_filter(t, 4), t, lab) < 0.5
+    # twice the contrast (about the background), or an unsharp-masked truth: sharper rims
+    bg = np.median(t)
+    assert M.edge_sharpness(bg + 2 * (t - bg), t, lab) == pytest.approx(2.0)
+    sharpened = t + 1.5 * (t - ndi.gaussian_filter(t, 2))
+    assert M.edge_sharpness(sharpened, t, lab) > 1.2
+    # the same affine map on both changes nothing; a washed-out prediction alone scores lower
+    assert M.edge_sharpness(3 * t + 1, 3 * t + 1, lab) == pytest.approx(1.0)
+    assert M.edge_sharpness(0.5 * t, t, lab) == pytest.approx(0.5)
+
+
+def test_edge_sharpness_smoothing_keeps_shot_noise_out():
+    t, lab = _shot_noise_field()
+    clean = ndi.gaussian_filter(np.where(lab > 0, 0.6, 0.0), 1.5) + 0.05
+    # the noise-free truth against the noisy one: close to 1 with the default smoothing
+    assert M.edge_sharpness(clean, t, lab) == pytest.approx(1.0, abs=0.03)
+    flat = np.full_like(t, 0.3)
+    assert M.edge_sharpness(flat, t, lab) == 0.0
+    assert M.edge_sharpness(flat, t, lab, sigma_px=0) == 0.0
+
+
+def test_edge_sharpness_no_nuclei_is_nan_and_bad_input_raises():
+    t, lab = _shot_noise_field()
+    assert np.isnan(M.edge_sharpness(t, t, np.zeros_like(lab)))
+    assert np.isnan(M.edge_sharpness(t, np.full_like(t, 0.2), lab))  # flat truth: no edge
+    with pytest.raises(ValueError, match="true_labels shape"):
+        M.edge_sharpness(t, t, lab[:10])
+    with pytest.raises(ValueError, match="sigma_px"):
+        M.edge_sharpness(t, t, lab, sigma_px=-1)
+    with pytest.raises(TypeError, match="integer label"):
+        M.edge_sharpness(t, t, lab.astype(float))
+    d = M.image_metrics(t, t, true_labels=lab, pixel_size=PS)
+    assert d["edge_sharpness"] == pytest.approx(1.0)
+    assert "edge_sharpness" not in M.image_metrics(t, t)  # no labels, no rims
 
 
 def test_bad_inputs_raise_clear_errors():

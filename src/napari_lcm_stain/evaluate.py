@@ -86,9 +86,13 @@ COLUMNS: tuple[str, ...] = (
     "missed",
     "hallucinated",
     "realism",
+    "edge_sharpness",
     "hard_recall",
     "hallu_near_distractors",
 )
+#: Columns that may be NaN on a field (edge_sharpness: no true nuclei); means and stds skip those
+#: fields, and a column NaN on every field stays NaN (null in the JSON, "n/a" in the table).
+NAN_SKIPPED: tuple[str, ...] = ("edge_sharpness",)
 #: Extra per-image quantities averaged into each row (not printed).
 EXTRA_COLUMNS: tuple[str, ...] = (
     "hard_f1",
@@ -104,6 +108,7 @@ PER_FIELD: tuple[str, ...] = (
     "ssim",
     "f1",
     "realism",
+    "edge_sharpness",
     "tp_hard",
     "n_hard",
     "hallu_near_distractors",
@@ -289,7 +294,9 @@ def _aggregate(per_image: list[dict[str, Any]], seconds: float) -> dict[str, Any
     std: dict[str, float] = {}
     for k in COLUMNS + EXTRA_COLUMNS:
         v = np.array([float(d[k]) for d in per_image])
-        row[k] = float(v.mean())
+        if k in NAN_SKIPPED:
+            v = v[~np.isnan(v)]
+        row[k] = float(v.mean()) if len(v) else float("nan")
         std[k] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     row["std"] = std
     row["per_field"] = {k: [float(d[k]) for d in per_image] for k in PER_FIELD}
@@ -352,10 +359,12 @@ def _pooled_hard_f1(tp: Any, n_hard: Any, near: Any) -> float:
 def compare_rows(
     a: dict[str, Any], b: dict[str, Any], n_resamples: int = N_BOOTSTRAP, seed: int = 0
 ) -> dict[str, dict[str, float | None]]:
-    """Row `a` minus row `b` on the same fields: per-field means of Pearson / SSIM / F1 / realism
-    and the pooled hard-subset F1, each with a 95 % paired percentile bootstrap interval over
-    fields (scipy). With 8 fields a difference is resolved only if its interval excludes 0; the
-    interval is None when there are fewer than 2 fields."""
+    """Row `a` minus row `b` on the same fields: per-field means of Pearson / SSIM / F1 / realism /
+    edge sharpness and the pooled hard-subset F1, each with a 95 % paired percentile bootstrap
+    interval over fields (scipy). With 8 fields a difference is resolved only if its interval
+    excludes 0; the interval is None when there are fewer than 2 fields. Edge sharpness uses only
+    the fields where both rows have a value (not NaN), and is left out for rows scored before it
+    existed (no per-field values)."""
     from scipy.stats import bootstrap
 
     fa, fb = a["per_field"], b["per_field"]
@@ -365,7 +374,7 @@ def compare_rows(
 
     def interval(data: tuple[np.ndarray, ...], stat: Any) -> dict[str, float | None]:
         diff = float(stat(*data))
-        if n < 2:
+        if len(data[0]) < 2:
             return {"diff": diff, "lo": None, "hi": None}
         res = bootstrap(
             data,
@@ -380,10 +389,17 @@ def compare_rows(
         return {"diff": diff, "lo": float(lo), "hi": float(hi)}
 
     out: dict[str, dict[str, float | None]] = {}
-    for key in ("pearson", "ssim", "f1", "realism"):
-        out[key] = interval(
-            (np.asarray(fa[key]), np.asarray(fb[key])), lambda x, y: np.mean(x) - np.mean(y)
-        )
+    for key in ("pearson", "ssim", "f1", "realism", "edge_sharpness"):
+        if key not in fa or key not in fb:
+            continue
+        x, y = np.asarray(fa[key], dtype=float), np.asarray(fb[key], dtype=float)
+        both = ~(np.isnan(x) | np.isnan(y))
+        if key in NAN_SKIPPED and not both.all():
+            x, y = x[both], y[both]
+            if not len(x):
+                out[key] = {"diff": float("nan"), "lo": None, "hi": None}
+                continue
+        out[key] = interval((x, y), lambda x, y: np.mean(x) - np.mean(y))
     hard = [
         np.asarray(f[k]) for f in (fa, fb) for k in ("tp_hard", "n_hard", "hallu_near_distractors")
     ]
@@ -445,12 +461,15 @@ _HEAD = {
     "missed": "missed",
     "hallucinated": "halluc.",
     "realism": "realism↓",
+    "edge_sharpness": "edge",
     "hard_recall": "hard rec.",
     "hallu_near_distractors": "FP@distr.",
 }
 
 
-def _cell(key: str, mean: float, sd: float) -> str:
+def _cell(key: str, mean: float | None, sd: float | None) -> str:
+    if mean is None or not math.isfinite(mean):  # no value (NaN, or a row scored before the column)
+        return "n/a"
     if key == "psnr":
         return f"{mean:.1f}±{sd:.1f}"
     if key in ("realism", "hallu_near_distractors"):
@@ -461,7 +480,9 @@ def _cell(key: str, mean: float, sd: float) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The benchmark as one text table: rows = models (oracle first), cells = mean±std per image."""
     models = result["models"]
-    cells = {name: [_cell(k, r[k], r["std"][k]) for k in COLUMNS] for name, r in models.items()}
+    cells = {
+        name: [_cell(k, r.get(k), r["std"].get(k)) for k in COLUMNS] for name, r in models.items()
+    }
     w0 = max([len("model")] + [len(n) for n in models])
     widths = [
         max(len(_HEAD[k]), *(len(c[i]) for c in cells.values())) if cells else len(_HEAD[k])
@@ -478,7 +499,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("  ".join([name.ljust(w0)] + [v.rjust(w) for v, w in zip(c, widths)]))
     lines.append(
         "mean±std over fields. Pixel metrics after mapping the target's 1–99.8 % to 0–1; nuclei "
-        "matched at IoU≥0.5; realism = spectral log-distance (lower is better); hard rec. = recall "
+        "matched at IoU≥0.5; realism = spectral log-distance (lower is better); edge = mean gradient "
+        "on the true nuclear rims, prediction ÷ truth (1 = as sharp, <1 blurrier or fainter); hard rec. = recall "
         f"of nuclei with |CNR|<{M.HARD_CNR_THRESHOLD:g} or in-section<{M.HARD_IN_SECTION_THRESHOLD:g}; "
         f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field."
     )
