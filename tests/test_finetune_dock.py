@@ -138,10 +138,10 @@ def test_two_layer_pairs_train_together_with_live_validation_metrics(
     last = events[-1]
     header = ft.metrics_table.horizontalHeaderItem
     assert ft.plot.best_step == (last.best_step or None) == (ft.result.best_step or None)
-    assert header(1).text() == "last (step 4)" and _column(ft.metrics_table, 1) == _shown(
+    assert header(1).text() == "last\nstep 4" and _column(ft.metrics_table, 1) == _shown(
         last.val_metrics
     )
-    assert header(2).text() == f"after (step {ft.result.best_step})"
+    assert header(2).text() == f"after\nstep {ft.result.best_step}"
     assert _column(ft.metrics_table, 2) == _shown(ft.result.metrics_after)
     assert _column(ft.metrics_table, 0) == _shown(ft.result.metrics_before)
 

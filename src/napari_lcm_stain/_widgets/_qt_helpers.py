@@ -127,7 +127,8 @@ class LayerCombo(QComboBox):
 
 def fit_table_height(table: QTableWidget) -> None:
     """Make a small table exactly as tall as its rows (no empty band under them)."""
-    height = table.horizontalHeader().height() + 2 * table.frameWidth()
+    header = table.horizontalHeader()  # its size hint follows new (e.g. two-line) labels at once
+    height = max(header.height(), header.sizeHint().height()) + 2 * table.frameWidth()
     height += sum(table.rowHeight(r) for r in range(table.rowCount()))
     table.setFixedHeight(height + 2)
 

@@ -130,7 +130,7 @@ class FinetuneWidget(DockBase):
             tip="Stop after this step and keep the best weights so far.",
             enabled=False,
         )
-        self.status.setText("Pick a qOBM layer and its paired DAPI layer.")
+        self.status.setText("Choose the training data, then click Start.")
         self.plot = LossPlot()
         self.metrics_table = ui.metrics_table(
             ["before", "now", "best"],
@@ -443,7 +443,7 @@ class FinetuneWidget(DockBase):
             self.live_metrics.append((tick.step, tick.val_metrics))
             self._show_metrics(
                 tick.metrics_before, tick.val_metrics, tick.best_metrics,
-                headers=["before", f"now (step {tick.step})", _best_header(tick.best_step)],
+                headers=["before", f"now\nstep {tick.step}", _best_header(tick.best_step)],
             )  # fmt: skip
         if not self._job.get("stop") or not self._job["stop"].is_set():
             loss = "" if tick.train_loss is None else f", train loss {tick.train_loss:.4g}"
@@ -465,8 +465,8 @@ class FinetuneWidget(DockBase):
             getattr(result, "metrics_before", {}), last[1], getattr(result, "metrics_after", {}),
             headers=[
                 "before",
-                f"last (step {last[0]})" if last[0] else "last",
-                "after" + (f" (step {best})" if best is not None else ""),
+                f"last\nstep {last[0]}" if last[0] else "last",
+                "after" + (f"\nstep {best}" if best is not None else ""),
             ],
         )  # fmt: skip
         self.plot.set_best(best)
@@ -540,7 +540,7 @@ def pair_label(qobm: Layer, dapi: Layer) -> str:
 
 
 def _best_header(step: int | None) -> str:
-    return "best (start)" if not step else f"best (step {step})"
+    return "best\nstart" if not step else f"best\nstep {step}"
 
 
 def _held_out(n: int) -> list[int]:
