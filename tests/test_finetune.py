@@ -17,6 +17,7 @@ import torch
 
 from _fake_predictor import blobs
 from napari_lcm_stain import checkpoints, cli, finetune
+from napari_lcm_stain._drain import drain
 from napari_lcm_stain.models import VAE
 from napari_lcm_stain.training.data import PairedData
 from test_reliability_cli import tiny_lcm
@@ -24,8 +25,12 @@ from test_reliability_cli import tiny_lcm
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """An untrained tiny LCM with a VAE encoder: enough to fine-tune."""
-    path = tiny_lcm(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return tiny_finetunable(tmp_path_factory.mktemp("ckpt"))
+
+
+def tiny_finetunable(folder) -> str:
+    """An untrained tiny LCM with a VAE encoder in `folder`: enough to fine-tune."""
+    path = tiny_lcm(folder / "tiny.safetensors")
     ck = checkpoints.load_checkpoint(path)
     torch.manual_seed(1)
     modules = {
@@ -109,6 +114,30 @@ def test_several_pairs_of_different_sizes_validate_on_a_held_out_pair(tiny, tmp_
     assert [h[0] for h in res.history] == [1, 2] and res.history[-1][2] is not None
     path = res.save(tmp_path / "multi.safetensors")
     assert checkpoints.load_checkpoint(path).config["finetune"]["pairs"] == 3
+
+
+def test_events_carry_validation_metrics_and_the_best_so_far(tiny):
+    pairs = [pair((64, 64), 0), pair((64, 80), 1)]
+    gen = finetune.iter_finetune(
+        [p[0] for p in pairs], [p[1] for p in pairs], model=tiny, steps=4, patch=32,
+        device="cpu", val_every=2,
+    )  # fmt: skip
+    events = []
+    res = drain(gen, events.append)
+    assert [ev.val_metrics is not None for ev in events] == [False, True, False, True]
+    assert set(events[1].val_metrics) >= {"pearson", "ssim", "f1"}
+    assert all(ev.metrics_before == res.metrics_before for ev in events)
+    assert events[-1].best_step == res.best_step
+    assert events[-1].best_metrics == pytest.approx(res.metrics_after, nan_ok=True)
+    kept = {0: res.metrics_before, **{ev.step: ev.val_metrics for ev in events if ev.val_metrics}}
+    assert all(ev.best_metrics == kept[ev.best_step] for ev in events)
+
+
+def test_read_folder_reads_the_pairs_find_pairs_finds(tmp_path):
+    folder = write_pairs(tmp_path / "pairs", [(64, 64), (64, 80)])
+    names, qs, ds = finetune.read_folder(folder)
+    assert names == ["f0", "f1"] and [q.shape for q in qs] == [d.shape for d in ds]
+    np.testing.assert_allclose(ds[1], pair((64, 80), 1)[1])
 
 
 def test_a_list_of_one_pair_is_the_single_pair_path(tiny):

@@ -433,7 +433,7 @@ ERROR_TYPES = {
     "RuntimeError", "CLIError",
 }  # fmt: skip
 WIDGET_CALLS = {"_fail", "show_error", "show_warning", "show_info"}
-WIDGET_REASONS = {"unsuitable_reason", "pair_problem", "_shape_problem"}
+WIDGET_REASONS = {"unsuitable_reason", "pair_problem", "_shape_problem", "_pairs_problem"}
 # never shown to a user: caught internally, filtered from the dock's note, or programming errors
 INTERNAL = (
     "OME-XML placeholder",

@@ -679,8 +679,9 @@ def test_finetune_stop_save_reload_and_use(
     assert all(np.isfinite(v) and v >= 0 for _, v in ft.plot.train + ft.plot.val)
     table = ft.metrics_table
     assert table.isVisibleTo(ft)
-    for col in (0, 1):
-        assert -1.0 <= float(table.item(0, col).text()) <= 1.0  # Pearson before / after
+    for col in (0, 1, 2):
+        assert -1.0 <= float(table.item(0, col).text()) <= 1.0  # Pearson before / last / after
+    assert table.horizontalHeaderItem(2).text() == f"after\nstep {ft.result.best_step}"
     assert ft.save_button.isEnabled() and ft.use_button.isEnabled()
 
     target = tmp_path / "mine"

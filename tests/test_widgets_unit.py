@@ -328,6 +328,43 @@ def test_finetune_job_relays_events_and_returns_result(monkeypatch):
     ]
 
 
+def test_finetune_job_relays_validation_metrics_and_reads_a_folder(monkeypatch):
+    import napari_lcm_stain.finetune as finetune
+
+    seen = {}
+    before, now = {"pearson": 0.1, "f1": np.nan}, {"pearson": 0.3, "f1": 0.2}
+
+    def iter_finetune(qobm, dapi, stop, **kw):
+        seen.update(kw, qobm=qobm, dapi=dapi)
+        yield types.SimpleNamespace(
+            step=1, total=2, train_loss=1.0, val_loss=None, val_metrics=None, best_step=0,
+            best_metrics=before, metrics_before=before,
+        )  # fmt: skip
+        yield types.SimpleNamespace(
+            step=2, total=2, train_loss=0.5, val_loss=0.2, val_metrics=now, best_step=2,
+            best_metrics=now, metrics_before=before,
+        )  # fmt: skip
+        return "RESULT"
+
+    read = []
+    monkeypatch.setattr(finetune, "iter_finetune", iter_finetune)
+    monkeypatch.setattr(
+        finetune,
+        "read_folder",
+        lambda folder: read.append(folder) or (["a", "b"], [np.zeros(2)] * 2, [np.ones(2)] * 2),
+    )
+    items, out = _run(_jobs.finetune_job(None, None, stop=threading.Event(), data="DIR"))
+    assert out == "RESULT" and read == ["DIR"] and seen["names"] == ["a", "b"]
+    assert len(seen["qobm"]) == len(seen["dapi"]) == 2
+    assert items[0].val_metrics is None and items[0].best_step == 0
+    assert items[0].metrics_before == {"pearson": 0.1, "f1": None}  # non-finite -> None
+    assert items[1].val_metrics == now == items[1].best_metrics and items[1].best_step == 2
+
+    lists = [np.zeros((4, 4)), np.zeros((4, 6))]
+    _run(_jobs.finetune_job(lists, lists, stop=threading.Event(), names=["x", "y"]))
+    assert isinstance(seen["qobm"], list) and seen["names"] == ["x", "y"]
+
+
 # ----------------------------------------------------------------------------- loss plot
 
 
@@ -346,8 +383,13 @@ def test_loss_plot_keeps_finite_points_and_paints(qtbot):
     assert plot._y_range()[2]  # > a decade of range: log scale
     drawn = plot.grab().toImage()
     assert drawn != empty  # the curves changed the picture
+    plot.set_best(5)
+    assert plot.best_step == 5 and plot.grab().toImage() != drawn  # the best step is marked
+    plot.set_best(0)  # the starting model: no mark
+    assert plot.best_step is None
+    plot.set_best(5)
     plot.clear()
-    assert plot.train == [] and plot.val == []
+    assert plot.train == [] and plot.val == [] and plot.best_step is None
 
 
 def test_bad_ground_truth_skips_metrics_but_keeps_outputs(monkeypatch):

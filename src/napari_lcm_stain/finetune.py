@@ -37,10 +37,19 @@ from .training.diffusion import consistency
 
 @dataclass
 class FinetuneEvent:
+    """One training step. On validation steps `val_loss` and `val_metrics` (Pearson, SSIM,
+    nuclei recall / precision / F1 on the validation planes) are set; every event carries the
+    step whose weights are kept so far (`best_step`, 0: the starting model), their metrics, and
+    those of the starting model."""
+
     step: int
     total: int
     train_loss: float
     val_loss: float | None = None
+    val_metrics: dict | None = None
+    best_step: int = 0
+    best_metrics: dict | None = None
+    metrics_before: dict | None = None
 
 
 @dataclass
@@ -401,6 +410,7 @@ def iter_finetune(
 
     # step 0 = the base model: fine-tuning never returns weights worse on validation than it got
     best = (selection_score(before), 0, snapshot())
+    best_metrics = before
     history = []
     stopped = False
     batch = 4
@@ -423,17 +433,20 @@ def iter_finetune(
             list(unet.parameters()) + list(vae.decoder.parameters()), 1.0
         )
         opt.step()
-        val_loss = None
+        val_loss = val_metrics = None
         if step % val_every == 0 or step == steps:
             unet.eval()
             vae.decoder.eval()
             pred = _predict_planes(predictor, vq)
             val_loss = _l1(pred, vd)
-            score = selection_score(_val_metrics(pred, vd, px))
+            val_metrics = _val_metrics(pred, vd, px)
+            score = selection_score(val_metrics)
             if score < best[0]:
-                best = (score, step, snapshot())
+                best, best_metrics = (score, step, snapshot()), val_metrics
         history.append((step, float(loss.item()), val_loss))
-        yield FinetuneEvent(step, steps, float(loss.item()), val_loss)
+        yield FinetuneEvent(
+            step, steps, float(loss.item()), val_loss, val_metrics, best[1], best_metrics, before
+        )
     unet.eval()
     vae.decoder.eval()
     if best[2] is not None:  # always true: step 0 is the base model
@@ -559,6 +572,19 @@ def _read_plane_stack(path: Path) -> np.ndarray:
             handle.close()
 
 
+def read_folder(folder) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The pairs `find_pairs` finds in `folder`, read: (names, qOBM images, DAPI images), paired
+    in order, as `iter_finetune(qobm, dapi, names=names)` takes them (`lcm-stain finetune --data`
+    and the Fine-tune dock's *Folder…*)."""
+    found = find_pairs(folder)
+    names = [n for n, _, _ in found]
+    return (
+        names,
+        [_read_plane_stack(q) for _, q, _ in found],
+        [_read_plane_stack(d) for _, _, d in found],
+    )
+
+
 def finetune_files(
     qobm=None,
     dapi=None,
@@ -591,9 +617,7 @@ def finetune_files(
     if data is not None:
         if qobm or dapi:
             raise ValueError("give either --data or --qobm/--dapi, not both")
-        found = find_pairs(data)
-        names = [n for n, _, _ in found]
-        qs, ds = [q for _, q, _ in found], [d for _, _, d in found]
+        names, q_imgs, d_imgs = read_folder(data)
     else:
         qs = [qobm] if isinstance(qobm, (str, Path)) else list(qobm or [])
         ds = [dapi] if isinstance(dapi, (str, Path)) else list(dapi or [])
@@ -603,11 +627,11 @@ def finetune_files(
                 "(paired in order), or a folder with --data"
             )
         names = [f"{Path(q).name} + {Path(d).name}" for q, d in zip(qs, ds)]
-    for p in (*qs, *ds):
-        if not Path(p).exists():
-            raise FileNotFoundError(f"input not found: {p}")
-    q_imgs = [_read_plane_stack(Path(p)) for p in qs]
-    d_imgs = [_read_plane_stack(Path(p)) for p in ds]
+        for p in (*qs, *ds):
+            if not Path(p).exists():
+                raise FileNotFoundError(f"input not found: {p}")
+        q_imgs = [_read_plane_stack(Path(p)) for p in qs]
+        d_imgs = [_read_plane_stack(Path(p)) for p in ds]
     single = len(q_imgs) == 1 and data is None
     stop = threading.Event()
     timer = None

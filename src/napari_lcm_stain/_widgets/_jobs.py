@@ -240,38 +240,65 @@ def _score(
 
 @dataclass(frozen=True)
 class FinetuneTick:
+    """One training step as the Fine-tune dock shows it (metrics: key -> finite value or None)."""
+
     step: int
     total: int
     train_loss: float | None
     val_loss: float | None
+    val_metrics: dict[str, float | None] | None = None  # set on validation steps only
+    best_step: int = 0  # the step whose weights are kept so far (0: the starting model)
+    best_metrics: dict[str, float | None] | None = None
+    metrics_before: dict[str, float | None] | None = None
 
 
 def finetune_job(
-    qobm: np.ndarray,
-    dapi: np.ndarray,
+    qobm: Any,
+    dapi: Any,
     *,
     stop: Any,
+    data: Any = None,
     **kwargs: Any,
 ) -> Generator[FinetuneTick, None, Any]:
-    """Relay `finetune.iter_finetune` events; return its FinetuneResult (best weights on Stop)."""
-    try:
-        from napari_lcm_stain.finetune import iter_finetune
+    """Relay `finetune.iter_finetune` events; return its FinetuneResult (best weights on Stop).
 
+    ``qobm``/``dapi``: one pair of arrays, or two lists paired in order (with ``names``); or
+    ``data``, a folder read here with `finetune.read_folder` (then ``qobm``/``dapi`` are None)."""
+    try:
+        from napari_lcm_stain import finetune
+
+        if data is not None:
+            kwargs["names"], qobm, dapi = finetune.read_folder(data)
+        elif isinstance(qobm, (list, tuple)):  # lazy layers are read here, not on the UI thread
+            qobm, dapi = [np.asarray(a) for a in qobm], [np.asarray(a) for a in dapi]
+        else:
+            qobm, dapi = np.asarray(qobm), np.asarray(dapi)
         val = kwargs.get("val")
         if val is not None:
             kwargs["val"] = (np.asarray(val[0]), np.asarray(val[1]))
-        gen = iter_finetune(np.asarray(qobm), np.asarray(dapi), stop=stop, **kwargs)
+        gen = finetune.iter_finetune(qobm, dapi, stop=stop, **kwargs)
         while True:
             try:
                 ev = next(gen)
             except StopIteration as done:
                 return done.value
             yield FinetuneTick(
-                int(ev.step), int(ev.total), _finite(ev.train_loss), _finite(ev.val_loss)
+                int(ev.step),
+                int(ev.total),
+                _finite(ev.train_loss),
+                _finite(ev.val_loss),
+                _finite_metrics(getattr(ev, "val_metrics", None)),
+                int(getattr(ev, "best_step", 0) or 0),
+                _finite_metrics(getattr(ev, "best_metrics", None)),
+                _finite_metrics(getattr(ev, "metrics_before", None)),
             )
     except Exception as exc:  # noqa: BLE001 - see module doc
         logger.exception("fine-tuning failed")
         return JobFailure(failure_message(exc))
+
+
+def _finite_metrics(m: Any) -> dict[str, float | None] | None:
+    return None if m is None else {str(k): _finite(v) for k, v in dict(m).items()}
 
 
 def _finite(v: Any) -> float | None:

@@ -127,13 +127,15 @@ class LayerCombo(QComboBox):
 
 def fit_table_height(table: QTableWidget) -> None:
     """Make a small table exactly as tall as its rows (no empty band under them)."""
-    height = table.horizontalHeader().height() + 2 * table.frameWidth()
+    header = table.horizontalHeader()  # its size hint follows new (e.g. two-line) labels at once
+    height = max(header.height(), header.sizeHint().height()) + 2 * table.frameWidth()
     height += sum(table.rowHeight(r) for r in range(table.rowCount()))
     table.setFixedHeight(height + 2)
 
 
 class LossPlot(QWidget):
-    """Live training curve (train and validation loss against step), drawn with QPainter.
+    """Live training curve (train and validation loss against step), drawn with QPainter; a
+    dashed line marks the step whose weights are kept so far (`set_best`).
 
     Drawn directly so the dock needs no plotting library; the y axis switches to log scale once the
     loss spans more than a decade, where training curves are easier to read.
@@ -147,6 +149,7 @@ class LossPlot(QWidget):
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self.total_steps = 0
+        self.best_step: int | None = None
         self.setMinimumHeight(170)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
@@ -154,7 +157,15 @@ class LossPlot(QWidget):
         self.train.clear()
         self.val.clear()
         self.total_steps = int(total_steps)
+        self.best_step = None
         self.update()
+
+    def set_best(self, step: int | None) -> None:
+        """Mark ``step`` as the best so far (None or 0, the starting model: no mark)."""
+        step = int(step) if step else None
+        if step != self.best_step:
+            self.best_step = step
+            self.update()
 
     def add(self, step: int, train_loss: float | None, val_loss: float | None = None) -> None:
         if train_loss is not None and math.isfinite(train_loss):
@@ -228,6 +239,11 @@ class LossPlot(QWidget):
             if len(series) < 60:
                 for point in series:
                     p.drawEllipse(to_xy(*point), 2.0, 2.0)
+        if self.best_step:
+            x = to_xy(self.best_step, 10**lo if log else lo).x()
+            p.setPen(QPen(self.VAL_COLOR, 1, Qt.PenStyle.DashLine))
+            p.drawLine(QPointF(x, plot.top()), QPointF(x, plot.bottom()))
+            p.drawText(QPointF(x + 3, plot.bottom() - 3), "best")
         if log:
             p.setPen(QPen(fg, 1))
             p.drawText(

@@ -1,8 +1,11 @@
 """The "Fine-tune" dock: adapt the 1-step model to a user's own paired qOBM/DAPI images.
 
-Training runs in a napari ``thread_worker`` (`_jobs.finetune_job` around `finetune.iter_finetune`);
-Stop sets a `threading.Event` that the trainer checks every step, and the trainer then returns the
-best weights so far, so stopping early still gives a usable model.
+Training data: one layer pair, a list of layer pairs, or a folder of ``NAME_qobm``/``NAME_dapi``
+files (found by `finetune.find_pairs` and read by `finetune.read_folder`, as ``lcm-stain
+finetune --data`` does). Training runs in a napari ``thread_worker`` (`_jobs.finetune_job` around
+`finetune.iter_finetune`); each validation event's metrics fill the table live, beside the loss
+plot. Stop sets a `threading.Event` that the trainer checks every step, and the trainer then
+returns the best weights so far, so stopping early still gives a usable model.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from typing import Any
 
 from napari.layers import Layer
 from napari.utils.notifications import show_info
-from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QLineEdit,
+    QListWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from . import _base as ui
 from . import _jobs
@@ -31,6 +42,13 @@ SHOWN_METRICS = (
     ("precision", "Nuclei precision"),
     ("f1", "Nuclei F1"),
 )
+#: The "Training data" choices: (label, key).
+SOURCES = (
+    ("Layer pair", "layers"),
+    ("Several layer pairs", "pairs"),
+    ("Folder…", "folder"),
+)
+PAIR_ARROW = " ↔ "
 
 
 class FinetuneWidget(DockBase):
@@ -40,12 +58,26 @@ class FinetuneWidget(DockBase):
         super().__init__(napari_viewer, parent)
         self.result: Any = None
         self._n_used = 0
+        self._pairs: list[tuple[Layer, Layer]] = []  # "Several layer pairs", in list order
+        self._folder: Path | None = None
+        self._folder_pairs: list[str] = []  # pair names found in the folder
+        self._folder_error: str | None = None
+        #: (step, validation metrics) of this run's validation events, in order
+        self.live_metrics: list[tuple[int, dict]] = []
         self._build()
         self.watch_layers()
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
         form = ui.form_layout()
+        self.source_combo = QComboBox()
+        for label, key in SOURCES:
+            self.source_combo.addItem(label, key)
+        self.source_combo.setToolTip(
+            "Train on one layer pair, on several layer pairs (added to a list), or on a folder "
+            "of NAME_qobm / NAME_dapi image files."
+        )
+        form.addRow("Training data", self.source_combo)
         self.qobm_combo = self.qobm_picker("qOBM phase image of your paired training data.")
         form.addRow("qOBM layer", self.qobm_combo)
         self.dapi_combo = LayerCombo(
@@ -53,6 +85,8 @@ class FinetuneWidget(DockBase):
         )
         self.dapi_combo.setToolTip("Measured DAPI of the same field, pixel-aligned, same shape.")
         form.addRow("Paired DAPI", self.dapi_combo)
+        form.addRow(self._build_pair_list())
+        form.addRow(self._build_folder_box())
 
         self.val_check = ui.check_box(
             "Separate validation pair",
@@ -96,11 +130,12 @@ class FinetuneWidget(DockBase):
             tip="Stop after this step and keep the best weights so far.",
             enabled=False,
         )
-        self.status.setText("Pick a qOBM layer and its paired DAPI layer.")
+        self.status.setText("Choose the training data, then click Start.")
         self.plot = LossPlot()
         self.metrics_table = ui.metrics_table(
-            ["before", "after"],
-            "Validation metrics of the starting and the fine-tuned model.",
+            ["before", "now", "best"],
+            "Validation metrics: of the starting model, of the latest validation, and of the "
+            "weights kept so far (the fine-tuned model once training ends).",
             rows=[t for _, t in SHOWN_METRICS],
         )
         self.save_button = ui.button("Save checkpoint…", self.save, enabled=False)
@@ -121,7 +156,126 @@ class FinetuneWidget(DockBase):
             combo.layerChanged.connect(self._check_pair)
         self.qobm_combo.layerChanged.connect(lambda _l: self.dapi_combo.refresh())
         self.val_check.toggled.connect(self._on_val_toggled)
+        self.source_combo.currentIndexChanged.connect(self._on_source_changed)
         self._on_val_toggled(False)
+        self._on_source_changed()
+
+    def _build_pair_list(self) -> QWidget:
+        self.pairs_box = QWidget()
+        self.pair_list = QListWidget()
+        self.pair_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.pair_list.setToolTip(
+            "The training pairs; with two or more, '(validation)' pairs are held out."
+        )
+        self.pair_list.setMaximumHeight(110)
+        self.add_pair_button = ui.button(
+            "Add pair", self.add_pair, tip="Add the qOBM and DAPI layers chosen above as a pair."
+        )
+        self.remove_pair_button = ui.button(
+            "Remove", self.remove_pair, tip="Remove the selected pairs."
+        )
+        layout = QVBoxLayout(self.pairs_box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.pair_list)
+        layout.addLayout(ui.row((self.add_pair_button, 1), (self.remove_pair_button, 1)))
+        return self.pairs_box
+
+    def _build_folder_box(self) -> QWidget:
+        self.folder_box = QWidget()
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setReadOnly(True)
+        self.folder_edit.setPlaceholderText("folder of NAME_qobm.tif + NAME_dapi.tif pairs")
+        self.browse_folder_button = ui.button("Browse…", self.browse_folder)
+        self.folder_note = ui.note_label()
+        layout = QVBoxLayout(self.folder_box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(ui.row((self.folder_edit, 1), self.browse_folder_button))
+        layout.addWidget(self.folder_note)
+        return self.folder_box
+
+    def training_source(self) -> str:
+        """'layers' (one layer pair), 'pairs' (the list of layer pairs) or 'folder'."""
+        return self.source_combo.currentData()
+
+    def _on_source_changed(self, *_args: Any) -> None:
+        source = self.training_source()
+        self.pairs_box.setVisible(source == "pairs")
+        self.folder_box.setVisible(source == "folder")
+        for combo in (self.qobm_combo, self.dapi_combo):
+            combo.setEnabled(source != "folder")
+        self._check_pair()
+
+    # ------------------------------------------------------------------ several layer pairs
+    def add_pair(self) -> bool:
+        """Add the chosen qOBM/DAPI layers to the pair list; False (and a message) if they
+        cannot be a pair or a layer is in the list already."""
+        q, d = self.qobm_combo.layer(), self.dapi_combo.layer()
+        problem = (
+            "Pick a qOBM layer and its paired DAPI layer (single-channel images)."
+            if q is None or d is None
+            else _pairs_problem([*self._pairs, (q, d)])
+        )
+        if problem:
+            self._fail(problem)
+            return False
+        self._pairs.append((q, d))
+        self._show_pairs()
+        self._check_pair()
+        return True
+
+    def remove_pair(self, row: int | None = None) -> None:
+        """Remove pair ``row`` (0-based), or the pairs selected in the list."""
+        rows = [row] if row is not None else [i.row() for i in self.pair_list.selectedIndexes()]
+        for r in sorted(set(rows), reverse=True):
+            if 0 <= r < len(self._pairs):
+                del self._pairs[r]
+        self._show_pairs()
+        self._check_pair()
+
+    def pair_names(self) -> list[str]:
+        """The pairs of the list as 'qOBM ↔ DAPI' (the names training reports them by)."""
+        return [pair_label(q, d) for q, d in self._pairs]
+
+    def _show_pairs(self) -> None:
+        held = _held_out(len(self._pairs))
+        self.pair_list.clear()
+        for i, name in enumerate(self.pair_names()):
+            self.pair_list.addItem(name + (" (validation)" if i in held else ""))
+
+    # ------------------------------------------------------------------ folder
+    def browse_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder of qOBM/DAPI pairs")
+        if folder:
+            self.set_folder(folder)
+
+    def set_folder(self, folder: str | Path) -> list[str]:
+        """Use the pairs in ``folder`` (`finetune.find_pairs`); returns their names ([] and a
+        message in the dock when there are none or the folder has a problem)."""
+        self._folder = Path(folder)
+        self.folder_edit.setText(str(self._folder))
+        self._scan_folder()
+        self._check_pair()
+        return list(self._folder_pairs)
+
+    def _scan_folder(self) -> None:
+        from napari_lcm_stain.finetune import find_pairs
+
+        self._folder_pairs, self._folder_error = [], None
+        if self._folder is None:
+            self.folder_note.setText("")
+            return
+        try:
+            self._folder_pairs = [name for name, _q, _d in find_pairs(self._folder)]
+        except (OSError, ValueError) as exc:
+            self._folder_error = _jobs.failure_message(exc)
+        held = [self._folder_pairs[i] for i in _held_out(len(self._folder_pairs))]
+        n = len(self._folder_pairs)
+        self.folder_note.setText(
+            f"{n} pair{'s' if n != 1 else ''}: {', '.join(self._folder_pairs)}"
+            + (f"; validation: {', '.join(held)}" if held else "")
+            if n
+            else ""
+        )
 
     def _on_val_toggled(self, on: bool) -> None:
         self.val_qobm_combo.setEnabled(on)
@@ -133,6 +287,12 @@ class FinetuneWidget(DockBase):
         return [self.qobm_combo, self.dapi_combo, self.val_qobm_combo, self.val_dapi_combo]
 
     def layers_refreshed(self) -> None:
+        # pairs whose layers were deleted leave the list; renamed layers show their new names
+        alive = self.viewer.layers
+        self._pairs = [
+            p for p in self._pairs if all(any(same_layer(ly, a) for a in alive) for ly in p)
+        ]
+        self._show_pairs()
         self._check_pair()
 
     def _on_model_activated(self, index: int) -> None:
@@ -151,14 +311,32 @@ class FinetuneWidget(DockBase):
     # ------------------------------------------------------------------ validation of the pair
     def pair_problem(self) -> str | None:
         """Why training cannot start with the current choice (None when it can)."""
-        q, d = self.qobm_combo.layer(), self.dapi_combo.layer()
-        if q is None or d is None:
-            return "Pick a qOBM layer and its paired DAPI layer (single-channel images)."
-        if same_layer(q, d):
-            return "The qOBM and DAPI layers are the same layer; pick the measured DAPI."
-        problem = _shape_problem(q, d, "qOBM", "DAPI")
-        if problem:
-            return problem
+        source = self.training_source()
+        training: list[tuple[Layer, Layer]] = []
+        if source == "folder":
+            if self._folder is None:
+                return "Choose a folder of qOBM/DAPI pairs (NAME_qobm.tif + NAME_dapi.tif) with 'Browse…'."
+            if self._folder_error:
+                return self._folder_error
+        elif source == "pairs":
+            if not self._pairs:
+                return (
+                    "Add qOBM/DAPI pairs to the list: pick both layers above and click 'Add pair'."
+                )
+            problem = _pairs_problem(self._pairs)
+            if problem:
+                return problem
+            training = self._pairs
+        else:
+            q, d = self.qobm_combo.layer(), self.dapi_combo.layer()
+            if q is None or d is None:
+                return "Pick a qOBM layer and its paired DAPI layer (single-channel images)."
+            if same_layer(q, d):
+                return "The qOBM and DAPI layers are the same layer; pick the measured DAPI."
+            problem = _shape_problem(q, d, "qOBM", "DAPI")
+            if problem:
+                return problem
+            training = [(q, d)]
         if self.val_check.isChecked():
             vq, vd = self.val_qobm_combo.layer(), self.val_dapi_combo.layer()
             if vq is None or vd is None:
@@ -166,6 +344,12 @@ class FinetuneWidget(DockBase):
             problem = _shape_problem(vq, vd, "validation qOBM", "validation DAPI")
             if problem:
                 return problem
+            for ly in (vq, vd):
+                if any(same_layer(ly, t) for pair in training for t in pair):
+                    return (
+                        f"The validation layer '{ly.name}' is also a training layer; validate on "
+                        "another field."
+                    )
         return None
 
     def _check_pair(self, *_args: Any) -> None:
@@ -179,13 +363,28 @@ class FinetuneWidget(DockBase):
         """Start fine-tuning in the background; returns the worker (None if not started)."""
         if self.is_running:
             return None
+        source = self.training_source()
+        if source == "folder":
+            self._scan_folder()  # the files may have changed since the folder was chosen
         problem = self.pair_problem()
         if problem:
             self._fail(problem)
             return None
-        # lazy (dask/zarr) layers are read in the worker, not on the UI thread
-        qobm = base_data(self.qobm_combo.layer())
-        dapi = base_data(self.dapi_combo.layer())
+        # lazy (dask/zarr) layers and the folder's files are read in the worker, not here
+        data: dict[str, Any] = {}
+        if source == "folder":
+            qobm = dapi = None
+            data["data"] = str(self._folder)
+            what = f"{len(self._folder_pairs)} pair(s) from {self._folder.name}"
+        elif source == "pairs":
+            qobm = [base_data(q) for q, _d in self._pairs]
+            dapi = [base_data(d) for _q, d in self._pairs]
+            data["names"] = self.pair_names()
+            what = f"{len(self._pairs)} layer pair(s)"
+        else:
+            qobm = base_data(self.qobm_combo.layer())
+            dapi = base_data(self.dapi_combo.layer())
+            what = "one layer pair"
         val = None
         if self.val_check.isChecked():
             val = (
@@ -212,11 +411,14 @@ class FinetuneWidget(DockBase):
             val_fraction=self.val_fraction_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentData(),
+            **data,
         )
         self.result = None
+        self.live_metrics = []
         self.plot.clear(steps)
         self.metrics_table.setVisible(False)
-        self.status.setText("Fine-tuning… (first steps include loading the model)")
+        self.metrics_table.setHorizontalHeaderLabels(["before", "now", "best"])
+        self.status.setText(f"Fine-tuning on {what}… (first steps include loading the model)")
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.save_button.setEnabled(False)
@@ -235,11 +437,20 @@ class FinetuneWidget(DockBase):
 
     def _on_tick(self, tick: _jobs.FinetuneTick) -> None:
         self.plot.add(tick.step, tick.train_loss, tick.val_loss)
+        self.plot.set_best(tick.best_step)
         self.advance(tick.step, tick.total)
+        if tick.val_metrics is not None:
+            self.live_metrics.append((tick.step, tick.val_metrics))
+            self._show_metrics(
+                tick.metrics_before, tick.val_metrics, tick.best_metrics,
+                headers=["before", f"now\nstep {tick.step}", _best_header(tick.best_step)],
+            )  # fmt: skip
         if not self._job.get("stop") or not self._job["stop"].is_set():
             loss = "" if tick.train_loss is None else f", train loss {tick.train_loss:.4g}"
             val = "" if tick.val_loss is None else f", validation {tick.val_loss:.4g}"
-            self.status.setText(f"Step {tick.step}/{tick.total}{loss}{val}")
+            kept = f"step {tick.best_step}" if tick.best_step else "the starting model"
+            best = f" · best so far: {kept}" if self.live_metrics else ""
+            self.status.setText(f"Step {tick.step}/{tick.total}{loss}{val}{best}")
 
     def _on_returned(self, result: Any) -> None:
         if self.job_failed(result, "Fine-tuning"):
@@ -248,15 +459,22 @@ class FinetuneWidget(DockBase):
             self._fail("Fine-tuning stopped before it produced weights.")
             return
         self.result = result
-        self._show_metrics(
-            getattr(result, "metrics_before", {}), getattr(result, "metrics_after", {})
-        )
-        stopped = self._job.get("stop") is not None and self._job["stop"].is_set()
         best = getattr(result, "best_step", None)
+        last = self.live_metrics[-1] if self.live_metrics else (None, None)
+        self._show_metrics(
+            getattr(result, "metrics_before", {}), last[1], getattr(result, "metrics_after", {}),
+            headers=[
+                "before",
+                f"last\nstep {last[0]}" if last[0] else "last",
+                "after" + (f"\nstep {best}" if best is not None else ""),
+            ],
+        )  # fmt: skip
+        self.plot.set_best(best)
+        stopped = self._job.get("stop") is not None and self._job["stop"].is_set()
         what = "Stopped" if stopped else "Finished"
-        self.status.setText(
-            f"{what}. Best validation at step {best}." if best is not None else f"{what}."
-        )
+        text = f"{what}. Best validation at step {best}." if best is not None else f"{what}."
+        validation = (getattr(result, "config", None) or {}).get("finetune", {}).get("validation")
+        self.status.setText(text + (f" Validation: {validation}." if validation else ""))
         self.save_button.setEnabled(True)
         self.use_button.setEnabled(True)
 
@@ -264,11 +482,11 @@ class FinetuneWidget(DockBase):
         self.stop_button.setEnabled(False)
         self._check_pair()
 
-    def _show_metrics(self, before: dict, after: dict) -> None:
-        before, after = before or {}, after or {}
-        ui.show_values(
-            self.metrics_table, [[before.get(k), after.get(k)] for k, _ in SHOWN_METRICS]
-        )
+    def _show_metrics(self, *columns: dict | None, headers: list[str]) -> None:
+        """Fill the table: one column per metrics dict (None: not known yet)."""
+        self.metrics_table.setHorizontalHeaderLabels(headers)
+        cols = [c or {} for c in columns]
+        ui.show_values(self.metrics_table, [[c.get(k) for c in cols] for k, _ in SHOWN_METRICS])
 
     # ------------------------------------------------------------------ after training
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -315,6 +533,42 @@ class FinetuneWidget(DockBase):
         widget.add_model(label, predictor, uses_steps=False)
         show_info(f"'{label}' is now the model in the Virtual stain dock.")
         return widget
+
+
+def pair_label(qobm: Layer, dapi: Layer) -> str:
+    return f"{qobm.name}{PAIR_ARROW}{dapi.name}"
+
+
+def _best_header(step: int | None) -> str:
+    return "best\nstart" if not step else f"best\nstep {step}"
+
+
+def _held_out(n: int) -> list[int]:
+    """Which of ``n`` pairs the trainer holds out for validation (shown in the dock)."""
+    from napari_lcm_stain.finetune import held_out_pairs
+
+    return held_out_pairs(n)
+
+
+def _pairs_problem(pairs: list[tuple[Layer, Layer]]) -> str | None:
+    """Why these layer pairs cannot train together: a pair of one layer, a layer in two pairs,
+    or a pair of two shapes (None when they can; pairs may differ in size)."""
+    seen: dict[int, int] = {}
+    for i, (q, d) in enumerate(pairs, start=1):
+        if same_layer(q, d):
+            return f"Pair {i} uses '{q.name}' as both qOBM and DAPI; pick the measured DAPI."
+        for ly in (q, d):
+            key = id(getattr(ly, "__wrapped__", ly))
+            if key in seen:
+                return (
+                    f"Layer '{ly.name}' is in pair {seen[key]} and pair {i}: each layer may be in "
+                    "one pair only."
+                )
+            seen[key] = i
+        problem = _shape_problem(q, d, "qOBM", "DAPI")
+        if problem:
+            return f"Pair {i} ({pair_label(q, d)}): {problem}"
+    return None
 
 
 def _shape_problem(a: Layer, b: Layer, name_a: str, name_b: str) -> str | None:
