@@ -28,12 +28,14 @@ from napari_lcm_stain import metrics, stain
 from napari_lcm_stain.simulate import simulate_pair
 from napari_lcm_stain.training import get_train_preset, run_recipe
 
-#: arm -> (adv_weight, fm_weight)
+#: arm -> (adv_weight, fm_weight, grid_weight)
 ARMS = {
-    "l1": (0.0, 0.0),
-    "adv": (0.05, 0.0),
-    "adv+fm": (0.05, 0.5),
-    "strong": (0.2, 2.0),
+    "l1": (0.0, 0.0, 0.0),
+    "adv": (0.05, 0.0, 0.0),
+    "adv+fm": (0.05, 0.5, 0.0),
+    "weak": (0.01, 0.0, 0.0),
+    "adv+grid": (0.05, 0.0, 1.0),
+    "strong": (0.2, 2.0, 0.0),
 }
 VAL_SEED0 = 800_000
 KEYS = ("pearson", "ssim", "f1", "realism", "edge_sharpness", "grid8")
@@ -46,7 +48,7 @@ def init_files(init: str) -> Path:
 
 
 def train_arm(arm: str, init: str, out: Path, decoder_steps: int, polish_steps: int, threads):
-    adv, fm = ARMS[arm]
+    adv, fm, grid = ARMS[arm]
     out.mkdir(parents=True, exist_ok=True)
     src = init_files(init)
     for name in ("teacher", "lcm"):  # polish needs the LCM beside it; nothing retrains them
@@ -60,6 +62,7 @@ def train_arm(arm: str, init: str, out: Path, decoder_steps: int, polish_steps: 
         polish_steps=polish_steps,
         adv_weight=adv,
         fm_weight=fm,
+        grid_weight=grid,
     )
     run_recipe(p, out, seed=0, stages=["decoder", "polish"], init=init, quiet=True, threads=threads)
 

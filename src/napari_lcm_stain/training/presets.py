@@ -51,6 +51,8 @@ class TrainPreset:
     # step 0). 0 / 0 = the L1 recipe before it (stages.DecoderCritic).
     adv_weight: float = 0.0
     fm_weight: float = 0.0
+    # + `grid_weight` x the excess power at the latent grid's period over the truth's
+    grid_weight: float = 0.0
     adv_start: float = 0.2
     adv_ndf: int = 16
     # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or

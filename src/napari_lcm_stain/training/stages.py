@@ -95,6 +95,26 @@ def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(rec, d) + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
 
 
+def latent_grid_excess(fake: torch.Tensor, real: torch.Tensor, factor: int) -> torch.Tensor:
+    """How much more power the decoded crops put at the latent grid's period (`factor` px and
+    its harmonics) than the true crops: mean over harmonics of relu(log10 ratio), from the
+    column- and row-mean spectra of the batch. A deterministic decoder pushed towards texture
+    draws it cell by cell from the latent, a visible grid (`scripts/grid_artefact.py`)."""
+
+    def power(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for dim in (-2, -1):  # column means, then row means
+            m = x.mean(dim=dim)
+            spec = torch.fft.rfft(m - m.mean(dim=-1, keepdim=True), dim=-1).abs() ** 2
+            n = m.shape[-1]
+            idx = [n * k // factor for k in range(1, factor // 2 + 1) if n % factor == 0]
+            out.append(spec[..., idx].mean(dim=0) / (spec.mean(dim=(0, -1)) + 1e-12))
+        return torch.cat(out, dim=-1).flatten()
+
+    ratio = torch.log10(power(fake) + 1e-8) - torch.log10(power(real).detach() + 1e-8)
+    return F.relu(ratio).mean()
+
+
 class DecoderCritic:
     """The decoder's realism term: a PatchGAN on DAPI crops that learns true from decoded, and
     gives the decoder a non-saturating adversarial loss plus feature matching (L1 between the
@@ -104,6 +124,7 @@ class DecoderCritic:
 
     def __init__(self, p: TrainPreset, steps: int, dev=CPU):
         self.weight, self.fm = float(p.adv_weight), float(p.fm_weight)
+        self.grid, self.factor = float(p.grid_weight), int(p.latent_factor)
         self.start = int(p.adv_start * steps)
         self.on = self.weight > 0 or self.fm > 0
         self.history: list[tuple[float, ...]] = []
@@ -130,8 +151,9 @@ class DecoderCritic:
         halves = [f.chunk(2) for f in feats]
         adv = -halves[-1][0].mean()
         fm = sum(F.l1_loss(f, r.detach()) for f, r in halves[:-1]) / (len(halves) - 1)
-        self.history.append((step, rec.item(), loss_d.item(), adv.item(), fm.item()))
-        return rec + self.weight * adv + self.fm * fm
+        grid = latent_grid_excess(fake, real, self.factor) if self.grid else fake.new_zeros(())
+        self.history.append((step, rec.item(), loss_d.item(), adv.item(), fm.item(), grid.item()))
+        return rec + self.weight * adv + self.fm * fm + self.grid * grid
 
     def save(self, out: Path, stage: str) -> None:
         """`<stage>_critic.csv`: per step once the terms apply, the reconstruction loss, the
@@ -139,7 +161,7 @@ class DecoderCritic:
         CSV has only their weighted sum)."""
         if self.on and dist_info()[0] == 0:
             rows = "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in self.history)
-            head = "step,reconstruction,critic,adversarial,feature_match\n"
+            head = "step,reconstruction,critic,adversarial,feature_match,grid\n"
             (out / f"{stage}_critic.csv").write_text(head + rows)
 
 
