@@ -1,13 +1,16 @@
 """Ablation of the decoder's realism term (issue #14) on a small budget, on validation fields.
 
 Every arm starts from the same trained model (`--init`: "packaged" or a run folder with
-lcm/teacher checkpoints) and re-runs only the two decoder stages with its own critic weights
-(`training.stages.DecoderCritic`): the thin decoder is refitted on encoder latents
-(`--decoder-steps`), then polished on half LCM-1 latents (`--polish-steps`). The U-Net is not
-touched, so the arms differ only in how the same 1-step latents are drawn as an image.
+lcm/teacher checkpoints). The decoder arms re-run only the two decoder stages with their own
+critic weights (`training.stages.RealismCritic`): the thin decoder is refitted on encoder latents
+(`--decoder-steps`), then polished on half LCM-1 latents (`--polish-steps`); the U-Net is not
+touched, so they differ only in how the same 1-step latents are drawn as an image. The lcm-*
+arms continue distillation from the init's LCM for `--lcm-steps` with a conditional critic on
+the decoded output (adversarial distillation; lcm-0 is the same steps without it), decoder kept.
 
     python scripts/ablate_realism.py --out runs/realism --arms l1 adv adv+fm
     python scripts/ablate_realism.py --out runs/realism --score   # the table, validation seeds
+    python scripts/ablate_realism.py --out runs/realism --png docs/images/realism_ablation.png
 
 Scores (validation fields, seeds 800 000+, never the benchmark): Pearson, SSIM, nuclei F1,
 spectral realism distance (lower is better), nuclear edge sharpness (1 = the truth's) and the
@@ -28,14 +31,19 @@ from napari_lcm_stain import metrics, stain
 from napari_lcm_stain.simulate import simulate_pair
 from napari_lcm_stain.training import get_train_preset, run_recipe
 
-#: arm -> (adv_weight, fm_weight, grid_weight)
+#: arm -> the preset fields it sets; "stages" the stages it re-runs (default: the decoder pair)
+DECODER = ("decoder", "polish")
 ARMS = {
-    "l1": (0.0, 0.0, 0.0),
-    "adv": (0.05, 0.0, 0.0),
-    "adv+fm": (0.05, 0.5, 0.0),
-    "weak": (0.01, 0.0, 0.0),
-    "adv+grid": (0.05, 0.0, 1.0),
-    "strong": (0.2, 2.0, 0.0),
+    "l1": dict(adv_weight=0.0, fm_weight=0.0, grid_weight=0.0),
+    "adv": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=0.0),
+    "adv+fm": dict(adv_weight=0.05, fm_weight=0.5, grid_weight=0.0),
+    "weak": dict(adv_weight=0.01, fm_weight=0.0, grid_weight=0.0),
+    "adv+grid": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=1.0),
+    "strong": dict(adv_weight=0.2, fm_weight=2.0, grid_weight=0.0),
+    # adversarial distillation: only the LCM stage re-runs (from the init's LCM), same steps
+    "lcm-0": dict(lcm_adv_weight=0.0, stages=("lcm",)),
+    "lcm-adv": dict(lcm_adv_weight=0.05, stages=("lcm",)),
+    "lcm-adv-strong": dict(lcm_adv_weight=0.2, stages=("lcm",)),
 }
 VAL_SEED0 = 800_000
 KEYS = ("pearson", "ssim", "f1", "realism", "edge_sharpness", "grid8")
@@ -47,24 +55,24 @@ def init_files(init: str) -> Path:
     return Path(init)
 
 
-def train_arm(arm: str, init: str, out: Path, decoder_steps: int, polish_steps: int, threads):
-    adv, fm, grid = ARMS[arm]
+def train_arm(arm: str, init: str, out: Path, steps: dict, threads, base: str) -> None:
+    fields = dict(ARMS[arm])
+    stages = list(fields.pop("stages", DECODER))
     out.mkdir(parents=True, exist_ok=True)
     src = init_files(init)
-    for name in ("teacher", "lcm"):  # polish needs the LCM beside it; nothing retrains them
+    for name in ("teacher", "lcm"):  # polish needs the LCM beside it, the LCM its teacher
         for ext in ("safetensors", "json"):
             if not (out / f"{name}.{ext}").exists():
                 shutil.copy(src / f"{name}.{ext}", out / f"{name}.{ext}")
+    if "lcm" in stages:  # copied above only so that polish finds it: this arm remakes it
+        (out / "lcm.safetensors").unlink()
     p = replace(
-        get_train_preset("v4"),
+        get_train_preset(base),
         name="realism-ablation",  # not in presets.TRANSFER: the steps below are kept
-        decoder_steps=decoder_steps,
-        polish_steps=polish_steps,
-        adv_weight=adv,
-        fm_weight=fm,
-        grid_weight=grid,
+        **steps,
+        **fields,
     )
-    run_recipe(p, out, seed=0, stages=["decoder", "polish"], init=init, quiet=True, threads=threads)
+    run_recipe(p, out, seed=0, stages=stages, init=init, quiet=True, threads=threads)
 
 
 def grid8(img: np.ndarray) -> float:
@@ -88,6 +96,24 @@ def score(models: dict[str, str], n: int, size: int) -> dict:
     return rows
 
 
+def save_png(out: Path, png: Path) -> None:
+    """Two validation fields, 128² crops shown 2x (nearest): truth, then each trained arm."""
+    from skimage import io
+
+    arms = [arm for arm in ARMS if (out / arm / "lcm.safetensors").exists()]
+    rows = []
+    for i, preset in enumerate(("brain-20x", "tumour-dense-20x")):
+        s = simulate_pair(preset, size=256, seed=VAL_SEED0 + i)
+        lo, hi = np.percentile(s.dapi, metrics.NORM_PERCENTILES)
+        preds = [stain(s.qobm, model=str(out / a / "lcm.safetensors"), pixel_size=s.pixel_size)
+                 for a in arms]  # fmt: skip
+        crops = [np.clip((c[64:192, 64:192] - lo) / (hi - lo), 0, 1) for c in [s.dapi, *preds]]
+        rows.append(np.concatenate(crops, 1))
+    img = np.kron(np.concatenate(rows, 0), np.ones((2, 2)))
+    io.imsave(png, (img * 255).astype(np.uint8), check_contrast=False)
+    print(f"wrote {png}: truth, then " + ", ".join(arms))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -95,15 +121,23 @@ def main() -> None:
     ap.add_argument("--init", default="packaged", help="'packaged' or a run folder")
     ap.add_argument("--decoder-steps", type=int, default=1000)
     ap.add_argument("--polish-steps", type=int, default=500)
+    ap.add_argument("--lcm-steps", type=int, default=600, help="steps of the lcm-* arms")
+    ap.add_argument("--base-preset", default="default", help="training preset the arms vary")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--score", action="store_true", help="score the arms found in --out")
     ap.add_argument("--n", type=int, default=8, help="validation fields to score")
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--png", type=Path, default=None, help="write 128² crops: truth, then arms")
     a = ap.parse_args()
+    if a.png:
+        return save_png(a.out, a.png)
     if not a.score:
         for arm in a.arms:
             print(f"== arm {arm} {ARMS[arm]}", flush=True)
-            train_arm(arm, a.init, a.out / arm, a.decoder_steps, a.polish_steps, a.threads)
+            steps = dict(
+                decoder_steps=a.decoder_steps, polish_steps=a.polish_steps, lcm_steps=a.lcm_steps
+            )
+            train_arm(arm, a.init, a.out / arm, steps, a.threads, a.base_preset)
         return
     found = [arm for arm in ARMS if (a.out / arm / "lcm.safetensors").exists()]
     models = {arm: str(a.out / arm / "lcm.safetensors") for arm in found}

@@ -286,3 +286,30 @@ def test_transfer_on_simulated_fields_keeps_the_init_normalisation(tiny_run, tmp
     assert data.normalization == odd and ref.normalization == cfg
     ratio = np.median(np.abs(ref.qobm)) / np.median(np.abs(data.qobm))
     assert ratio == pytest.approx(3.0 / cfg["mad_scale"], rel=1e-3)
+
+
+def test_adversarial_distillation_critic_moves(tmp_path):
+    """lcm_adv_weight > 0: the LCM stage decodes the student's estimate and a conditional critic
+    trains beside it (its CSV has moving critic and adversarial terms); the U-Net differs from
+    plain distillation's, which writes no critic CSV."""
+    p = dataclasses.replace(
+        train.get_train_preset("tiny"), lcm_steps=20, lcm_adv_weight=0.1, adv_start=0.25
+    )
+    stages = ["vae", "decoder", "teacher", "lcm"]
+    train.run_recipe(p, tmp_path / "adv", stages=stages, quiet=True)
+    rows = np.loadtxt(tmp_path / "adv" / "lcm_critic.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert rows[0, 0] == 5 and rows[-1, 0] == 19
+    assert np.ptp(rows[:, 2]) > 1e-3 and np.ptp(rows[:, 3]) > 1e-3 and np.all(rows[:, 1] > 0)
+    plain = dataclasses.replace(p, lcm_adv_weight=0.0)
+    train.run_recipe(plain, tmp_path / "plain", stages=stages, quiet=True)
+    assert not (tmp_path / "plain" / "lcm_critic.csv").exists()
+    a = ck.load_checkpoint(tmp_path / "adv" / "lcm.safetensors").sub("unet")
+    b = ck.load_checkpoint(tmp_path / "plain" / "lcm.safetensors").sub("unet")
+    t = ck.load_checkpoint(tmp_path / "plain" / "teacher.safetensors").sub("unet")
+    assert all(
+        torch.equal(
+            t[k], ck.load_checkpoint(tmp_path / "adv" / "teacher.safetensors").sub("unet")[k]
+        )
+        for k in t
+    )
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -48,11 +48,14 @@ class TrainPreset:
     # Realism (decoder and polish stages): a PatchGAN critic on decoded DAPI crops adds
     # `adv_weight` x its non-saturating loss and `fm_weight` x feature matching to the
     # reconstruction loss, from `adv_start` (share of the stage's steps; the critic trains from
-    # step 0). 0 / 0 = the L1 recipe before it (stages.DecoderCritic).
+    # step 0). 0 / 0 = the L1 recipe before it (stages.RealismCritic).
     adv_weight: float = 0.0
     fm_weight: float = 0.0
     # + `grid_weight` x the excess power at the latent grid's period over the truth's
     grid_weight: float = 0.0
+    # adversarial distillation: a conditional critic on the decoded one-step output adds
+    # `lcm_adv_weight` x its adversarial loss to the LCM stage's loss (0: plain LCD + anchor)
+    lcm_adv_weight: float = 0.0
     adv_start: float = 0.2
     adv_ndf: int = 16
     # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or

@@ -328,9 +328,15 @@ class Recipe:
 
         if "lcm" in stages and not self.done("lcm"):
             teacher = self.load_unet("teacher")
-            student = self.timed(
-                "lcm", st.distill_lcm, data, teacher, *common, init=start("lcm", "unet")
+            critic_needs = (
+                dict(decoder=self.inference_vae().decoder, latent_scale=self.latent_scale)
+                if p.lcm_adv_weight > 0
+                else {}
             )
+            student = self.timed(
+                "lcm", st.distill_lcm, data, teacher, *common, init=start("lcm", "unet"),
+                **critic_needs,
+            )  # fmt: skip
             self.save_latent_model("lcm", student)
 
         if p.polish_steps > 0 and "polish" in stages and not self.done("polish"):

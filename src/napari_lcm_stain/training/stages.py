@@ -115,53 +115,71 @@ def latent_grid_excess(fake: torch.Tensor, real: torch.Tensor, factor: int) -> t
     return F.relu(ratio).mean()
 
 
-class DecoderCritic:
-    """The decoder's realism term: a PatchGAN on DAPI crops that learns true from decoded, and
-    gives the decoder a non-saturating adversarial loss plus feature matching (L1 between the
-    critic's hidden activations on decoded and true crops). L1 alone makes the mean of all
-    plausible stains, a blur; the critic penalises exactly that blur, as latent diffusion's own
-    autoencoders are trained. With both weights 0 it is plain `reconstruction_loss`."""
+class RealismCritic:
+    """A realism term for a stage whose output is a DAPI image: a PatchGAN critic that learns
+    true from generated crops (hinge loss, one update per step), and for the generator a
+    non-saturating adversarial loss plus feature matching (L1 between the critic's hidden
+    activations on generated and true crops) and an optional latent-grid penalty
+    (`latent_grid_excess`). L1 alone makes the mean of all plausible stains, a blur; the critic
+    penalises that blur, as latent diffusion's own autoencoders and adversarial distillation do.
+    `conditional`: the critic also sees the qOBM crop (as Pix2Pix's), so it can judge whether
+    the stain fits the input, not only whether it looks like DAPI. Off when both weights are 0:
+    then it returns the stage's own loss unchanged and trains nothing."""
 
-    def __init__(self, p: TrainPreset, steps: int, dev=CPU):
-        self.weight, self.fm = float(p.adv_weight), float(p.fm_weight)
-        self.grid, self.factor = float(p.grid_weight), int(p.latent_factor)
-        self.start = int(p.adv_start * steps)
+    def __init__(
+        self, weight, fm, grid, start, ndf, factor, conditional=False, dev=CPU
+    ):  # fmt: skip
+        self.weight, self.fm, self.grid = float(weight), float(fm), float(grid)
+        self.start, self.factor, self.conditional = int(start), int(factor), conditional
         self.on = self.weight > 0 or self.fm > 0
         self.history: list[tuple[float, ...]] = []
         if self.on:
-            self.disc = ddp(PatchDiscriminator(p.adv_ndf, in_channels=1).to(dev))
+            disc = PatchDiscriminator(ndf, in_channels=2 if conditional else 1)
+            self.disc = ddp(disc.to(dev))
             self.opt = torch.optim.Adam(self.disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
 
-    def __call__(self, step: int, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """One critic update (hinge loss); returns the decoder's loss for this step:
-        reconstruction plus, from `start` on, the weighted adversarial and feature-matching
-        terms."""
-        rec = reconstruction_loss(fake, real)
+    @classmethod
+    def for_decoder(cls, p: TrainPreset, steps: int, dev=CPU) -> RealismCritic:
+        """The decoder and polish stages' critic (unconditional: the decoder only renders)."""
+        start = p.adv_start * steps
+        return cls(p.adv_weight, p.fm_weight, p.grid_weight, start, p.adv_ndf, p.latent_factor,
+                   dev=dev)  # fmt: skip
+
+    @classmethod
+    def for_lcm(cls, p: TrainPreset, steps: int, dev=CPU) -> RealismCritic:
+        """Adversarial distillation: a conditional critic on the decoded one-step output."""
+        start = p.adv_start * steps
+        return cls(p.lcm_adv_weight, 0.0, 0.0, start, p.adv_ndf, p.latent_factor, True, dev)
+
+    def __call__(self, step, fake, real, base, cond=None) -> torch.Tensor:
+        """One critic update; returns `base` (the stage's own loss) plus, from `start` on, the
+        weighted adversarial, feature-matching and grid terms for `fake`."""
         if not self.on:
-            return rec
-        logits = self.disc(torch.cat([real, fake.detach()]))  # one forward: DDP-safe
+            return base
+        pair = (lambda x: torch.cat([cond, x], 1)) if self.conditional else (lambda x: x)
+        logits = self.disc(torch.cat([pair(real), pair(fake.detach())]))  # one forward: DDP
         real_logit, fake_logit = logits.chunk(2)
         loss_d = F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
         self.opt.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt.step()
         if step < self.start:
-            return rec
-        feats = unwrap(self.disc).features(torch.cat([fake, real]))
+            return base
+        feats = unwrap(self.disc).features(torch.cat([pair(fake), pair(real)]))
         halves = [f.chunk(2) for f in feats]
         adv = -halves[-1][0].mean()
         fm = sum(F.l1_loss(f, r.detach()) for f, r in halves[:-1]) / (len(halves) - 1)
         grid = latent_grid_excess(fake, real, self.factor) if self.grid else fake.new_zeros(())
-        self.history.append((step, rec.item(), loss_d.item(), adv.item(), fm.item(), grid.item()))
-        return rec + self.weight * adv + self.fm * fm + self.grid * grid
+        self.history.append((step, base.item(), loss_d.item(), adv.item(), fm.item(), grid.item()))
+        return base + self.weight * adv + self.fm * fm + self.grid * grid
 
     def save(self, out: Path, stage: str) -> None:
-        """`<stage>_critic.csv`: per step once the terms apply, the reconstruction loss, the
-        critic's hinge loss, the adversarial and the feature-matching terms (the stage's own
-        CSV has only their weighted sum)."""
+        """`<stage>_critic.csv`: per step once the terms apply, the stage's own loss
+        (reconstruction; LCD + anchor for the LCM), the critic's hinge loss, the adversarial,
+        feature-matching and grid terms (the stage's CSV has only their weighted sum)."""
         if self.on and dist_info()[0] == 0:
             rows = "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in self.history)
-            head = "step,reconstruction,critic,adversarial,feature_match,grid\n"
+            head = "step,base,critic,adversarial,feature_match,grid\n"
             (out / f"{stage}_critic.csv").write_text(head + rows)
 
 
@@ -206,13 +224,14 @@ def train_decoder(
     slim.encoder.requires_grad_(False).eval()
     dec = ddp(slim.decoder)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
-    critic = DecoderCritic(p, p.decoder_steps, dev)
+    critic = RealismCritic.for_decoder(p, p.decoder_steps, dev)
 
     def step_fn(step):
         _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, device=dev)
         with torch.no_grad():
             z = slim.reparameterize(*slim.encode(d))
-        return critic(step, dec(z), d)
+        rec = dec(z)
+        return critic(step, rec, d, reconstruction_loss(rec, d))
 
     optimise("decoder", p.decoder_steps, opt, step_fn, p, out, quiet, lr=1e-3, device=dev)
     critic.save(out, "decoder")
@@ -242,7 +261,7 @@ def polish_decoder(
     opt = torch.optim.Adam(dec.parameters(), lr=3e-4)
     half = max(1, p.batch // 2)
     f = p.latent_factor
-    critic = DecoderCritic(p, p.polish_steps, dev)
+    critic = RealismCritic.for_decoder(p, p.polish_steps, dev)
 
     def step_fn(step):
         q, d, _ = data.batch(rng, p.batch, p.vae_crop, f, latents=False, device=dev)
@@ -252,7 +271,8 @@ def polish_decoder(
             noise = torch.randn(shape, device=dev)
             v = student(noise, torch.full((len(noise),), t, device=dev), q[half:])
             z_lcm = lcm.step(v, t, noise).denoised / latent_scale
-        return critic(step, dec(torch.cat([z_enc, z_lcm])), d)
+        rec = dec(torch.cat([z_enc, z_lcm]))
+        return critic(step, rec, d, reconstruction_loss(rec, d))
 
     optimise("polish", p.polish_steps, opt, step_fn, p, out, quiet, lr=3e-4, device=dev)
     critic.save(out, "polish")
@@ -302,12 +322,17 @@ def distill_lcm(
     anchor_weight: float | None = None,
     *,
     init=None,
+    decoder=None,
+    latent_scale: float = 1.0,
 ):
     """Latent consistency distillation with a skipping-step DDIM solver and an EMA target.
 
     `anchor_weight` adds an L1 term pulling the student's one-step estimate to the true latent
     (possible because our data are paired); 0 gives plain LCD. `init`: an LCM U-Net state dict
-    that student and EMA target start from (transfer) instead of the teacher's weights.
+    that student and EMA target start from (transfer) instead of the teacher's weights. With
+    `p.lcm_adv_weight` > 0, the student's estimate is decoded by `decoder` (frozen; latents are
+    divided by `latent_scale`) and a conditional critic adds an adversarial term (adversarial
+    distillation, `RealismCritic.for_lcm`).
     """
     anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
     rng = seed_stage("lcm", seed)
@@ -322,9 +347,14 @@ def distill_lcm(
         target.load_state_dict(init)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
     c = p.huber_c
+    critic = RealismCritic.for_lcm(p, p.lcm_steps, dev)
+    if critic.on:
+        if decoder is None:
+            raise ValueError("lcm_adv_weight > 0 needs the decoder (the critic judges images)")
+        decoder = decoder.to(dev).eval().requires_grad_(False)
 
     def step_fn(step):
-        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
+        q, d, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
         idx = rng.integers(0, len(grid), size=z0.shape[0])
         start_t = torch.from_numpy(grid[idx]).long().to(dev)
         t = torch.clamp(start_t - k, min=0)
@@ -341,6 +371,8 @@ def distill_lcm(
         loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
         if anchor_weight:
             loss = loss + anchor_weight * F.l1_loss(pred, z0)
+        if critic.on:
+            loss = critic(step, decoder(pred / latent_scale), d, loss, cond=q)
         return loss
 
     optimise(
@@ -348,6 +380,7 @@ def distill_lcm(
         lr=p.lr * 0.2, warmup=20, clip=student, device=dev,
         after_step=lambda step: ema_update(target, unwrap(student), p.ema_target),
     )  # fmt: skip
+    critic.save(out, "lcm")
     return target
 
 
