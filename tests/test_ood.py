@@ -54,7 +54,7 @@ def _brightfield(s, rng):
     [
         ("dapi", "bright"),
         ("brightfield", "dark tail"),
-        ("noise", "less alike"),
+        ("noise", "noise, or coarser pixels"),
         ("labels", "exactly equal"),
         ("coarse3", "pixel size"),
     ],

@@ -21,10 +21,13 @@ Features (all about the *shape* of the data, none about its units):
   size shifts the whole spectrum along the frequency axis.
 - ``corr1``: lag-1 autocorrelation (mean of the x and y neighbours).
 
+``corr1`` and ``band4`` are computed but not scored (``FEATURES``): they describe the noise level
+and the optical cut-off, which vary between instruments the model still handles.
+
 Each feature becomes a robust z-score ``(value - median) / spread`` against simulated training-like
 fields (``weights/ood_reference.json``, made by ``scripts/ood_reference.py``); the score is the
 larger of two root-mean-square z-scores, over the value features (skew, asym, tails, flat) and
-over the spatial ones (corr1, bands), and the image is flagged when it exceeds the reference's
+over the spatial ones (the scored bands), and the image is flagged when it exceeds the reference's
 threshold. The (at most two) features with the largest |z| are reported as reasons in words.
 """
 
@@ -55,15 +58,20 @@ NYQUIST_FRACTION = 0.8
 CLIP = 10.0
 #: A feature is named as a reason when its |z| exceeds this.
 REASON_Z = 3.0
-FEATURES = ("skew", "asym", "tails", "flat", "corr1") + tuple(
-    f"band{i}" for i in range(len(BAND_EDGES) - 1) if i != ANCHOR_BAND
+#: The features the reference records and the score uses. `features` also computes ``corr1`` and
+#: ``band4`` (0.6–1.2 cycles/µm), but they measure the camera's noise and the optics' cut-off,
+#: which differ between instruments whose phase the model still stains (low light, another NA);
+#: scored, they flagged 8/8 low-light and 7/8 gradient-reconstruction suite fields, and without
+#: them every clearly wrong input is still flagged (docs/metrics.md).
+FEATURES = ("skew", "asym", "tails", "flat") + tuple(
+    f"band{i}" for i in range(len(BAND_EDGES) - 2) if i != ANCHOR_BAND
 )
 
 #: The score is the larger of the groups' root-mean-square z-scores, so that a shift in the value
 #: distribution is not diluted by normal spatial statistics, and the other way round.
 GROUPS = {
     "values": ("skew", "asym", "tails", "flat"),
-    "spatial": tuple(f for f in FEATURES if f == "corr1" or f.startswith("band")),
+    "spatial": tuple(f for f in FEATURES if f.startswith("band")),
 }
 
 # Words for each feature: (too high, too low).
@@ -88,7 +96,11 @@ _WORDS = {
 }
 for _i, (_lo, _hi) in enumerate(zip(BAND_EDGES[:-1], BAND_EDGES[1:], strict=True)):
     _band = f"power at {_lo:g}–{_hi:g} cycles/µm than qOBM phase has"
-    _hint = " (an intensity image, or uneven background?)" if _i == 0 else " (wrong pixel size?)"
+    _hint = " (wrong pixel size?)"
+    if _i == 0:
+        _hint = " (an intensity image, or uneven background?)"
+    elif _i > ANCHOR_BAND:  # fine-scale power: white noise has it too
+        _hint = " (noise, or coarser pixels than assumed?)"
     _WORDS[f"band{_i}"] = (f"more {_band}{_hint}", f"less {_band} (wrong pixel size?)")
 
 
