@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from grid_artefact import period_power  # scripts/ is on the path when run as a script
 
 from napari_lcm_stain import metrics, stain
 from napari_lcm_stain.simulate import simulate_pair
@@ -75,12 +76,6 @@ def train_arm(arm: str, init: str, out: Path, steps: dict, threads, base: str) -
     run_recipe(p, out, seed=0, stages=stages, init=init, quiet=True, threads=threads)
 
 
-def grid8(img: np.ndarray) -> float:
-    col = img.mean(axis=0)
-    spec = np.abs(np.fft.rfft(col - col.mean()))
-    return float(spec[len(col) // 8] / np.median(spec))
-
-
 def score(models: dict[str, str], n: int, size: int) -> dict:
     presets = ("brain-20x", "tumour-dense-20x")
     samples = [simulate_pair(presets[i % 2], size=size, seed=VAL_SEED0 + i) for i in range(n)]
@@ -90,7 +85,7 @@ def score(models: dict[str, str], n: int, size: int) -> dict:
         for s in samples:
             pred = s.dapi if model is None else stain(s.qobm, model=model, pixel_size=s.pixel_size)
             m = metrics.image_metrics(pred, s.dapi, sample=s)
-            vals.append({**{k: m.get(k) for k in KEYS[:-1]}, "grid8": grid8(pred)})
+            vals.append({**{k: m.get(k) for k in KEYS[:-1]}, "grid8": period_power(pred)})
         rows[name] = {k: float(np.nanmean([v[k] for v in vals])) for k in KEYS}
         print(f"{name:16s} " + "  ".join(f"{k} {rows[name][k]:.3f}" for k in KEYS), flush=True)
     return rows

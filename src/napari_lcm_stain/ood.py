@@ -19,10 +19,9 @@ Features (all about the *shape* of the data, none about its units):
   qOBM phase is high-pass (background subtracted) and band-limited by the optics; fluorescence or
   brightfield has strong low-frequency power, white noise has a flat spectrum, and a wrong pixel
   size shifts the whole spectrum along the frequency axis.
-- ``corr1``: lag-1 autocorrelation (mean of the x and y neighbours).
-
-``corr1`` and ``band4`` are computed but not scored (``FEATURES``): they describe the noise level
-and the optical cut-off, which vary between instruments the model still handles.
+``band4`` is computed but not scored (``FEATURES``): like the lag-1 autocorrelation that
+session 4 also scored, it describes the noise level and the optical cut-off, which vary between
+instruments the model still handles.
 
 Each feature becomes a robust z-score ``(value - median) / spread`` against simulated training-like
 fields (``weights/ood_reference.json``, made by ``scripts/ood_reference.py``); the score is the
@@ -58,8 +57,8 @@ NYQUIST_FRACTION = 0.8
 CLIP = 10.0
 #: A feature is named as a reason when its |z| exceeds this.
 REASON_Z = 3.0
-#: The features the reference records and the score uses. `features` also computes ``corr1`` and
-#: ``band4`` (0.6–1.2 cycles/µm), but they measure the camera's noise and the optics' cut-off,
+#: The features the reference records and the score uses. `features` also computes ``band4``
+#: (0.6–1.2 cycles/µm); it and the lag-1 autocorrelation (no longer computed) measure the camera's noise and the optics' cut-off,
 #: which differ between instruments whose phase the model still stains (low light, another NA);
 #: scored, they flagged 8/8 low-light and 7/8 gradient-reconstruction suite fields, and without
 #: them every clearly wrong input is still flagged (docs/metrics.md).
@@ -88,10 +87,6 @@ _WORDS = {
     "flat": (
         "many neighbouring pixels are exactly equal (label image, mask or coarsely quantised)",
         "fewer equal neighbours than expected",
-    ),
-    "corr1": (
-        "neighbouring pixels are more alike than expected (blurred, or finer pixels than assumed)",
-        "neighbouring pixels are less alike than expected (noise, or coarser pixels than assumed)",
     ),
 }
 for _i, (_lo, _hi) in enumerate(zip(BAND_EDGES[:-1], BAND_EDGES[1:], strict=True)):
@@ -174,19 +169,13 @@ def features(
         if px > ref_px:  # up-sampled: nothing near or above the input's Nyquist was measured
             k_max = NYQUIST_FRACTION * 0.5 / px
     zc = zc - zc.mean()
-    var = float((zc * zc).mean())
-    if var > 0:
-        cy = float((zc[1:] * zc[:-1]).mean()) / var
-        cx = float((zc[:, 1:] * zc[:, :-1]).mean()) / var
-        # interpolation makes up-sampled neighbours alike: no lag-1 correlation then
-        corr1 = 0.5 * (cx + cy) if math.isinf(k_max) else float("nan")
+    if float((zc * zc).mean()) > 0:
         bands = _band_powers(zc, ref_px, k_max)
     else:
-        corr1 = float("nan")
         bands = np.full(len(BAND_EDGES) - 1, np.nan)
     hi, lo = q[6] - q[3], q[3] - q[0]
     asym = float(np.log(hi / lo)) if hi > 0 and lo > 0 else float("nan")
-    out = {"skew": skew, "asym": asym, "tails": tails, "flat": flat, "corr1": corr1}
+    out = {"skew": skew, "asym": asym, "tails": tails, "flat": flat}
     out.update({f"band{i}": float(b) for i, b in enumerate(bands) if i != ANCHOR_BAND})
     return out
 
