@@ -29,6 +29,7 @@ import numpy as np
 from grid_artefact import period_power  # scripts/ is on the path when run as a script
 
 from napari_lcm_stain import metrics, stain
+from napari_lcm_stain.sampling import load_predictor
 from napari_lcm_stain.simulate import simulate_pair
 from napari_lcm_stain.training import get_train_preset, run_recipe
 
@@ -41,6 +42,9 @@ ARMS = {
     "weak": dict(adv_weight=0.01, fm_weight=0.0, grid_weight=0.0),
     "adv+grid": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=1.0),
     "strong": dict(adv_weight=0.2, fm_weight=2.0, grid_weight=0.0),
+    # texture decoder: per-pixel noise with a learned amplitude (models.Decoder(texture=True))
+    "tex": dict(texture=True),
+    "tex+adv": dict(texture=True, adv_weight=0.05, fm_weight=0.5),
     # adversarial distillation: only the LCM stage re-runs (from the init's LCM), same steps
     "lcm-0": dict(lcm_adv_weight=0.0, stages=("lcm",)),
     "lcm-adv": dict(lcm_adv_weight=0.05, stages=("lcm",)),
@@ -76,7 +80,19 @@ def train_arm(arm: str, init: str, out: Path, steps: dict, threads, base: str) -
     run_recipe(p, out, seed=0, stages=stages, init=init, quiet=True, threads=threads)
 
 
-def score(models: dict[str, str], n: int, size: int) -> dict:
+def with_means(models: dict[str, str]) -> dict:
+    """Each texture model twice: as shipped (stochastic) and its decoder's mean ("ARM:mean")."""
+    out = {}
+    for name, path in models.items():
+        out[name] = path
+        pred = load_predictor(path, device="cpu")
+        if getattr(pred, "texture", False):
+            pred.texture = False
+            out[f"{name}:mean"] = pred
+    return out
+
+
+def score(models: dict, n: int, size: int) -> dict:
     presets = ("brain-20x", "tumour-dense-20x")
     samples = [simulate_pair(presets[i % 2], size=size, seed=VAL_SEED0 + i) for i in range(n)]
     rows = {}
@@ -137,7 +153,7 @@ def main() -> None:
     found = [arm for arm in ARMS if (a.out / arm / "lcm.safetensors").exists()]
     models = {arm: str(a.out / arm / "lcm.safetensors") for arm in found}
     models["pix2pix"] = str(init_files(a.init) / "pix2pix.safetensors")
-    rows = score(models, a.n, a.size)
+    rows = score(with_means(models), a.n, a.size)
     (a.out / "score.json").write_text(json.dumps({"arms": ARMS, "rows": rows}, indent=2))
     print(f"wrote {a.out / 'score.json'}")
 

@@ -65,6 +65,28 @@ def test_pickle_renamed_is_refused_and_never_unpickled(tmp_path, monkeypatch):
         ck.load_checkpoint(tpath)
 
 
+@pytest.mark.parametrize("low_bytes", [b"\x80", b"PK"])
+def test_header_length_that_looks_like_pickle_or_zip_magic_still_loads(tmp_path, low_bytes):
+    """A safetensors header's length is its first 8 bytes; a length of 0x..80 or 0x..4B50
+    starts like a pickle or a zip. It happened to a real texture-decoder checkpoint (header
+    12,928 = 0x3280 bytes): a valid file is recognised before any magic is looked at."""
+    from safetensors.torch import save_file
+
+    target = int.from_bytes(low_bytes, "little")  # 128 or 19,280 (both multiples of 8)
+    path = tmp_path / "odd.safetensors"
+
+    def header_length(pad: int) -> int:
+        save_file({"w": torch.arange(3.0)}, str(path), metadata={"p": "x" * pad})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    base = header_length(0)
+    for pad in range(max(0, target - base - 8), target - base + 9):  # headers pad to 8 bytes
+        if header_length(pad) == target:
+            break
+    assert path.read_bytes()[: len(low_bytes)] == low_bytes
+    ck._check_safetensors_header(path)  # no error: it is a valid file
+
+
 def test_incompatible_config_version(saved):
     path, _ = saved
     cfg = json.loads(ck.config_path(path).read_text())

@@ -114,6 +114,7 @@ def test_constant_images_never_nan():
     for pred, targ in [(c, c), (z, c), (c, z), (z, z)]:
         d = M.image_metrics(pred, targ, true_labels=np.zeros((32, 32), np.int32), pixel_size=PS)
         assert np.isnan(d.pop("edge_sharpness"))  # no true nuclei: no rim to measure (documented)
+        assert np.isnan(d.pop("rim_slope"))
         for k, v in d.items():
             assert np.isfinite(v), (k, v)
     assert M.image_metrics(c, c)["ssim"] == 1.0
@@ -178,6 +179,28 @@ def test_edge_sharpness_no_nuclei_is_nan_and_bad_input_raises():
     d = M.image_metrics(t, t, true_labels=lab, pixel_size=PS)
     assert d["edge_sharpness"] == pytest.approx(1.0)
     assert "edge_sharpness" not in M.image_metrics(t, t)  # no labels, no rims
+
+
+def test_rim_slope_sees_blur_and_contrast_but_not_noise():
+    """rim_slope: 1 for the truth, lower when blurred or washed out, and, unlike the gradient
+    magnitude, not raised by zero-mean noise drawn over a blurred stain."""
+    t, lab = _shot_noise_field()
+    assert M.rim_slope(t, t, lab) == pytest.approx(1.0)
+    blur = ndi.gaussian_filter(t, 3)
+    assert M.rim_slope(blur, t, lab) < 0.8
+    assert M.rim_slope(0.5 * t, t, lab) == pytest.approx(0.5)
+    assert M.rim_slope(3 * t + 1, 3 * t + 1, lab) == pytest.approx(1.0)
+    for seed in range(4):
+        grain = blur + 0.4 * np.random.default_rng(seed).standard_normal(t.shape)
+        assert M.edge_sharpness(grain, t, lab) > M.edge_sharpness(blur, t, lab) + 0.2  # fooled
+        assert M.rim_slope(grain, t, lab) == pytest.approx(M.rim_slope(blur, t, lab), abs=0.1)
+    inverted = t.max() - t  # dark nuclei: the slope into the nucleus is negative
+    assert M.rim_slope(inverted, t, lab) < 0
+    assert np.isnan(M.rim_slope(t, t, np.zeros_like(lab)))
+    with pytest.raises(ValueError, match="true_labels shape"):
+        M.rim_slope(t, t, lab[:10])
+    d = M.image_metrics(t, t, true_labels=lab, pixel_size=PS)
+    assert d["rim_slope"] == pytest.approx(1.0)
 
 
 def test_bad_inputs_raise_clear_errors():

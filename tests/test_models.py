@@ -74,3 +74,27 @@ def test_build_from_config_and_unknown_arch():
     assert count_parameters(m) > 0
     with pytest.raises(ValueError, match="unknown architecture"):
         build({"class": "Transformer9000"})
+
+
+def test_texture_decoder_adds_amplitude_times_noise_to_its_mean():
+    """A texture decoder returns its mean without noise, mean + amplitude x noise with it, and
+    a deterministic decoder's weights load into it with the texture head at its start value."""
+    torch.manual_seed(0)
+    plain = VAE(4, 8, 8, 8, 8, 8, False)
+    tex = VAE(4, 8, 8, 8, 8, 8, False, dec_texture=True)
+    assert not plain.decoder.texture and tex.decoder.texture
+    state = plain.decoder.state_dict()
+    with pytest.raises(RuntimeError):
+        tex.decoder.load_state_dict(state)  # the head is missing ...
+    tex.decoder.load_state_dict(tex.decoder.with_texture_defaults(state))  # ... and filled in
+    assert plain.decoder.with_texture_defaults(state) is state
+    z = torch.randn(2, 4, 4, 4)
+    eps = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        mean, amp = tex.decoder(z, parts=True)
+        assert torch.equal(mean, plain.decode(z))  # same weights: same mean
+        assert torch.equal(tex.decode(z), mean)  # no noise given: the mean
+        assert torch.allclose(tex.decode(z, eps), mean + amp * eps)
+        assert torch.allclose(amp, torch.full_like(amp, 0.02))  # the start amplitude
+        assert plain.decoder(z, parts=True)[1] is None
+        assert torch.equal(plain.decode(z, eps), mean)  # a plain decoder ignores the noise

@@ -45,3 +45,32 @@ def test_zero_terminal_snr_and_v_prediction_config():
     assert float(sched.alphas_cumprod[-1]) < 1e-6
     assert sched.config.prediction_type == "v_prediction"
     assert sampling.lcm_scheduler().config.clip_sample is False
+
+
+def test_pixel_noise_is_white_standard_normal_and_crops_with_the_latent_canvas():
+    """The texture decoder's per-pixel noise: N(0, 1), no correlation between neighbours or at
+    the latent period, independent of the latent noise it is hashed from, and a crop of the
+    latent canvas gives exactly the same crop of the pixel noise (tiled = whole)."""
+    import numpy as np
+
+    from napari_lcm_stain.sampling import pixel_noise
+
+    lat = torch.randn(2, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+    eps = pixel_noise(lat, 8)
+    assert eps.shape == (2, 1, 512, 512) and eps.dtype == torch.float32
+    a = eps.numpy().ravel()
+    assert abs(a.mean()) < 0.01 and abs(a.std() - 1) < 0.01
+    e = eps[0, 0].numpy()
+    for dy, dx in ((0, 1), (1, 0), (0, 8), (8, 0), (1, 1)):
+        r = np.corrcoef(e[dy:, dx:].ravel(), e[: 512 - dy, : 512 - dx].ravel())[0, 1]
+        assert abs(r) < 0.02, (dy, dx, r)
+    up = np.kron(lat[0, 0].numpy(), np.ones((8, 8)))
+    assert abs(np.corrcoef(up.ravel(), e.ravel())[0, 1]) < 0.02
+    col = e.mean(0)
+    spec = np.abs(np.fft.rfft(col - col.mean())) ** 2
+    assert spec[512 // 8] < 10 * np.median(spec)  # no power peak at the latent period
+    crop = pixel_noise(lat[:, :, 8:40, 16:48], 8)
+    assert torch.equal(crop, eps[:, :, 64:320, 128:384])
+    assert not torch.equal(pixel_noise(lat + 1e-3, 8), eps)  # other noise, other pixels
+    half = pixel_noise(lat.to(torch.bfloat16), 8)  # GPU half-precision canvases work too
+    assert half.shape == eps.shape and abs(float(half.std()) - 1) < 0.02

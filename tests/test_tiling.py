@@ -309,3 +309,29 @@ def test_packaged_receptive_field_covers_measured_context():
         f"receptive_field {real.receptive_field} in the checkpoint config is too small: "
         f"tiles need {needed} px of context (set receptive_field >= {2 * needed})"
     )
+
+
+def test_texture_decoder_tiles_exactly():
+    """A latent predictor whose decoder draws per-pixel texture (noise hashed from the latent
+    canvas): tiled = whole image, and the texture is really there (texture off differs)."""
+    from napari_lcm_stain.models import VAE, LatentUNet
+    from napari_lcm_stain.sampling import LatentPredictor
+
+    torch.manual_seed(0)
+    unet = LatentUNet(4, 8, (8, 16)).eval()
+    vae = VAE(4, 8, 8, 8, 8, 8, False, dec_texture=True).eval()
+    torch.nn.init.constant_(vae.decoder.amplitude[0].bias, -0.2)  # amplitude ~exp(-2) = 0.13
+    for m in (unet, vae.decoder):
+        for prm in m.parameters():  # random, non-trivial weights (zero-initialised convs too)
+            prm.data += 0.05 * torch.randn_like(prm)
+    cfg = {"latent_scale": 1.0, "normalization": {"type": "fixed", "mean": 0.0, "std": 1.0}}
+    pred = LatentPredictor(unet, vae.decoder, cfg, torch.device("cpu"), "lcm", 1)
+    assert pred.texture
+    img = pred.normalize(blobs((768, 768), seed=3))
+    ctx = T.measure_context(pred, img[:512, :512], tol=0.005)
+    tiled = run(img, pred, 256, 32, seed=0, context=ctx)
+    whole = run(img, pred, 768, 32, seed=0)
+    assert np.abs(tiled - whole).max() <= 0.01
+    pred.texture = False
+    smooth = run(img, pred, 768, 32, seed=0)
+    assert np.abs(whole - smooth).std() > 0.02  # the texture is there, and it tiles

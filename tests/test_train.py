@@ -274,6 +274,42 @@ def test_decoder_realism_critic_moves_both_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
 
 
+def test_texture_decoder_learns_the_residual_amplitude(tmp_path):
+    """texture=True: the decoder and polish stages fit the texture head by the likelihood of
+    what the latent cannot explain. Its amplitude moves from the start value to the residual's
+    scale, the stage loss falls, and the stain checkpoints draw a stochastic stain whose mean is
+    the texture-free prediction."""
+    from napari_lcm_stain.models import TEXTURE_INIT_BIAS
+
+    p = dataclasses.replace(
+        train.get_train_preset("tiny"), texture=True, decoder_steps=300, polish_steps=20
+    )
+    train.run_recipe(p, tmp_path, stages=["vae", "decoder", "teacher", "lcm", "polish"], quiet=True)
+    c = ck.load_checkpoint(tmp_path / "decoder.safetensors")
+    assert c.config["architecture"]["vae"]["kwargs"]["dec_texture"] is True
+    assert float(c.sub("vae")["decoder.amplitude.0.bias"].mean()) != TEXTURE_INIT_BIAS
+    loss = np.loadtxt(tmp_path / "decoder_loss.csv", delimiter=",", skiprows=1)[:, 1]
+    assert loss[-2:].mean() < loss[:2].mean()
+    vae = train.stages.make_inference_vae(p)
+    ck.load_into(vae, c.sub("vae"), "decoder")
+    data = train.make_training_data(dataclasses.replace(p, n_fields=2), seed=5)
+    _, d, _ = data.batch(np.random.default_rng(0), 4, 64, p.latent_factor, latents=False)
+    with torch.no_grad():
+        mean, amp = vae.decoder(vae.encode(d)[0], parts=True)
+    rms = float((d - mean).pow(2).mean().sqrt())
+    amp_rms = float(amp.pow(2).mean().sqrt())
+    assert 0.5 * rms < amp_rms < 2 * rms, (amp_rms, rms)  # the residual's scale, not the start's
+    pred = load_predictor(tmp_path / "lcm.safetensors", device="cpu")
+    assert pred.texture
+    x = torch.randn(1, 1, 64, 64)
+    noise = torch.randn(1, 1, p.latent_channels, 8, 8)
+    textured = pred(x, noise)
+    pred.texture = False
+    smooth = pred(x, noise)
+    assert float((textured - smooth).abs().mean()) > 1e-3
+    assert torch.equal(pred(x, noise), smooth)  # texture off: deterministic given the noise
+
+
 def test_transfer_on_simulated_fields_keeps_the_init_normalisation(tiny_run, tmp_path):
     """`--init` without `--data`: the simulated fields are normalised as the init checkpoint says
     (its mad_scale), not with the default robust parameters, so its U-Net sees what it knows."""

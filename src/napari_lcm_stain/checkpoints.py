@@ -224,22 +224,27 @@ def sha256(path: Path) -> str:
 
 
 def _check_safetensors_header(path: Path) -> None:
-    """Reject pickles and truncated files before handing bytes to the parser."""
+    """Reject pickles and truncated files before handing bytes to the parser.
+
+    A well-formed header is recognised first: its first 8 bytes are a length that may well start
+    with 0x80 or "PK" (a header of 12,928 bytes does), so pickle/zip magic is only the diagnosis
+    of a file that is not safetensors."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if 0 < n and 8 + n <= size and head[8:9] == b"{":
+        return
+    if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
             f"{path} is a pickle/zip (torch.save) file, not safetensors; it was not loaded because "
             "unpickling can run arbitrary code. Convert it to safetensors."
         )
     if size < 8:
         raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file")
-    n = int.from_bytes(head[:8], "little")
-    if n <= 0 or 8 + n > size or head[8:9] != b"{":
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file (bad or truncated header); re-save or re-download it"
-        )
+    raise CheckpointError(
+        f"{path} is not a valid safetensors file (bad or truncated header); re-save or re-download it"
+    )
 
 
 def _verify_hash(path: Path, expected: str, recorded_in: str, fix: str) -> None:

@@ -194,22 +194,23 @@ def _is_predictor(obj) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_packaged(name: str, steps, device: str, precision: str = "auto"):
+def _cached_packaged(name: str, steps, device: str, precision: str = "auto", texture=True):
     from .sampling import load_predictor
 
-    return load_predictor(name, steps=steps, device=device, precision=precision)
+    return load_predictor(name, steps, device, precision, texture=texture)
 
 
-def get_predictor(model="lcm", steps=None, device="auto", precision="auto"):
-    """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a path."""
+def get_predictor(model="lcm", steps=None, device="auto", precision="auto", texture=True):
+    """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a
+    path. `texture`: False = a texture decoder's smooth mean (a passed Predictor is kept as is)."""
     if _is_predictor(model):
         return model
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
-        return _cached_packaged(model.lower(), steps, str(device), precision)
+        return _cached_packaged(model.lower(), steps, str(device), precision, bool(texture))
     if isinstance(model, (str, os.PathLike)):
         from .sampling import load_predictor
 
-        return load_predictor(model, steps=steps, device=device, precision=precision)
+        return load_predictor(model, steps, device, precision, texture=texture)
     raise TypeError(
         f"model must be 'lcm', 'pix2pix', 'teacher', a checkpoint path or a loaded Predictor, "
         f"not {type(model).__name__}"
@@ -319,6 +320,7 @@ def iter_stain(
     loader: Callable[[], object] | None = None,
     context: int | None = None,
     pixel_size_source: str = "pixel_size",
+    texture: bool = True,
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -338,11 +340,13 @@ def iter_stain(
     factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
     `info["ood"]`: the input's out-of-distribution score (`ood.ood_score`; the worst plane of a
     stack); when flagged its note is also in `info["warnings"]`. Never blocks.
+    `texture`: models with a texture decoder draw the stain with DAPI-like grain (True, the
+    default); False gives their smooth mean, e.g. for segmentation. Other models ignore it.
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
     px = _check_params(tile, overlap, samples, seed, pixel_size, steps)
-    pred = get_predictor(model, steps, device, precision)
+    pred = get_predictor(model, steps, device, precision, texture)
     shape = tuple(int(s) for s in arr.shape)
     lead, (h, w) = shape[:-2], shape[-2:]
     n_planes = int(np.prod(lead)) if lead else 1
@@ -389,7 +393,9 @@ def iter_stain(
         if loader is None and isinstance(model, (str, os.PathLike)):
             from .sampling import load_predictor
 
-            loader = functools.partial(load_predictor, str(model), steps, str(device))
+            loader = functools.partial(
+                load_predictor, str(model), steps, str(device), texture=texture
+            )
     else:
         compute, close = None, (lambda: None)
 

@@ -87,12 +87,13 @@ COLUMNS: tuple[str, ...] = (
     "hallucinated",
     "realism",
     "edge_sharpness",
+    "rim_slope",
     "hard_recall",
     "hallu_near_distractors",
 )
 #: Columns that may be NaN on a field (edge_sharpness: no true nuclei); means and stds skip those
 #: fields, and a column NaN on every field stays NaN (null in the JSON, "n/a" in the table).
-NAN_SKIPPED: tuple[str, ...] = ("edge_sharpness",)
+NAN_SKIPPED: tuple[str, ...] = ("edge_sharpness", "rim_slope")
 #: Extra per-image quantities averaged into each row (not printed).
 EXTRA_COLUMNS: tuple[str, ...] = (
     "hard_f1",
@@ -109,6 +110,7 @@ PER_FIELD: tuple[str, ...] = (
     "f1",
     "realism",
     "edge_sharpness",
+    "rim_slope",
     "tp_hard",
     "n_hard",
     "hallu_near_distractors",
@@ -389,7 +391,7 @@ def compare_rows(
         return {"diff": diff, "lo": float(lo), "hi": float(hi)}
 
     out: dict[str, dict[str, float | None]] = {}
-    for key in ("pearson", "ssim", "f1", "realism", "edge_sharpness"):
+    for key in ("pearson", "ssim", "f1", "realism", "edge_sharpness", "rim_slope"):
         if key not in fa or key not in fb:
             continue
         x, y = np.asarray(fa[key], dtype=float), np.asarray(fb[key], dtype=float)
@@ -462,6 +464,7 @@ _HEAD = {
     "hallucinated": "halluc.",
     "realism": "realism↓",
     "edge_sharpness": "edge",
+    "rim_slope": "rim slope",
     "hard_recall": "hard rec.",
     "hallu_near_distractors": "FP@distr.",
 }
@@ -500,7 +503,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         "mean±std over fields. Pixel metrics after mapping the target's 1–99.8 % to 0–1; nuclei "
         "matched at IoU≥0.5; realism = spectral log-distance (lower is better); edge = mean gradient "
-        "on the true nuclear rims, prediction ÷ truth (1 = as sharp, <1 blurrier or fainter); hard rec. = recall "
+        "on the true nuclear rims, prediction ÷ truth (1 = as sharp, <1 blurrier or fainter); rim slope = "
+        "the same along the rims' normal (noise averages out); hard rec. = recall "
         f"of nuclei with |CNR|<{M.HARD_CNR_THRESHOLD:g} or in-section<{M.HARD_IN_SECTION_THRESHOLD:g}; "
         f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field."
     )

@@ -68,6 +68,7 @@ class VAE(nn.Module):
         dec_quarter_channels: int | None = None,
         dec_half_channels: int = 16,
         dec_half_conv: bool = True,
+        dec_texture: bool = False,
     ):
         super().__init__()
         if factor not in (4, 8):
@@ -89,15 +90,16 @@ class VAE(nn.Module):
             nn.Conv2d(c, 2 * latent_channels, 1),
         )
         self.decoder = Decoder(
-            latent_channels, d, factor, dec_quarter_channels, dec_half_channels, dec_half_conv
-        )
+            latent_channels, d, factor, dec_quarter_channels, dec_half_channels, dec_half_conv,
+            dec_texture,
+        )  # fmt: skip
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(-20.0, 10.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z, pixel_noise)
 
     @staticmethod
     def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,13 @@ class VAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
+#: The texture head predicts log(amplitude) / TEXTURE_GAIN: the gain is a learning-rate multiplier
+#: for this one small head, so its amplitude can travel from the start (0.02 on the DAPI 0-1 scale,
+#: a faint shot noise) to the data's within a stage's steps.
+TEXTURE_GAIN = 10.0
+TEXTURE_INIT_BIAS = math.log(0.02) / TEXTURE_GAIN
+
+
 class Decoder(nn.Module):
     """Latent -> image: a little work at latent resolution, then pixel-shuffle steps to full size.
 
@@ -118,6 +127,13 @@ class Decoder(nn.Module):
     channels/2), then the same two steps. `half` channels (16; 8 in the packaged inference decoder)
     run at 1/2 res, with an optional 3x3 conv there (`half_conv`): on a CPU the high-resolution
     end of the decoder costs as much as the whole latent U-Net, so it is kept as thin as possible.
+
+    `texture`: a second head at the same features predicts, per pixel, the standard deviation of
+    what the latent cannot say (shot noise, chromatin grain); given `pixel_noise` (N(0, 1), one
+    value per output pixel) the output is mean + amplitude x noise, a stochastic decoder. Why
+    noise and not a sharper deterministic decoder: a decoder that must invent texture from the 8x
+    latent draws it cell by cell, a periodic hatching (docs/model-card.md, realism ablation);
+    per-pixel noise has no period. Without `pixel_noise` it returns the mean.
     """
 
     def __init__(
@@ -128,6 +144,7 @@ class Decoder(nn.Module):
         quarter: int | None = None,
         half: int = 16,
         half_conv: bool = True,
+        texture: bool = False,
     ):
         super().__init__()
         c = channels
@@ -146,12 +163,39 @@ class Decoder(nn.Module):
         else:
             self.mid_res = nn.SiLU()
         self.up2 = nn.Sequential(nn.Conv2d(half, 4, 3, padding=1), nn.PixelShuffle(2))
+        self.texture = bool(texture)
+        if self.texture:
+            self.amplitude = nn.Sequential(nn.Conv2d(half, 4, 3, padding=1), nn.PixelShuffle(2))
+            nn.init.zeros_(self.amplitude[0].weight)  # start at a faint shot noise
+            nn.init.constant_(self.amplitude[0].bias, TEXTURE_INIT_BIAS)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def with_texture_defaults(self, state: dict) -> dict:
+        """`state` of a decoder without a texture head, completed with this one's starting head
+        (transfer from a deterministic decoder); any other state is returned as is."""
+        if not self.texture or any(k.startswith("amplitude.") for k in state):
+            return state
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("amplitude.")}
+        return {**state, **own}
+
+    def forward(
+        self, z: torch.Tensor, pixel_noise: torch.Tensor | None = None, parts: bool = False
+    ):
+        """The image (mean + amplitude x `pixel_noise` for a texture decoder given noise, else
+        the mean); `parts=True`: (mean, amplitude), the amplitude None without a texture head."""
         h = self.blocks(self.stem(z))
         if hasattr(self, "up0"):
             h = self.up0(h)
-        return self.up2(self.mid_res(self.up1(h)))
+        h = self.mid_res(self.up1(h))
+        mean = self.up2(h)
+        # detached: the amplitude is read off the mean's features and never reshapes them
+        amp = None
+        if self.texture:
+            amp = torch.exp((TEXTURE_GAIN * self.amplitude(h.detach())).clamp(max=0.0))
+        if parts:
+            return mean, amp
+        if amp is None or pixel_noise is None:
+            return mean
+        return mean + amp * pixel_noise
 
 
 # ------------------------------------------------------------------------------ conditional U-Net

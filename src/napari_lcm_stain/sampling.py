@@ -35,6 +35,39 @@ SCHEDULER_CONFIG = {
 }
 
 DEFAULT_STEPS = {"lcm": 1, "teacher": 50, "pix2pix": 1}
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """An integer hash finaliser on 32-bit values held in int64 (multipliers < 2^31, so no
+    product leaves int64's range on any device)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x346CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def pixel_noise(latent_noise: torch.Tensor, factor: int) -> torch.Tensor:
+    """Per-pixel N(0, 1) noise for a texture decoder, derived from the latent noise canvas:
+    (B, C, h, w) -> (B, 1, h·factor, w·factor), float32.
+
+    Why derived, not drawn: the engine crops one latent noise canvas per image so overlapping
+    tiles agree (tiling.make_noise_canvas); hashing each latent cell's noise bits with the pixel's
+    offset inside the cell gives every output pixel a value that depends only on its position in
+    the canvas, so tiled = whole holds for the texture too, with no second full-size canvas. The
+    hash makes the values independent of the latent noise they come from (no latent-locked
+    pattern), standard normal through the inverse CDF of 24 hashed bits."""
+    x = latent_noise.float().contiguous()
+    bits = x.view(torch.int32).to(torch.int64) & _MASK32
+    key = torch.zeros_like(bits[:, :1])
+    for c in range(min(4, bits.shape[1])):
+        key = _mix32(key ^ bits[:, c : c + 1])
+    k = torch.arange(factor * factor, device=x.device, dtype=torch.int64).view(1, -1, 1, 1)
+    h = _mix32(key ^ ((k * 0x61C88647 + 0x2545F491) & _MASK32))
+    u = ((h >> 8).to(torch.float64) + 0.5) / float(1 << 24)
+    eps = torch.special.ndtri(u).to(torch.float32)
+    return torch.nn.functional.pixel_shuffle(eps, factor)
 MAX_LCM_STEPS = 8
 
 
@@ -133,12 +166,18 @@ class Predictor:
 
 
 class LatentPredictor(Predictor):
-    """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps)."""
+    """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps).
+
+    `texture`: with a texture decoder (`models.Decoder(texture=True)`), draw its per-pixel noise
+    (`pixel_noise`, from the first latent noise) and return a stochastic stain; False returns
+    the decoder's mean, a smooth image without grain (e.g. for segmentation)."""
 
     def __init__(
-        self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False
-    ):
+        self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False,
+        texture: bool = True,
+    ):  # fmt: skip
         super().__init__(config, device, dtype)
+        self.texture = bool(texture) and bool(getattr(decoder, "texture", False))
         self.unet = prepare_module(unet, device, self.dtype, compile)
         self.decoder = prepare_module(decoder, device, self.dtype, compile)
         self.mode = mode
@@ -178,6 +217,9 @@ class LatentPredictor(Predictor):
                 out = sched.step(v, t, z, eta=0.0)
                 last = i + 1 == len(self.timesteps)
                 z = out.pred_original_sample if last else out.prev_sample
+        if self.texture:
+            eps = pixel_noise(noise[:, 0], self.latent_factor).to(z.dtype)
+            return self.decoder(z / self.latent_scale, eps)
         return self.decoder(z / self.latent_scale)
 
 
@@ -202,11 +244,13 @@ def predictor_from_checkpoint(
     mode: str | None = None,
     precision: str = "auto",
     compile: bool = False,
+    texture: bool = True,
 ) -> Predictor:
     """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix').
 
     `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
-    `compile`: `torch.compile` the networks on CUDA."""
+    `compile`: `torch.compile` the networks on CUDA; `texture`: False = a texture decoder's
+    smooth mean (`LatentPredictor`; no effect on other models)."""
     dev = resolve_device(device)
     dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config
@@ -226,19 +270,24 @@ def predictor_from_checkpoint(
         if kind == "teacher" and not 1 <= n <= 1000:
             raise ValueError(f"teacher DDIM steps must be 1-1000, got {n}")
         mode = "lcm" if kind == "lcm" else "ddim"
-        return LatentPredictor(unet, vae.decoder, cfg, dev, mode, n, dtype, compile)
+        return LatentPredictor(unet, vae.decoder, cfg, dev, mode, n, dtype, compile, texture)
     raise ckpt.CheckpointError(
         f"checkpoint kind {kind!r} is not a stain model (expected 'lcm', 'teacher' or 'pix2pix')"
     )
 
 
 def load_predictor(
-    model="lcm", steps: int | None = None, device="auto", precision="auto", compile=False
+    model="lcm",
+    steps: int | None = None,
+    device="auto",
+    precision="auto",
+    compile=False,
+    texture: bool = True,
 ) -> Predictor:
     """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
     if isinstance(model, Predictor):
         return model
-    opts = {"precision": precision, "compile": compile}
+    opts = {"precision": precision, "compile": compile, "texture": texture}
     if isinstance(model, str) and model.lower() in ckpt.PACKAGED:
         return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device, **opts)
     if isinstance(model, (str, Path)):

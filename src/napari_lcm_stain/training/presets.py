@@ -58,6 +58,10 @@ class TrainPreset:
     lcm_adv_weight: float = 0.0
     adv_start: float = 0.2
     adv_ndf: int = 16
+    # Texture decoder (models.Decoder(texture=True)): a second head learns, by Gaussian likelihood
+    # of the residual the latent cannot explain (encoder latents only), a per-pixel amplitude of
+    # the noise the stain is drawn with. False: the deterministic decoder before it.
+    texture: bool = False
     # input normalisation: "robust" (per-image median / MAD, invariant to the phase units) or
     # "fixed" (one training-set mean and std: the recipe before robust normalisation)
     input_norm: str = "robust"

@@ -291,7 +291,9 @@ class Recipe:
         if init is not None:  # transfer: keep the init's encoder and latent scale, no VAE stage
             self.vae = st.make_inference_vae(p)
             ckpt.load_into(self.vae.encoder, init["lcm"].sub("encoder"), "init VAE encoder")
-            ckpt.load_into(self.vae.decoder, init["lcm"].sub("decoder"), "init VAE decoder")
+            dec = self.vae.decoder
+            state = dec.with_texture_defaults(init["lcm"].sub("decoder"))
+            ckpt.load_into(dec, state, "init VAE decoder")
             self.vae.eval()
             self.latent_scale = float(init["lcm"].config["latent_scale"])
             raw = st.encode_latents(self.vae, data.dapi)

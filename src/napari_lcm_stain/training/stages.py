@@ -61,6 +61,8 @@ def vae_arch(p: TrainPreset, inference: bool = False) -> dict:
             dec_half_channels=p.dec_half_channels,
             dec_half_conv=p.dec_half_conv,
         )
+        if p.texture:  # only when on: configs of deterministic decoders stay as they were
+            thin["dec_texture"] = True
     return arch(
         VAE,
         latent_channels=p.latent_channels,
@@ -93,6 +95,21 @@ def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     gx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
     gy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
     return F.l1_loss(rec, d) + 0.5 * (F.l1_loss(gx(rec), gx(d)) + F.l1_loss(gy(rec), gy(d)))
+
+
+def decoded(dec, z: torch.Tensor, d: torch.Tensor, nll_rows: int | None = None):
+    """Decode `z` for a decoder stage: (the image a critic judges, the reconstruction loss).
+
+    A texture decoder adds the Gaussian likelihood of the residual d - mean under its amplitude
+    (the mean detached, so the likelihood only fits the amplitude) on the first `nll_rows` rows
+    (None: all), and the image it returns is a sample, mean + amplitude x fresh noise."""
+    mean, amp = dec(z, parts=True)
+    loss = reconstruction_loss(mean, d)
+    if amp is None:
+        return mean, loss
+    n = len(d) if nll_rows is None else nll_rows
+    nll = F.gaussian_nll_loss(mean[:n].detach(), d[:n], amp[:n].pow(2), eps=1e-8)
+    return mean + amp * torch.randn_like(mean), loss + nll
 
 
 def latent_grid_excess(fake: torch.Tensor, real: torch.Tensor, factor: int) -> torch.Tensor:
@@ -151,7 +168,7 @@ class RealismCritic:
         start = p.adv_start * steps
         return cls(p.lcm_adv_weight, 0.0, 0.0, start, p.adv_ndf, p.latent_factor, True, dev)
 
-    def __call__(self, step, fake, real, base, cond=None) -> torch.Tensor:
+    def __call__(self, step, fake, base, real, cond=None) -> torch.Tensor:
         """One critic update; returns `base` (the stage's own loss) plus, from `start` on, the
         weighted adversarial, feature-matching and grid terms for `fake`."""
         if not self.on:
@@ -219,7 +236,7 @@ def train_decoder(
     slim = make_inference_vae(p)
     slim.encoder.load_state_dict(vae.encoder.state_dict())
     if init is not None:
-        slim.decoder.load_state_dict(init)
+        slim.decoder.load_state_dict(slim.decoder.with_texture_defaults(init))
     slim.to(dev)
     slim.encoder.requires_grad_(False).eval()
     dec = ddp(slim.decoder)
@@ -230,8 +247,7 @@ def train_decoder(
         _, d, _ = data.batch(rng, p.batch, p.vae_crop, p.latent_factor, device=dev)
         with torch.no_grad():
             z = slim.reparameterize(*slim.encode(d))
-        rec = dec(z)
-        return critic(step, rec, d, reconstruction_loss(rec, d))
+        return critic(step, *decoded(dec, z, d), d)
 
     optimise("decoder", p.decoder_steps, opt, step_fn, p, out, quiet, lr=1e-3, device=dev)
     critic.save(out, "decoder")
@@ -271,8 +287,10 @@ def polish_decoder(
             noise = torch.randn(shape, device=dev)
             v = student(noise, torch.full((len(noise),), t, device=dev), q[half:])
             z_lcm = lcm.step(v, t, noise).denoised / latent_scale
-        rec = dec(torch.cat([z_enc, z_lcm]))
-        return critic(step, rec, d, reconstruction_loss(rec, d))
+        # the texture amplitude learns only from encoder latents: on the LCM's, the residual is
+        # mostly the student's error, which noise must not imitate
+        fake, loss = decoded(dec, torch.cat([z_enc, z_lcm]), d, nll_rows=half)
+        return critic(step, fake, loss, d)
 
     optimise("polish", p.polish_steps, opt, step_fn, p, out, quiet, lr=3e-4, device=dev)
     critic.save(out, "polish")
@@ -372,7 +390,7 @@ def distill_lcm(
         if anchor_weight:
             loss = loss + anchor_weight * F.l1_loss(pred, z0)
         if critic.on:
-            loss = critic(step, decoder(pred / latent_scale), d, loss, cond=q)
+            loss = critic(step, decoder(pred / latent_scale), loss, d, cond=q)
         return loss
 
     optimise(
