@@ -68,6 +68,8 @@ def pixel_noise(latent_noise: torch.Tensor, factor: int) -> torch.Tensor:
     u = ((h >> 8).to(torch.float64) + 0.5) / float(1 << 24)
     eps = torch.special.ndtri(u).to(torch.float32)
     return torch.nn.functional.pixel_shuffle(eps, factor)
+
+
 MAX_LCM_STEPS = 8
 
 
