@@ -51,7 +51,7 @@ ARMS = {
     "lcm-adv-strong": dict(lcm_adv_weight=0.2, stages=("lcm",)),
 }
 VAL_SEED0 = 800_000
-KEYS = ("pearson", "ssim", "f1", "realism", "edge_sharpness", "grid8")
+KEYS = ("pearson", "ssim", "f1", "realism", "edge_sharpness", "rim_slope", "grid8")
 
 
 def init_files(init: str) -> Path:

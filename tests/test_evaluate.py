@@ -114,11 +114,13 @@ def test_json_shape_and_oracle_row_match_hand_computation(fake_bench, tmp_path, 
 
 def test_stain_called_with_contract_arguments(fake_bench):
     E.run_evaluate(n=1, size=96, device="cpu")
-    got = {(c["model"], c["steps"]) for c in fake_bench.calls}
-    assert got == {("lcm", 1), ("lcm", 2), ("lcm", 4), ("teacher", 1), ("teacher", 4)} | {
-        ("teacher", 50),
-        ("pix2pix", None),
-    }
+    got = {(c["model"], c["steps"], c["texture"]) for c in fake_bench.calls}
+    assert got == {("lcm", 1, True), ("lcm", 1, False), ("lcm", 2, True), ("lcm", 4, True)} | {
+        ("teacher", 1, True),
+        ("teacher", 4, True),
+        ("teacher", 50, True),
+        ("pix2pix", None, True),
+    }  # the smooth row is LCM-1 with texture off; every other row as a user gets it
     for c in fake_bench.calls:
         assert c["seed"] == 0 and c["pixel_size"] == PS and c["device"] == "cpu"
 
@@ -319,7 +321,11 @@ def test_compare_rows_errors_and_single_field():
 def test_report_has_comparisons_with_intervals(fake_bench, tmp_path, capsys):
     res = E.run_evaluate(json_path=tmp_path / "e.json", n=2, size=96)
     data = json.loads((tmp_path / "e.json").read_text())
-    assert set(data["comparisons"]) == {"lcm-1 - pix2pix", "lcm-1 - teacher-1"}
+    assert set(data["comparisons"]) == {
+        "lcm-1 - pix2pix",
+        "lcm-1 - teacher-1",
+        "lcm-1 - lcm-1-smooth",
+    }
     d = data["comparisons"]["lcm-1 - pix2pix"]
     lcm, p2p = res["models"]["lcm-1"], res["models"]["pix2pix"]
     assert d["f1"]["diff"] == pytest.approx(lcm["f1"] - p2p["f1"])

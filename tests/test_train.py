@@ -1,6 +1,7 @@
 """Training on the tiny preset: every stage learns, resumes, and produces loadable predictors."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -345,3 +346,21 @@ def test_adversarial_distillation_critic_moves(tmp_path):
     t_adv = ck.load_checkpoint(tmp_path / "adv" / "teacher.safetensors").sub("unet")
     assert all(torch.equal(t[k], t_adv[k]) for k in t)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transfer_keeps_or_adds_a_texture_head():
+    """`--init` from a texture checkpoint keeps the head (its weights must load); a preset with
+    texture on adds one to a deterministic init's decoder; neither on: no head."""
+    from napari_lcm_stain.training.presets import transfer_preset
+
+    cfg = json.loads(ck.packaged_path("lcm").with_suffix(".json").read_text())
+    vae = cfg["architecture"]["vae"]["kwargs"]
+    off = dataclasses.replace(train.get_train_preset("default"), texture=False)
+    with_head = {**cfg, "architecture": {**cfg["architecture"], "vae": {
+        "class": "VAE", "kwargs": {**vae, "dec_texture": True}}}}  # fmt: skip
+    without = {**cfg, "architecture": {**cfg["architecture"], "vae": {
+        "class": "VAE", "kwargs": {k: v for k, v in vae.items() if k != "dec_texture"}}}}  # fmt: skip
+    assert transfer_preset(off, with_head, None).texture is True
+    assert transfer_preset(off, without, None).texture is False
+    on = dataclasses.replace(off, texture=True)
+    assert transfer_preset(on, without, None).texture is True

@@ -116,7 +116,11 @@ PER_FIELD: tuple[str, ...] = (
     "hallu_near_distractors",
 )
 #: Row pairs (candidate, reference) whose differences the report gives with a bootstrap interval.
-COMPARISONS: tuple[tuple[str, str], ...] = (("lcm-1", "pix2pix"), ("lcm-1", "teacher-1"))
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("lcm-1", "pix2pix"),
+    ("lcm-1", "teacher-1"),
+    ("lcm-1", "lcm-1-smooth"),  # what the texture decoder's grain costs and buys
+)
 #: Bootstrap resamples (of fields) for those intervals.
 N_BOOTSTRAP = 2000
 
@@ -141,11 +145,13 @@ _COUNTS = (
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: JSON key, the `stain` model name (None: computed here) and its steps."""
+    """One table row: JSON key, the `stain` model name (None: computed here), its steps, and
+    whether a texture decoder draws its grain (False: the smooth mean; `engine.iter_stain`)."""
 
     name: str
     model: str | None = None
     steps: int | None = None
+    texture: bool = True
 
 
 ORACLE = Row("oracle")
@@ -156,6 +162,7 @@ FULL_ROWS: tuple[Row, ...] = (
     VAE_RECON,
     BASELINE,
     Row("lcm-1", "lcm", 1),
+    Row("lcm-1-smooth", "lcm", 1, texture=False),
     Row("lcm-2", "lcm", 2),
     Row("lcm-4", "lcm", 4),
     Row("teacher-1", "teacher", 1),
@@ -239,6 +246,7 @@ def _predict(
         pixel_size=sample.pixel_size if pixel_size_known else None,
         seed=0,
         device=device,
+        texture=row.texture,
     )
     out = np.asarray(out, dtype=np.float32)
     if out.shape != np.shape(sample.dapi):
@@ -249,7 +257,8 @@ def _predict(
 
 
 def vae_reconstruction(dapi: np.ndarray, model: str = "lcm") -> np.ndarray:
-    """decode(encode(true DAPI)) with the LCM checkpoint's VAE: the ceiling of any latent model."""
+    """decode(encode(true DAPI)) with the LCM checkpoint's VAE: the ceiling of any latent model
+    (a texture decoder's mean: no grain is drawn here)."""
     import torch
 
     from . import checkpoints as ck

@@ -92,6 +92,9 @@ PRESETS = {
         # the release keeps v4's in-domain data and adds the randomised fields on top.
         data_presets=("brain-20x", "tumour-dense-20x") * 3 + ("domain-random",) * 2,
         n_fields=128,
+        # realism (issue #14): the decoder draws DAPI-like grain with a learned amplitude; the
+        # adversarial variants measured worse (docs/model-card.md, "Realism")
+        texture=True,
     ),
     # The recipe of the weights packaged in session 3 (runs/v4, commit 458f38a): training-set
     # mean/std input, the two fixed presets, no augmentation. Their configs were then given the
@@ -175,6 +178,8 @@ def transfer_preset(p: TrainPreset, lcm_config: dict, pix2pix_config: dict | Non
             dec_quarter_channels=int(vae["dec_quarter_channels"]),
             dec_half_channels=int(vae["dec_half_channels"]),
             dec_half_conv=bool(vae.get("dec_half_conv", False)),
+            # a texture head is kept (its weights must load) and may be added (it starts fresh)
+            texture=bool(vae.get("dec_texture", False)) or p.texture,
         )
     else:  # the VAE's own decoder ships: no refit, no polish
         shapes.update(decoder_steps=0, polish_steps=0)
