@@ -108,3 +108,38 @@ def packaged_predictor(name: str = "lcm", steps=None):
     if not checkpoints.packaged_path(name).exists():
         return None
     return load_predictor(name, steps=steps, device="cpu")
+
+
+def texture_lcm(path, seed: int = 0):
+    """A small LCM checkpoint whose decoder has a texture head (`models.Decoder(texture=True)`):
+    random, untrained weights with a visible grain amplitude, loaded by the real loader. The
+    packaged weights may not have a texture head, so texture tests build their own model."""
+    from napari_lcm_stain import checkpoints
+    from napari_lcm_stain.models import VAE, LatentUNet
+    from napari_lcm_stain.normalization import robust_config
+
+    with torch.random.fork_rng():  # the global RNG of the other tests is left alone
+        torch.manual_seed(seed)
+        unet = LatentUNet(4, 4, (8, 16))
+        vae = VAE(4, 8, 8, 4, dec_texture=True)
+        nn.init.constant_(vae.decoder.amplitude[0].bias, -0.2)  # amplitude ~exp(-2) = 0.13
+        nn.init.constant_(vae.decoder.up2[0].bias, 0.5)  # a mean inside 0-1, not clipped
+        for m in (unet, vae.decoder):
+            for p in m.parameters():  # non-trivial weights (zero-initialised convs too)
+                p.data += 0.05 * torch.randn_like(p)
+    vae_kwargs = {"latent_channels": 4, "enc_channels": 8, "dec_channels": 8, "factor": 4}
+    cfg = {
+        "kind": "lcm",
+        "architecture": {
+            "unet": {
+                "class": "LatentUNet",
+                "kwargs": {"latent_channels": 4, "factor": 4, "channels": [8, 16]},
+            },
+            "vae": {"class": "VAE", "kwargs": {**vae_kwargs, "dec_texture": True}},
+        },
+        "latent_scale": 1.0,
+        "normalization": robust_config(),
+        "pixel_size": 0.414,
+        "receptive_field": 16,
+    }
+    return checkpoints.save_checkpoint(path, {"unet": unet, "decoder": vae.decoder}, cfg)

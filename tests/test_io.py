@@ -28,7 +28,7 @@ def fake_model(monkeypatch, pred):
     monkeypatch.setattr(
         engine,
         "get_predictor",
-        lambda m, s=None, d="auto", p="auto": pred if isinstance(m, str) else real(m, s, d, p),
+        lambda m, *a, **k: pred if isinstance(m, str) else real(m, *a, **k),
     )
     return pred
 

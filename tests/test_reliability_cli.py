@@ -49,7 +49,7 @@ def fake_lcm(monkeypatch, pred):
     monkeypatch.setattr(
         engine,
         "get_predictor",
-        lambda m, s=None, d="auto", p="auto": pred if m == "lcm" else real(m, s, d, p),
+        lambda m, *a, **k: pred if m == "lcm" else real(m, *a, **k),
     )
 
 

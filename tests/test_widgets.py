@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -75,7 +76,7 @@ def models(monkeypatch):
         return {}
     made: dict = {}
 
-    def fake(cache, model, steps, device):
+    def fake(cache, model, steps, device, texture=True):
         if not isinstance(model, str):
             return model
         key = str(model)
@@ -83,7 +84,8 @@ def models(monkeypatch):
             if key not in ("lcm", "teacher", "pix2pix"):
                 from napari_lcm_stain.sampling import load_predictor
 
-                return load_predictor(model, steps=steps, device=device)  # real loading errors
+                # real loading errors
+                return load_predictor(model, steps=steps, device=device, texture=texture)
             made[key] = TinyPredictor(key, stochastic=key != "pix2pix")
         return made[key]
 
@@ -96,7 +98,7 @@ def slow_models(monkeypatch):
     """Always TinyPredictors that take 50 ms per call, so a run can be cancelled midway."""
     made: dict = {}
 
-    def fake(cache, model, steps, device):
+    def fake(cache, model, steps, device, texture=True):
         made.setdefault(str(model), TinyPredictor(str(model), str(model) != "pix2pix", 0.05))
         return made[str(model)]
 
@@ -210,6 +212,66 @@ def test_restain_replaces_outputs_in_place_and_adds_uncertainty(make_napari_view
     # the picker never offers our outputs as input
     offered = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
     assert offered == ["qOBM phase"]
+
+
+def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """Texture (grain) is on by default; unticked, the output layer holds the texture-off
+    predictor's smooth mean (same layer name, new data), its provenance says texture off, the
+    dock's cache holds two predictors (none changed), live staining follows the box, and the
+    input layer is never modified. The model is a small random checkpoint with a texture head."""
+    from _fake_predictor import blobs, texture_lcm
+    from napari_lcm_stain.engine import stain
+
+    ckpt = str(texture_lcm(tmp_path / "grain.safetensors"))
+    image = blobs((64, 80), seed=2)
+    viewer = make_napari_viewer()
+    q = viewer.add_image(image.copy(), name="qOBM phase")
+    widget = _stain_dock(viewer)
+    assert widget.texture_check.isChecked()
+    assert "smooth mean" in widget.texture_check.toolTip()
+    widget.pix2pix_check.setChecked(False)
+    widget.add_model("grain", ckpt)
+    name = "qOBM phase · DAPI (grain)"
+
+    _click_and_wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    out = viewer.layers[name]
+    grainy = out.data.copy()
+    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is True
+    n_layers = len(viewer.layers)
+
+    widget.texture_check.setChecked(False)
+    _click_and_wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    assert len(viewer.layers) == n_layers and viewer.layers[name] is out  # replaced in place
+    smooth = np.asarray(out.data)
+    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is False
+
+    kw = {"steps": 1, "tile": 128, "overlap": 16, "device": "auto", "seed": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random blobs are out of distribution: not the point
+        expected = {t: stain(image, ckpt, texture=t, **kw) for t in (True, False)}
+    np.testing.assert_allclose(smooth, expected[False], atol=1e-5)
+    np.testing.assert_allclose(grainy, expected[True], atol=1e-5)
+    assert np.abs(grainy - smooth).max() > 0.1  # the grain was there, and now is not
+    np.testing.assert_array_equal(q.data, image)  # the input is never touched
+
+    preds = {k[3]: v for k, v in widget._cache.items() if len(k) == 4 and k[0] == ckpt}
+    assert set(preds) == {True, False} and preds[True] is not preds[False]
+    assert preds[True].texture is True and preds[False].texture is False
+
+    widget.set_live(True)  # live staining uses the same box
+    live = widget.live
+    qtbot.waitUntil(lambda: len(live.stained) == 1, timeout=TIMEOUT)
+    widget.set_live(False)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.last_error is None, widget.last_error
+    shown = viewer.layers["qOBM phase · DAPI live (grain)"]
+    np.testing.assert_allclose(shown.data, expected[False], atol=1e-5)
+    assert shown.metadata[PLUGIN_KEY]["provenance"]["texture"] is False
+    np.testing.assert_array_equal(q.data, image)
 
 
 def test_picker_offers_single_channel_images_and_explains_the_rest(make_napari_viewer, models):

@@ -169,7 +169,7 @@ def _fake_engine(monkeypatch, behaviour):
     monkeypatch.setattr(
         _jobs,
         "get_predictor",
-        lambda cache, model, steps, device: types.SimpleNamespace(
+        lambda cache, model, steps, device, texture=True: types.SimpleNamespace(
             name=str(model), device="cpu", pixel_size=0.5
         ),
     )
@@ -288,20 +288,29 @@ def test_stain_job_returns_failures_instead_of_raising(monkeypatch, exc, expecte
     assert out.message.startswith(expected)
 
 
-def test_get_predictor_caches_by_model_steps_device(monkeypatch):
+def test_get_predictor_caches_by_model_steps_device_texture(monkeypatch):
     import napari_lcm_stain.engine as engine
 
     loads = []
     monkeypatch.setattr(
-        engine, "get_predictor", lambda m, steps, device: loads.append((m, steps)) or object()
+        engine,
+        "get_predictor",
+        lambda m, steps, device, texture: loads.append((m, steps, texture)) or object(),
     )
     cache: dict = {}
     a = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu")
     assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu") is a
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True) is a  # default: on
     _jobs.get_predictor(cache, "x.safetensors", 2, "cpu")
+    smooth = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False)
+    assert smooth is not a  # texture is part of the key: another predictor, none changed
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False) is smooth
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True) is a
     loaded = object()
     assert _jobs.get_predictor(cache, loaded, 1, "cpu") is loaded  # objects pass through
-    assert loads == [("x.safetensors", 1), ("x.safetensors", 2)]
+    assert _jobs.get_predictor(cache, loaded, 1, "cpu", False) is loaded  # no texture head
+    assert loads == [("x.safetensors", 1, True), ("x.safetensors", 2, True),
+                     ("x.safetensors", 1, False)]  # fmt: skip
 
 
 def test_finetune_job_relays_events_and_returns_result(monkeypatch):
@@ -475,3 +484,28 @@ def test_live_job_stains_each_taken_frame_until_stopped(monkeypatch):
     stop.set()
     _items, value = _run(gen)
     assert value is None and len(calls) == 1
+
+
+def test_live_job_passes_the_texture_setting(monkeypatch):
+    box, stop = _jobs.LatestFrame(), threading.Event()
+    loads, seen = [], []
+
+    def iter_stain(image, *args, **kwargs):
+        seen.append(kwargs.get("texture"))
+        yield 1, 1
+        return types.SimpleNamespace(mean=np.asarray(image), info={"texture": False})
+
+    import napari_lcm_stain.engine as engine
+
+    monkeypatch.setattr(engine, "iter_stain", iter_stain)
+    monkeypatch.setattr(_jobs, "get_predictor", lambda *a: loads.append(a[4:]) or "predictor")
+    gen = _jobs.live_job(
+        box, stop, model="lcm", steps=1, tile=64, overlap=8, device="cpu", seed=0,
+        pixel_size=None, cache={}, texture=False,
+    )  # fmt: skip
+    box.put(_jobs.LiveFrame((0, 0), np.ones((4, 4), np.float32), 0.0))
+    first = next(gen)
+    assert loads == [(False,)] and seen == [False]
+    assert first.provenance["texture"] is False
+    stop.set()
+    _run(gen)

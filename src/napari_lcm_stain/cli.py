@@ -81,6 +81,7 @@ def _cmd_stain(a: argparse.Namespace) -> int:
         out_format=a.format,
         scheduler=a.scheduler,
         pattern=a.pattern,
+        texture=not a.no_texture,
     )
     return 0
 
@@ -173,6 +174,9 @@ _DEFAULT = " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .watch import NO_TEXTURE_HELP
+    from .watch import add_arguments as watch_arguments
+
     p = argparse.ArgumentParser(
         prog="lcm-stain",
         description="Virtual DAPI staining of qOBM phase images (1-step latent consistency model).",
@@ -271,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(NAME_dapi_std.ome.tif)" + _DEFAULT,
     )
     s.add_argument("--seed", **seed)
+    s.add_argument("--no-texture", action="store_true", help=NO_TEXTURE_HELP)
     s.add_argument(
         "--format",
         choices=["auto", "tiff", "zarr"],
@@ -465,8 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     s.set_defaults(func=_cmd_bench)
-
-    from .watch import add_arguments as watch_arguments
 
     s = sub.add_parser("watch", help="stain each new TIFF in a folder once it is fully written")
     watch_arguments(s)

@@ -342,6 +342,7 @@ def iter_stain(
     stack); when flagged its note is also in `info["warnings"]`. Never blocks.
     `texture`: models with a texture decoder draw the stain with DAPI-like grain (True, the
     default); False gives their smooth mean, e.g. for segmentation. Other models ignore it.
+    `info["texture"]` says whether grain was drawn (False for models without a texture decoder).
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
@@ -479,6 +480,8 @@ def iter_stain(
     info = {
         "model": getattr(pred, "name", type(pred).__name__),
         "steps": getattr(pred, "steps", steps),
+        # whether the stain was drawn with grain: only a texture decoder with texture on
+        "texture": bool(getattr(pred, "texture", False)),
         "seed": int(seed),
         "samples": int(samples),
         "tile": list(grid.tile),

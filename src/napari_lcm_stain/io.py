@@ -753,6 +753,7 @@ def _provenance(info: dict, source: Path, kind: str, samples: int) -> str:
         "content": kind,
         "source": str(source),
         **{k: info.get(k) for k in ("model", "checkpoint", "steps", "seed", "samples", "tile")},
+        "texture": info.get("texture"),
         "overlap": info.get("overlap"),
         **{k: info.get(k) for k in ("pixel_size", "model_pixel_size", "rescale", "warnings")},
     }
@@ -821,6 +822,7 @@ def stain_files(
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = False,
     pattern: str | None = None,
+    texture: bool = True,
 ) -> list[Path]:
     """Stain files / folders / globs; write OME-TIFF or OME-Zarr (+ `_std` with samples > 1).
 
@@ -828,7 +830,8 @@ def stain_files(
     refused, two inputs may not share an output, an existing output needs `overwrite=True`) and
     the settings (tile, model, device). Folders skip DAPI / label / output images unless
     `pattern` (a glob on file names) picks the files. In a batch, an input that fails is named
-    and skipped; a `BatchError` listing the failures is raised at the end.
+    and skipped; a `BatchError` listing the failures is raised at the end. `texture`: False
+    stains with a texture decoder's smooth mean (no grain; see `engine.iter_stain`).
     """
     from . import tiling
     from .engine import _check_params, get_predictor
@@ -843,7 +846,7 @@ def stain_files(
         notes.append(f"removed {t}, a temporary file left by a stopped run")
     _check_targets(targets, files, overwrite)
     _check_params(tile, overlap, samples, seed, pixel_size, steps)
-    pred = None if scheduler is not None else get_predictor(model, steps, device)
+    pred = None if scheduler is not None else get_predictor(model, steps, device, texture=texture)
     if pred is not None:  # e.g. an overlap that leaves no stride: before any output exists
         side = 4 * (int(tile) + int(overlap) + int(pred.multiple))
         tiling.make_grid((side, side), pred.multiple, tile, overlap, tiling.model_context(pred))
@@ -859,7 +862,7 @@ def stain_files(
                 f, o, fmt, pred if pred is not None else model, bar,
                 steps=steps, tile=tile, overlap=overlap, device=device, seed=seed,
                 pixel_size=pixel_size, samples=samples, scheduler=scheduler,
-                checkpoint=_checkpoint(model),
+                checkpoint=_checkpoint(model), texture=texture,
             )  # fmt: skip
         except (ValueError, TypeError) as e:
             if len(files) == 1:
@@ -908,7 +911,7 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
             gen = iter_stain(
                 arr, model, kw["steps"], kw["tile"], kw["overlap"], kw["device"], kw["seed"],
                 ps, samples, out=outs[0].array, out_std=outs[1].array if samples > 1 else None,
-                scheduler=kw["scheduler"], pixel_size_source=source,
+                scheduler=kw["scheduler"], pixel_size_source=source, texture=kw["texture"],
             )  # fmt: skip
             # the engine's warnings are printed once, as notes under the "wrote" line
             with warnings.catch_warnings(record=True) as caught:

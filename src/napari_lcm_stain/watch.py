@@ -98,7 +98,7 @@ def watch_folder(
     """Stain every TIFF that appears in ``folder`` into ``output`` until ``stop`` or Ctrl-C.
 
     ``stain_kwargs`` go to `io.stain_files` (steps, tile, overlap, device, seed, pixel_size,
-    out_format, overwrite); ``existing`` also stains the TIFFs already in the folder;
+    out_format, overwrite, texture); ``existing`` also stains the TIFFs already in the folder;
     ``on_written(input, outputs)`` is called after each stained file.
     """
     from .engine import get_predictor
@@ -117,7 +117,8 @@ def watch_folder(
         raise ValueError(f"settle must be >= 0 and poll > 0 seconds, got {settle} and {poll}")
     output.mkdir(parents=True, exist_ok=True)
     steps, device = stain_kwargs.get("steps"), stain_kwargs.get("device", "auto")
-    predictor = get_predictor(model, steps, device)  # once, before the first file
+    texture = stain_kwargs.get("texture", True)
+    predictor = get_predictor(model, steps, device, texture=texture)  # once, before the first file
     staging, report = _Staging(), WatchReport()
     observer = _observer(folder, staging)
     observer.start()
@@ -162,6 +163,14 @@ def _stain_one(
     return written
 
 
+#: `--no-texture` of `lcm-stain stain` and `lcm-stain watch`.
+NO_TEXTURE_HELP = (
+    "stain without grain: models with a texture decoder give their smooth mean (better for "
+    "segmenting and counting nuclei) instead of DAPI-like grain; models without one (Pix2Pix, "
+    "older checkpoints) are not affected (default: texture on)"
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `lcm-stain watch` options (kept here so the CLI stays one call per subcommand)."""
     p.add_argument("folder", help="folder the acquisition writes TIFF files into")
@@ -188,6 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="output format; auto follows the input (default: %(default)s)",
     )
+    p.add_argument("--no-texture", action="store_true", help=NO_TEXTURE_HELP)
     p.add_argument("--existing", action="store_true", help="also stain the TIFFs already there")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -195,5 +205,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     names = ("model", "steps", "tile", "overlap", "device", "seed", "pixel_size", "overwrite")
     options = {name: getattr(a, name) for name in names + ("existing", "settle")}
+    options["texture"] = not a.no_texture
     watch_folder(Path(a.folder), Path(a.output), out_format=a.format, **options)
     return 0

@@ -8,6 +8,7 @@ way every failure reaches the user as a message.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -89,16 +90,38 @@ def _relay(gen: Iterator[Any], label: str, offset: int, remaining: int) -> Gener
         yield Progress(label, offset + int(done), overall)
 
 
-def get_predictor(cache: dict, model: Any, steps: int | None, device: str) -> Any:
-    """Load (or reuse) a predictor; an already-loaded Predictor object is used as is."""
+def get_predictor(
+    cache: dict, model: Any, steps: int | None, device: str, texture: bool = True
+) -> Any:
+    """Load (or reuse) a predictor; an already-loaded Predictor object is used as is, or as a
+    copy that follows ``texture`` (see `with_texture`).
+
+    ``texture`` is part of the cache key: toggling it gives another predictor object, and a
+    cached one is never changed."""
     if not isinstance(model, str):
-        return model
-    key = (model, steps, device)
+        return with_texture(model, texture)
+    key = (model, steps, device, bool(texture))
     if key not in cache:
         from napari_lcm_stain.engine import get_predictor as load
 
-        cache[key] = load(model, steps=steps, device=device)
+        cache[key] = load(model, steps=steps, device=device, texture=bool(texture))
     return cache[key]
+
+
+def with_texture(predictor: Any, texture: bool) -> Any:
+    """An in-memory latent predictor (e.g. the Fine-tune dock's model) with the dock's texture
+    setting: itself when it already has it (or has no texture decoder, or is no latent
+    predictor), else a shallow copy sharing its networks, so the caller's object is never
+    changed. Mirrors `sampling.LatentPredictor`: texture only with a texture decoder."""
+    decoder = getattr(predictor, "decoder", None)
+    if decoder is None or not isinstance(getattr(predictor, "texture", None), bool):
+        return predictor
+    want = bool(texture) and bool(getattr(decoder, "texture", False))
+    if want == predictor.texture:
+        return predictor
+    clone = copy.copy(predictor)
+    clone.texture = want
+    return clone
 
 
 def checkpoint_identity(model: Any, cache: dict) -> tuple[str | None, str | None]:
@@ -145,8 +168,11 @@ def stain_job(
     cache: dict,
     source: str = "",
     pixel_size_source: str = "pixel_size",
+    texture: bool = True,
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
-    """Stain ``image`` with each job's model; with ``truth``, score each output against it."""
+    """Stain ``image`` with each job's model; with ``truth``, score each output against it.
+
+    ``texture``: False stains with a texture decoder's smooth mean (no grain)."""
     try:
         from napari_lcm_stain.engine import iter_stain
 
@@ -156,7 +182,7 @@ def stain_job(
         for i, job in enumerate(jobs):
             name = f"{job.label}" + (f" ×{job.samples}" if job.samples > 1 else "")
             yield Progress(f"loading {job.label}", offset, overall)
-            predictor = get_predictor(cache, job.model, job.steps, device)
+            predictor = get_predictor(cache, job.model, job.steps, device, texture)
             gen = iter_stain(
                 image,
                 model=predictor,
@@ -168,6 +194,7 @@ def stain_job(
                 pixel_size=pixel_size,
                 samples=job.samples,
                 pixel_size_source=pixel_size_source,
+                texture=texture,
             )
             result, total, overall = yield from _relay(gen, name, offset, len(jobs) - 1 - i)
             offset += total
@@ -372,13 +399,14 @@ def live_job(
     cache: dict,
     source: str = "",
     pixel_size_source: str = "pixel_size",
+    texture: bool = True,
 ) -> Generator[LiveResult, None, JobFailure | None]:
     """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
     try:
         from napari_lcm_stain._drain import drain
         from napari_lcm_stain.engine import iter_stain
 
-        predictor = get_predictor(cache, model, steps, device)
+        predictor = get_predictor(cache, model, steps, device, texture)
         while not stop.is_set():
             frame = mailbox.take(timeout=0.05)
             if frame is None:
@@ -387,7 +415,7 @@ def live_job(
             result = drain(
                 iter_stain(
                     frame.data, predictor, steps, tile, overlap, device, seed, pixel_size,
-                    pixel_size_source=pixel_size_source,
+                    pixel_size_source=pixel_size_source, texture=texture,
                 )
             )  # fmt: skip
             prov = provenance(result.info, model, source, "mean", cache)
@@ -415,7 +443,8 @@ def watch_job(
         from napari_lcm_stain.watch import watch_folder
 
         try:
-            predictor = get_predictor(cache, model, kwargs.get("steps"), kwargs.get("device"))
+            steps, device = kwargs.get("steps"), kwargs.get("device")
+            predictor = get_predictor(cache, model, steps, device, kwargs.get("texture", True))
             result["report"] = watch_folder(
                 folder, output, model=predictor, stop=stop, log=events.put,
                 on_written=lambda src, outs: events.put((src, outs)), **kwargs,
