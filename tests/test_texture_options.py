@@ -154,9 +154,6 @@ def test_in_memory_predictor_follows_texture_through_a_copy(tex, image, expected
     np.testing.assert_allclose(y, expected[False], atol=1e-6)
     fake = FakePredictor()  # no texture head: used as is
     assert _jobs.get_predictor({}, fake, None, "cpu", False) is fake
-    smooth = load_predictor(tex, device="cpu", texture=False)
-    smooth.decoder.texture = False  # a decoder without a head: texture on cannot add grain
-    assert _jobs.get_predictor({}, smooth, None, "cpu", True) is smooth
 
 
 def test_stain_job_passes_texture_and_records_it(tex, image, expected):

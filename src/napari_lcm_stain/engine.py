@@ -200,13 +200,23 @@ def _cached_packaged(name: str, steps, device: str, precision: str = "auto", tex
     return load_predictor(name, steps, device, precision, texture=texture)
 
 
-def get_predictor(model="lcm", steps=None, device="auto", precision="auto", texture=True):
+def with_texture(predictor, texture: bool):
+    """`predictor` drawing (or not) its texture decoder's grain, via `Predictor.with_texture`
+    (a copy when that changes anything); objects without that method are returned as they are."""
+    follow = getattr(predictor, "with_texture", None)
+    return follow(bool(texture)) if callable(follow) else predictor
+
+
+def get_predictor(model="lcm", steps=None, device="auto", precision="auto", texture=None):
     """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a
-    path. `texture`: False = a texture decoder's smooth mean (a passed Predictor is kept as is)."""
+    path. `texture`: True/False = draw a texture decoder's grain or its smooth mean; None = the
+    model's own way (loaded: grain; a passed Predictor: as it is). A passed Predictor follows a
+    True/False through `Predictor.with_texture`, which never changes the caller's object."""
     if _is_predictor(model):
-        return model
+        return model if texture is None else with_texture(model, texture)
+    texture = True if texture is None else bool(texture)
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
-        return _cached_packaged(model.lower(), steps, str(device), precision, bool(texture))
+        return _cached_packaged(model.lower(), steps, str(device), precision, texture)
     if isinstance(model, (str, os.PathLike)):
         from .sampling import load_predictor
 
@@ -320,7 +330,7 @@ def iter_stain(
     loader: Callable[[], object] | None = None,
     context: int | None = None,
     pixel_size_source: str = "pixel_size",
-    texture: bool = True,
+    texture: bool | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -340,8 +350,9 @@ def iter_stain(
     factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
     `info["ood"]`: the input's out-of-distribution score (`ood.ood_score`; the worst plane of a
     stack); when flagged its note is also in `info["warnings"]`. Never blocks.
-    `texture`: models with a texture decoder draw the stain with DAPI-like grain (True, the
-    default); False gives their smooth mean, e.g. for segmentation. Other models ignore it.
+    `texture`: models with a texture decoder draw the stain with DAPI-like grain (True; None,
+    the default, is the same for a model loaded here and leaves a passed Predictor as it is);
+    False gives their smooth mean, e.g. for segmentation. Other models ignore it.
     `info["texture"]` says whether grain was drawn (False for models without a texture decoder).
     """
     t_start = time.perf_counter()
@@ -395,7 +406,7 @@ def iter_stain(
             from .sampling import load_predictor
 
             loader = functools.partial(
-                load_predictor, str(model), steps, str(device), texture=texture
+                load_predictor, str(model), steps, str(device), texture=texture is not False
             )
     else:
         compute, close = None, (lambda: None)

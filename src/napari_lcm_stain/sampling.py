@@ -8,6 +8,7 @@ engine draws it once per image canvas so overlapping tiles agree.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 
@@ -166,6 +167,17 @@ class Predictor:
     def _forward(self, x, noise):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def with_texture(self, texture: bool) -> Predictor:
+        """This predictor drawing (or not) a texture decoder's grain: itself when nothing
+        changes (no texture decoder, or already so), else a shallow copy sharing the networks,
+        so a predictor someone else holds is never changed."""
+        want = bool(texture) and bool(getattr(self, "has_texture", False))
+        if want == bool(getattr(self, "texture", False)):
+            return self
+        clone = copy.copy(self)
+        clone.texture = want
+        return clone
+
 
 class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps).
@@ -179,7 +191,8 @@ class LatentPredictor(Predictor):
         texture: bool = True,
     ):  # fmt: skip
         super().__init__(config, device, dtype)
-        self.texture = bool(texture) and bool(getattr(decoder, "texture", False))
+        self.has_texture = bool(getattr(decoder, "texture", False))
+        self.texture = bool(texture) and self.has_texture
         self.unet = prepare_module(unet, device, self.dtype, compile)
         self.decoder = prepare_module(decoder, device, self.dtype, compile)
         self.mode = mode

@@ -8,7 +8,6 @@ way every failure reaches the user as a message.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -94,11 +93,13 @@ def get_predictor(
     cache: dict, model: Any, steps: int | None, device: str, texture: bool = True
 ) -> Any:
     """Load (or reuse) a predictor; an already-loaded Predictor object is used as is, or as a
-    copy that follows ``texture`` (see `with_texture`).
+    copy that follows ``texture`` (`engine.with_texture`).
 
     ``texture`` is part of the cache key: toggling it gives another predictor object, and a
     cached one is never changed."""
     if not isinstance(model, str):
+        from napari_lcm_stain.engine import with_texture
+
         return with_texture(model, texture)
     key = (model, steps, device, bool(texture))
     if key not in cache:
@@ -106,22 +107,6 @@ def get_predictor(
 
         cache[key] = load(model, steps=steps, device=device, texture=bool(texture))
     return cache[key]
-
-
-def with_texture(predictor: Any, texture: bool) -> Any:
-    """An in-memory latent predictor (e.g. the Fine-tune dock's model) with the dock's texture
-    setting: itself when it already has it (or has no texture decoder, or is no latent
-    predictor), else a shallow copy sharing its networks, so the caller's object is never
-    changed. Mirrors `sampling.LatentPredictor`: texture only with a texture decoder."""
-    decoder = getattr(predictor, "decoder", None)
-    if decoder is None or not isinstance(getattr(predictor, "texture", None), bool):
-        return predictor
-    want = bool(texture) and bool(getattr(decoder, "texture", False))
-    if want == predictor.texture:
-        return predictor
-    clone = copy.copy(predictor)
-    clone.texture = want
-    return clone
 
 
 def checkpoint_identity(model: Any, cache: dict) -> tuple[str | None, str | None]:
