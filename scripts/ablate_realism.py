@@ -49,6 +49,9 @@ ARMS = {
     "lcm-0": dict(lcm_adv_weight=0.0, stages=("lcm",)),
     "lcm-adv": dict(lcm_adv_weight=0.05, stages=("lcm",)),
     "lcm-adv-strong": dict(lcm_adv_weight=0.2, stages=("lcm",)),
+    # pixel-space distillation: L1 + gradient L1 of the decoded one-step estimate
+    "lcm-pix": dict(lcm_pixel_weight=8.0, stages=("lcm",)),
+    "lcm-pix-strong": dict(lcm_pixel_weight=32.0, stages=("lcm",)),
 }
 VAL_SEED0 = 800_000
 KEYS = ("pearson", "ssim", "f1", "realism", "edge_sharpness", "rim_slope", "grid8")

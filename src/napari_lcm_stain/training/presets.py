@@ -56,6 +56,10 @@ class TrainPreset:
     # adversarial distillation: a conditional critic on the decoded one-step output adds
     # `lcm_adv_weight` x its adversarial loss to the LCM stage's loss (0: plain LCD + anchor)
     lcm_adv_weight: float = 0.0
+    # pixel-space distillation: + `lcm_pixel_weight` x the reconstruction loss (L1 + gradient L1)
+    # of the decoded one-step estimate against the true DAPI. Per pixel, L1 is minimised by the
+    # median, a sharp step at the likeliest rim, where the latent anchor's optimum decodes blurry.
+    lcm_pixel_weight: float = 0.0
     adv_start: float = 0.2
     adv_ndf: int = 16
     # Texture decoder (models.Decoder(texture=True)): a second head learns, by Gaussian likelihood

@@ -332,7 +332,7 @@ class Recipe:
             teacher = self.load_unet("teacher")
             critic_needs = (
                 dict(decoder=self.inference_vae().decoder, latent_scale=self.latent_scale)
-                if p.lcm_adv_weight > 0
+                if p.lcm_adv_weight > 0 or p.lcm_pixel_weight > 0
                 else {}
             )
             student = self.timed(

@@ -350,7 +350,8 @@ def distill_lcm(
     that student and EMA target start from (transfer) instead of the teacher's weights. With
     `p.lcm_adv_weight` > 0, the student's estimate is decoded by `decoder` (frozen; latents are
     divided by `latent_scale`) and a conditional critic adds an adversarial term (adversarial
-    distillation, `RealismCritic.for_lcm`).
+    distillation, `RealismCritic.for_lcm`); with `p.lcm_pixel_weight` > 0 the decoded estimate
+    also gets the pixel reconstruction loss against the true DAPI crop.
     """
     anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
     rng = seed_stage("lcm", seed)
@@ -366,9 +367,12 @@ def distill_lcm(
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
     c = p.huber_c
     critic = RealismCritic.for_lcm(p, p.lcm_steps, dev)
-    if critic.on:
+    pixel_weight = float(p.lcm_pixel_weight)
+    if critic.on or pixel_weight > 0:
         if decoder is None:
-            raise ValueError("lcm_adv_weight > 0 needs the decoder (the critic judges images)")
+            raise ValueError(
+                "lcm_adv_weight or lcm_pixel_weight > 0 needs the decoder (both judge images)"
+            )
         decoder = decoder.to(dev).eval().requires_grad_(False)
 
     def step_fn(step):
@@ -389,8 +393,11 @@ def distill_lcm(
         loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
         if anchor_weight:
             loss = loss + anchor_weight * F.l1_loss(pred, z0)
-        if critic.on:
-            loss = critic(step, decoder(pred / latent_scale), loss, d, cond=q)
+        if critic.on or pixel_weight > 0:
+            image = decoder(pred / latent_scale)  # a texture decoder's mean: no grain here
+            if pixel_weight > 0:
+                loss = loss + pixel_weight * reconstruction_loss(image, d)
+            loss = critic(step, image, loss, d, cond=q)
         return loss
 
     optimise(
