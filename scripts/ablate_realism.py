@@ -6,7 +6,19 @@ critic weights (`training.stages.RealismCritic`): the thin decoder is refitted o
 (`--decoder-steps`), then polished on half LCM-1 latents (`--polish-steps`); the U-Net is not
 touched, so they differ only in how the same 1-step latents are drawn as an image. The lcm-*
 arms continue distillation from the init's LCM for `--lcm-steps` with a conditional critic on
-the decoded output (adversarial distillation; lcm-0 is the same steps without it), decoder kept.
+the decoded output (adversarial distillation; lcm-0 is the same steps without it), decoder kept;
+lcm-pix* the same with the pixel reconstruction loss of the decoded estimate instead.
+The tex arms refit and polish a texture decoder (`models.Decoder(texture=True)`: learned noise
+amplitude); "ARM:mean" rows score a texture arm's smooth mean as well.
+
+A texture init keeps its texture head (`presets.transfer_preset`), so the arms that must run
+without one need a deterministic init. Session 6 ran them from the session-5 release:
+
+    git archive 4135de7 src/napari_lcm_stain/weights | tar -x -C /tmp/w5
+    python scripts/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
+        --out runs/tex-abl --arms l1 tex tex+adv          # then --score
+    python scripts/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
+        --out runs/pix-abl --arms lcm-0 lcm-pix lcm-pix-strong   # then --score
 
     python scripts/ablate_realism.py --out runs/realism --arms l1 adv adv+fm
     python scripts/ablate_realism.py --out runs/realism --score   # the table, validation seeds
@@ -36,12 +48,12 @@ from napari_lcm_stain.training import get_train_preset, run_recipe
 #: arm -> the preset fields it sets; "stages" the stages it re-runs (default: the decoder pair)
 DECODER = ("decoder", "polish")
 ARMS = {
-    "l1": dict(adv_weight=0.0, fm_weight=0.0, grid_weight=0.0),
-    "adv": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=0.0),
-    "adv+fm": dict(adv_weight=0.05, fm_weight=0.5, grid_weight=0.0),
-    "weak": dict(adv_weight=0.01, fm_weight=0.0, grid_weight=0.0),
-    "adv+grid": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=1.0),
-    "strong": dict(adv_weight=0.2, fm_weight=2.0, grid_weight=0.0),
+    "l1": dict(adv_weight=0.0, fm_weight=0.0, grid_weight=0.0, texture=False),
+    "adv": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=0.0, texture=False),
+    "adv+fm": dict(adv_weight=0.05, fm_weight=0.5, grid_weight=0.0, texture=False),
+    "weak": dict(adv_weight=0.01, fm_weight=0.0, grid_weight=0.0, texture=False),
+    "adv+grid": dict(adv_weight=0.05, fm_weight=0.0, grid_weight=1.0, texture=False),
+    "strong": dict(adv_weight=0.2, fm_weight=2.0, grid_weight=0.0, texture=False),
     # texture decoder: per-pixel noise with a learned amplitude (models.Decoder(texture=True))
     "tex": dict(texture=True),
     "tex+adv": dict(texture=True, adv_weight=0.05, fm_weight=0.5),

@@ -299,6 +299,19 @@ def _gradient_magnitude(img: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.hypot(ndi.sobel(a, axis=0), ndi.sobel(a, axis=1)) / 8.0
 
 
+def _rim_inputs(pred, target, true_labels, sigma_px: float, name: str):
+    """(prediction, truth, true labels) checked for the rim metrics: 2-D, same shape, sigma >= 0."""
+    p, t = _pair(pred, target)
+    if p.ndim != 2:
+        raise ValueError(f"{name} expects 2D images (H, W), got shape {p.shape}")
+    tl = _as_labels(true_labels, "true_labels")
+    if tl.shape != p.shape:
+        raise ValueError(f"true_labels shape {tl.shape} != image shape {p.shape}")
+    if not np.isfinite(sigma_px) or sigma_px < 0:
+        raise ValueError(f"sigma_px must be a number >= 0 (pixels), got {sigma_px!r}")
+    return p, t, tl
+
+
 def edge_sharpness(
     pred: Any, target: Any, true_labels: Any, sigma_px: float = EDGE_SIGMA_PX
 ) -> float:
@@ -316,14 +329,7 @@ def edge_sharpness(
     """
     from skimage.segmentation import find_boundaries
 
-    p, t = _pair(pred, target)
-    if p.ndim != 2:
-        raise ValueError(f"edge_sharpness expects 2D images (H, W), got shape {p.shape}")
-    tl = _as_labels(true_labels, "true_labels")
-    if tl.shape != p.shape:
-        raise ValueError(f"true_labels shape {tl.shape} != image shape {p.shape}")
-    if not np.isfinite(sigma_px) or sigma_px < 0:
-        raise ValueError(f"sigma_px must be a number >= 0 (pixels), got {sigma_px!r}")
+    p, t, tl = _rim_inputs(pred, target, true_labels, sigma_px, "edge_sharpness")
     rim = find_boundaries(tl, mode="thick")
     if not rim.any():
         return float("nan")
@@ -345,14 +351,7 @@ def rim_slope(pred: Any, target: Any, true_labels: Any, sigma_px: float = EDGE_S
     out. Same smoothing, rims and NaN rules as `edge_sharpness`."""
     from skimage.segmentation import find_boundaries
 
-    p, t = _pair(pred, target)
-    if p.ndim != 2:
-        raise ValueError(f"rim_slope expects 2D images (H, W), got shape {p.shape}")
-    tl = _as_labels(true_labels, "true_labels")
-    if tl.shape != p.shape:
-        raise ValueError(f"true_labels shape {tl.shape} != image shape {p.shape}")
-    if not np.isfinite(sigma_px) or sigma_px < 0:
-        raise ValueError(f"sigma_px must be a number >= 0 (pixels), got {sigma_px!r}")
+    p, t, tl = _rim_inputs(pred, target, true_labels, sigma_px, "rim_slope")
     mask = ndi.gaussian_filter((tl > 0).astype(np.float64), max(sigma_px, 0.5))
     ny, nx = ndi.sobel(mask, axis=0), ndi.sobel(mask, axis=1)
     norm = np.hypot(ny, nx)
