@@ -95,6 +95,25 @@ def test_info_records_whether_grain_was_drawn(tex):
             assert drain(gen).info["texture"] is drawn
 
 
+def test_uncertainty_samples_leave_the_grain_out(tex, image):
+    """samples > 1: mean and std are of the smooth stain whatever `texture` says (grain is noise,
+    not the model's uncertainty), the note says so, and info says no grain was drawn."""
+    from napari_lcm_stain._drain import drain
+
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for texture in (True, False):
+            gen = engine.iter_stain(image, str(tex), None, TILE, OVERLAP, "cpu", seed=0,
+                                    samples=2, texture=texture)  # fmt: skip
+            runs[texture] = drain(gen)
+    on, off = runs[True], runs[False]
+    np.testing.assert_array_equal(on.mean, off.mean)
+    np.testing.assert_array_equal(on.std, off.std)
+    assert on.info["texture"] is False and float(on.std.max()) > 0
+    assert any("texture grain is left out" in n for n in on.info["warnings"])
+
+
 def test_cli_watch_passes_no_texture_to_the_watch(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(watch, "watch_folder", lambda *a, **k: seen.append(k["texture"]))

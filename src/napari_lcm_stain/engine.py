@@ -383,6 +383,14 @@ def iter_stain(
         batch = auto_batch(pred_dev, grid.tile[0] * grid.tile[1]) if pred_dev else 2
     stochastic = pred.noise_shape(*grid.padded) is not None
     k_eff = samples if stochastic else 1
+    if k_eff > 1 and getattr(pred, "texture", False):
+        # grain is measurement-like noise, not the model's uncertainty: K samples are summarised
+        # without it, so the std shows only how the model's answers differ
+        pred = with_texture(pred, False)
+        notes.append(
+            f"{samples} samples: the mean and std are of the smooth stain (the texture grain is "
+            "left out of an uncertainty estimate)"
+        )
     if samples > 1 and not stochastic:
         notes.append(f"{pred.name} is deterministic: {samples} samples would be identical, std = 0")
     total = n_planes * k_eff * grid.n_tiles
