@@ -1,4 +1,4 @@
-"""Crops at 1:1 pixels for the docs: truth | LCM-1 | LCM-1 smooth | LCM-4 | teacher-50 | Pix2Pix.
+"""Crops at 1:1 pixels for the docs: truth | LCM-1 | LCM-1 texture | LCM-4 | teacher-50 | Pix2Pix.
 
     python scripts/figure_crops.py                          # writes docs/images/crops.png
     python scripts/figure_crops.py --weights-dir runs/v5    # another run's checkpoints
@@ -29,7 +29,7 @@ OUT = ROOT / "docs" / "images" / "crops.png"
 COLUMNS: tuple[tuple[str, str | None], ...] = (
     ("truth", None),
     ("LCM-1", "lcm-1"),
-    ("LCM-1 smooth", "lcm-1-smooth"),  # the texture decoder's mean (texture off)
+    ("LCM-1 texture", "lcm-1-texture"),  # with the texture decoder's grain (texture=True)
     ("LCM-4", "lcm-4"),
     ("teacher-50", "teacher-50"),
     ("Pix2Pix", "pix2pix"),

@@ -1,4 +1,5 @@
-"""Strength of the latent-period (8 px) grid in LCM-1 outputs, against truth, VAE and Pix2Pix.
+"""Strength of the latent-period (8 px) grid in LCM-1 outputs (smooth, and with texture),
+against truth, VAE and Pix2Pix.
 
 `python scripts/grid_artefact.py` prints, per 512² brain-20x field (seeds 0-2), the power of the
 column-mean spectrum at period 8 divided by the spectrum's median (docs/model-card.md).
@@ -20,13 +21,14 @@ def period_power(img: np.ndarray, period: int = 8) -> float:
 
 
 def main() -> None:
-    print("seed  truth  vae-recon  lcm-1  pix2pix")
+    print("seed  truth  vae-recon  lcm-1  lcm-1-texture  pix2pix")
     for seed in range(3):
         s = simulate_pair("brain-20x", 512, seed)
         row = [
             period_power(s.dapi),
             period_power(vae_reconstruction(s.dapi)),
             period_power(stain(s.qobm, model="lcm", pixel_size=s.pixel_size)),
+            period_power(stain(s.qobm, model="lcm", pixel_size=s.pixel_size, texture=True)),
             period_power(stain(s.qobm, model="pix2pix", pixel_size=s.pixel_size)),
         ]
         print(f"{seed:4d}  " + "  ".join(f"{v:6.1f}" for v in row))

@@ -115,12 +115,12 @@ def test_json_shape_and_oracle_row_match_hand_computation(fake_bench, tmp_path, 
 def test_stain_called_with_contract_arguments(fake_bench):
     E.run_evaluate(n=1, size=96, device="cpu")
     got = {(c["model"], c["steps"], c["texture"]) for c in fake_bench.calls}
-    assert got == {("lcm", 1, True), ("lcm", 1, False), ("lcm", 2, True), ("lcm", 4, True)} | {
-        ("teacher", 1, True),
-        ("teacher", 4, True),
-        ("teacher", 50, True),
-        ("pix2pix", None, True),
-    }  # the smooth row is LCM-1 with texture off; every other row as a user gets it
+    assert got == {("lcm", 1, False), ("lcm", 1, True), ("lcm", 2, False), ("lcm", 4, False)} | {
+        ("teacher", 1, False),
+        ("teacher", 4, False),
+        ("teacher", 50, False),
+        ("pix2pix", None, False),
+    }  # the texture row is LCM-1 with grain; every other row as a user gets it (smooth)
     for c in fake_bench.calls:
         assert c["seed"] == 0 and c["pixel_size"] == PS and c["device"] == "cpu"
 
@@ -324,7 +324,7 @@ def test_report_has_comparisons_with_intervals(fake_bench, tmp_path, capsys):
     assert set(data["comparisons"]) == {
         "lcm-1 - pix2pix",
         "lcm-1 - teacher-1",
-        "lcm-1 - lcm-1-smooth",
+        "lcm-1-texture - lcm-1",
     }
     d = data["comparisons"]["lcm-1 - pix2pix"]
     lcm, p2p = res["models"]["lcm-1"], res["models"]["pix2pix"]

@@ -1,4 +1,4 @@
-"""The texture switch outside the viewer: `lcm-stain stain/watch --no-texture`, `io.stain_files`,
+"""The texture switch outside the viewer: `lcm-stain stain/watch --texture`, `io.stain_files`,
 `watch.watch_folder` and the docks' job code all reach the core's ``texture=``.
 
 The packaged weights may have no texture head, so these tests use a small random LCM checkpoint
@@ -55,29 +55,29 @@ def description(path) -> dict:
     return json.loads(text.replace("&quot;", '"').replace("&amp;", "&"))
 
 
-def test_cli_no_texture_stains_the_smooth_mean(tmp_path, tex, image, expected, capsys):
+def test_cli_texture_draws_grain_and_the_default_is_smooth(tmp_path, tex, image, expected, capsys):
     src = tmp_path / "field.tif"
     tifffile.imwrite(src, image)
     args = ["stain", str(src), "--model", str(tex), *T]
     on, off = tmp_path / "on.ome.tif", tmp_path / "off.ome.tif"
-    assert cli.main([*args, "-o", str(on)]) == 0
-    assert cli.main([*args, "-o", str(off), "--no-texture"]) == 0
+    assert cli.main([*args, "-o", str(on), "--texture"]) == 0
+    assert cli.main([*args, "-o", str(off)]) == 0
     capsys.readouterr()
     a_on, a_off = tifffile.imread(on), tifffile.imread(off)
-    np.testing.assert_allclose(a_off, expected[False], atol=1e-6)  # the texture-off predictor's
-    np.testing.assert_allclose(a_on, expected[True], atol=1e-6)  # default: texture on
+    np.testing.assert_allclose(a_off, expected[False], atol=1e-6)  # default: the smooth mean
+    np.testing.assert_allclose(a_on, expected[True], atol=1e-6)  # --texture: the grain
     assert np.abs(a_on - a_off).max() > 0.1
     # the file says which mode made it
     assert description(on)["texture"] is True and description(off)["texture"] is False
     np.testing.assert_array_equal(tifffile.imread(src), image)  # the input is not touched
 
 
-def test_no_texture_is_in_the_help_of_stain_and_watch(capsys):
+def test_texture_is_in_the_help_of_stain_and_watch(capsys):
     for command in ("stain", "watch"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert "--no-texture" in text and "smooth mean" in text and "default: texture on" in text
+        assert "--texture" in text and "smooth mean" in text and "default: smooth" in text
 
 
 def test_info_records_whether_grain_was_drawn(tex):
@@ -114,15 +114,15 @@ def test_uncertainty_samples_leave_the_grain_out(tex, image):
     assert any("texture grain is left out" in n for n in on.info["warnings"])
 
 
-def test_cli_watch_passes_no_texture_to_the_watch(monkeypatch, tmp_path):
+def test_cli_watch_passes_texture_to_the_watch(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(watch, "watch_folder", lambda *a, **k: seen.append(k["texture"]))
     base = ["watch", str(tmp_path), "-o", str(tmp_path / "out")]
-    assert cli.main(base) == 0 and cli.main([*base, "--no-texture"]) == 0
-    assert seen == [True, False]
+    assert cli.main(base) == 0 and cli.main([*base, "--texture"]) == 0
+    assert seen == [False, True]
 
 
-def test_watch_folder_no_texture_writes_the_smooth_mean(tmp_path, tex, image, expected):
+def test_watch_folder_texture_switch_reaches_the_files(tmp_path, tex, image, expected):
     src = tmp_path / "in"
     src.mkdir()
     tifffile.imwrite(src / "field.tif", image)
@@ -152,7 +152,7 @@ def test_job_cache_key_includes_texture_and_never_mutates_a_cached_predictor(tex
     off = _jobs.get_predictor(cache, str(tex), 1, "cpu", False)
     assert off is not on and on.texture is True and off.texture is False
     assert _jobs.get_predictor(cache, str(tex), 1, "cpu", True) is on  # reused, unchanged
-    assert _jobs.get_predictor(cache, str(tex), 1, "cpu") is on  # the default is texture on
+    assert _jobs.get_predictor(cache, str(tex), 1, "cpu") is off  # the default is smooth
     assert on.texture is True
     assert (str(tex), 1, "cpu", True) in cache and (str(tex), 1, "cpu", False) in cache
 
@@ -160,7 +160,8 @@ def test_job_cache_key_includes_texture_and_never_mutates_a_cached_predictor(tex
 def test_in_memory_predictor_follows_texture_through_a_copy(tex, image, expected):
     """A loaded model (e.g. sent by the Fine-tune dock) is never changed: texture off is a
     shallow copy sharing its networks; models without a texture head pass through."""
-    loaded = load_predictor(tex, device="cpu")
+    assert load_predictor(tex, device="cpu").texture is False  # loading defaults to smooth
+    loaded = load_predictor(tex, device="cpu", texture=True)
     off = _jobs.get_predictor({}, loaded, None, "cpu", False)
     assert off is not loaded and loaded.texture is True and off.texture is False
     assert off.decoder is loaded.decoder and off.unet is loaded.unet

@@ -325,7 +325,7 @@ def test_texture_decoder_tiles_exactly():
         for prm in m.parameters():  # random, non-trivial weights (zero-initialised convs too)
             prm.data += 0.05 * torch.randn_like(prm)
     cfg = {"latent_scale": 1.0, "normalization": {"type": "fixed", "mean": 0.0, "std": 1.0}}
-    pred = LatentPredictor(unet, vae.decoder, cfg, torch.device("cpu"), "lcm", 1)
+    pred = LatentPredictor(unet, vae.decoder, cfg, torch.device("cpu"), "lcm", 1, texture=True)
     assert pred.texture
     img = pred.normalize(blobs((768, 768), seed=3))
     ctx = T.measure_context(pred, img[:512, :512], tol=0.005)

@@ -76,7 +76,7 @@ def models(monkeypatch):
         return {}
     made: dict = {}
 
-    def fake(cache, model, steps, device, texture=True):
+    def fake(cache, model, steps, device, texture=False):
         if not isinstance(model, str):
             return model
         key = str(model)
@@ -98,7 +98,7 @@ def slow_models(monkeypatch):
     """Always TinyPredictors that take 50 ms per call, so a run can be cancelled midway."""
     made: dict = {}
 
-    def fake(cache, model, steps, device, texture=True):
+    def fake(cache, model, steps, device, texture=False):
         made.setdefault(str(model), TinyPredictor(str(model), str(model) != "pix2pix", 0.05))
         return made[str(model)]
 
@@ -214,13 +214,12 @@ def test_restain_replaces_outputs_in_place_and_adds_uncertainty(make_napari_view
     assert offered == ["qOBM phase"]
 
 
-def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
-    make_napari_viewer, qtbot, tmp_path
-):
-    """Texture (grain) is on by default; unticked, the output layer holds the texture-off
-    predictor's smooth mean (same layer name, new data), its provenance says texture off, the
-    dock's cache holds two predictors (none changed), live staining follows the box, and the
-    input layer is never modified. The model is a small random checkpoint with a texture head."""
+def test_texture_box_off_by_default_and_on_draws_the_grain(make_napari_viewer, qtbot, tmp_path):
+    """Texture (grain) is off by default (the smooth mean); ticked, the output layer holds the
+    texture-on predictor's grainy stain (same layer name, new data), its provenance says texture
+    on, the dock's cache holds two predictors (none changed), live staining follows the box, and
+    the input layer is never modified. The model is a small random checkpoint with a texture
+    head."""
     from _fake_predictor import blobs, texture_lcm
     from napari_lcm_stain.engine import stain
 
@@ -229,7 +228,7 @@ def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
     viewer = make_napari_viewer()
     q = viewer.add_image(image.copy(), name="qOBM phase")
     widget = _stain_dock(viewer)
-    assert widget.texture_check.isChecked()
+    assert not widget.texture_check.isChecked()
     assert "smooth mean" in widget.texture_check.toolTip()
     widget.pix2pix_check.setChecked(False)
     widget.add_model("grain", ckpt)
@@ -238,16 +237,16 @@ def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
     _click_and_wait(qtbot, widget)
     assert widget.last_error is None, widget.last_error
     out = viewer.layers[name]
-    grainy = out.data.copy()
-    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is True
+    smooth = out.data.copy()
+    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is False
     n_layers = len(viewer.layers)
 
-    widget.texture_check.setChecked(False)
+    widget.texture_check.setChecked(True)
     _click_and_wait(qtbot, widget)
     assert widget.last_error is None, widget.last_error
     assert len(viewer.layers) == n_layers and viewer.layers[name] is out  # replaced in place
-    smooth = np.asarray(out.data)
-    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is False
+    grainy = np.asarray(out.data)
+    assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is True
 
     kw = {"steps": 1, "tile": 128, "overlap": 16, "device": "auto", "seed": 0}
     with warnings.catch_warnings():
@@ -255,7 +254,7 @@ def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
         expected = {t: stain(image, ckpt, texture=t, **kw) for t in (True, False)}
     np.testing.assert_allclose(smooth, expected[False], atol=1e-5)
     np.testing.assert_allclose(grainy, expected[True], atol=1e-5)
-    assert np.abs(grainy - smooth).max() > 0.1  # the grain was there, and now is not
+    assert np.abs(grainy - smooth).max() > 0.1  # the grain is there now, and was not
     np.testing.assert_array_equal(q.data, image)  # the input is never touched
 
     preds = {k[3]: v for k, v in widget._cache.items() if len(k) == 4 and k[0] == ckpt}
@@ -269,8 +268,8 @@ def test_texture_box_on_by_default_and_off_gives_the_smooth_mean(
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
     assert widget.last_error is None, widget.last_error
     shown = viewer.layers["qOBM phase · DAPI live (grain)"]
-    np.testing.assert_allclose(shown.data, expected[False], atol=1e-5)
-    assert shown.metadata[PLUGIN_KEY]["provenance"]["texture"] is False
+    np.testing.assert_allclose(shown.data, expected[True], atol=1e-5)
+    assert shown.metadata[PLUGIN_KEY]["provenance"]["texture"] is True
     np.testing.assert_array_equal(q.data, image)
 
 

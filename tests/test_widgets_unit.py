@@ -169,7 +169,7 @@ def _fake_engine(monkeypatch, behaviour):
     monkeypatch.setattr(
         _jobs,
         "get_predictor",
-        lambda cache, model, steps, device, texture=True: types.SimpleNamespace(
+        lambda cache, model, steps, device, texture=False: types.SimpleNamespace(
             name=str(model), device="cpu", pixel_size=0.5
         ),
     )
@@ -300,17 +300,17 @@ def test_get_predictor_caches_by_model_steps_device_texture(monkeypatch):
     cache: dict = {}
     a = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu")
     assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu") is a
-    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True) is a  # default: on
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False) is a  # default: smooth
     _jobs.get_predictor(cache, "x.safetensors", 2, "cpu")
-    smooth = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False)
-    assert smooth is not a  # texture is part of the key: another predictor, none changed
-    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False) is smooth
-    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True) is a
+    grainy = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True)
+    assert grainy is not a  # texture is part of the key: another predictor, none changed
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", True) is grainy
+    assert _jobs.get_predictor(cache, "x.safetensors", 1, "cpu", False) is a
     loaded = object()
     assert _jobs.get_predictor(cache, loaded, 1, "cpu") is loaded  # objects pass through
     assert _jobs.get_predictor(cache, loaded, 1, "cpu", False) is loaded  # no texture head
-    assert loads == [("x.safetensors", 1, True), ("x.safetensors", 2, True),
-                     ("x.safetensors", 1, False)]  # fmt: skip
+    assert loads == [("x.safetensors", 1, False), ("x.safetensors", 2, False),
+                     ("x.safetensors", 1, True)]  # fmt: skip
 
 
 def test_finetune_job_relays_events_and_returns_result(monkeypatch):

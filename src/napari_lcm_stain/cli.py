@@ -81,7 +81,7 @@ def _cmd_stain(a: argparse.Namespace) -> int:
         out_format=a.format,
         scheduler=a.scheduler,
         pattern=a.pattern,
-        texture=not a.no_texture,
+        texture=a.texture,
     )
     return 0
 
@@ -174,7 +174,7 @@ _DEFAULT = " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .watch import NO_TEXTURE_HELP
+    from .watch import TEXTURE_HELP
     from .watch import add_arguments as watch_arguments
 
     p = argparse.ArgumentParser(
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(NAME_dapi_std.ome.tif)" + _DEFAULT,
     )
     s.add_argument("--seed", **seed)
-    s.add_argument("--no-texture", action="store_true", help=NO_TEXTURE_HELP)
+    s.add_argument("--texture", action="store_true", help=TEXTURE_HELP)
     s.add_argument(
         "--format",
         choices=["auto", "tiff", "zarr"],

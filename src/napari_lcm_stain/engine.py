@@ -194,7 +194,7 @@ def _is_predictor(obj) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_packaged(name: str, steps, device: str, precision: str = "auto", texture=True):
+def _cached_packaged(name: str, steps, device: str, precision: str = "auto", texture=False):
     from .sampling import load_predictor
 
     return load_predictor(name, steps, device, precision, texture=texture)
@@ -210,11 +210,11 @@ def with_texture(predictor, texture: bool):
 def get_predictor(model="lcm", steps=None, device="auto", precision="auto", texture=None):
     """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a
     path. `texture`: True/False = draw a texture decoder's grain or its smooth mean; None = the
-    model's own way (loaded: grain; a passed Predictor: as it is). A passed Predictor follows a
+    default (loaded here: smooth; a passed Predictor: as it is). A passed Predictor follows a
     True/False through `Predictor.with_texture`, which never changes the caller's object."""
     if _is_predictor(model):
         return model if texture is None else with_texture(model, texture)
-    texture = True if texture is None else bool(texture)
+    texture = bool(texture)  # None: smooth
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
         return _cached_packaged(model.lower(), steps, str(device), precision, texture)
     if isinstance(model, (str, os.PathLike)):
@@ -350,9 +350,10 @@ def iter_stain(
     factor is outside `RESCALE_RANGE` (e.g. "--pixel-size", "the file's metadata").
     `info["ood"]`: the input's out-of-distribution score (`ood.ood_score`; the worst plane of a
     stack); when flagged its note is also in `info["warnings"]`. Never blocks.
-    `texture`: models with a texture decoder draw the stain with DAPI-like grain (True; None,
-    the default, is the same for a model loaded here and leaves a passed Predictor as it is);
-    False gives their smooth mean, e.g. for segmentation. Other models ignore it.
+    `texture`: True = models with a texture decoder draw the stain with DAPI-like grain, for
+    looking at it beside real DAPI; False = their smooth mean, what analysis wants; None (the
+    default) = smooth for a model loaded here, a passed Predictor as it is. Other models ignore
+    it. The grain costs SSIM and nuclei F1 and adds no rim (docs/model-card.md).
     `info["texture"]` says whether grain was drawn (False for models without a texture decoder).
     """
     t_start = time.perf_counter()
@@ -414,7 +415,7 @@ def iter_stain(
             from .sampling import load_predictor
 
             loader = functools.partial(
-                load_predictor, str(model), steps, str(device), texture=texture is not False
+                load_predictor, str(model), steps, str(device), texture=bool(texture)
             )
     else:
         compute, close = None, (lambda: None)

@@ -822,7 +822,7 @@ def stain_files(
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = False,
     pattern: str | None = None,
-    texture: bool = True,
+    texture: bool = False,
 ) -> list[Path]:
     """Stain files / folders / globs; write OME-TIFF or OME-Zarr (+ `_std` with samples > 1).
 
@@ -830,8 +830,8 @@ def stain_files(
     refused, two inputs may not share an output, an existing output needs `overwrite=True`) and
     the settings (tile, model, device). Folders skip DAPI / label / output images unless
     `pattern` (a glob on file names) picks the files. In a batch, an input that fails is named
-    and skipped; a `BatchError` listing the failures is raised at the end. `texture`: False
-    stains with a texture decoder's smooth mean (no grain; see `engine.iter_stain`).
+    and skipped; a `BatchError` listing the failures is raised at the end. `texture`: True
+    draws a texture decoder's grain (default: the smooth mean; see `engine.iter_stain`).
     """
     from . import tiling
     from .engine import _check_params, get_predictor

@@ -159,12 +159,21 @@ class Predictor:
     def __call__(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         with torch.inference_mode():
             x = to_device(x, self.device, self.dtype)
+            eps = None
             if noise is not None:
-                noise = to_device(noise, self.device, self.dtype)
-            y = self._forward(x, noise)
+                noise = to_device(noise, self.device, torch.float32)
+                eps = self._pixel_noise(noise)  # from the float32 canvas: same grain in any dtype
+                noise = noise.to(self.dtype)
+            y = self._forward(x, noise, eps)
             return y.float().clamp_(0.0, 1.0).cpu()
 
-    def _forward(self, x, noise):  # pragma: no cover - abstract
+    def _pixel_noise(self, noise: torch.Tensor) -> torch.Tensor | None:
+        """The texture decoder's per-pixel noise for this call, or None (no grain drawn)."""
+        if not getattr(self, "texture", False):
+            return None
+        return pixel_noise(noise[:, 0], self.latent_factor).to(self.dtype)
+
+    def _forward(self, x, noise, eps):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def with_texture(self, texture: bool) -> Predictor:
@@ -183,12 +192,13 @@ class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps).
 
     `texture`: with a texture decoder (`models.Decoder(texture=True)`), draw its per-pixel noise
-    (`pixel_noise`, from the first latent noise) and return a stochastic stain; False returns
-    the decoder's mean, a smooth image without grain (e.g. for segmentation)."""
+    (`pixel_noise`, from the first latent noise, at float32 whatever the precision, so the grain
+    does not change with the dtype) and return a grainy stain; False (the default) returns the
+    decoder's mean, the smooth stain (docs/model-card.md: the grain costs SSIM and nuclei F1)."""
 
     def __init__(
         self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False,
-        texture: bool = True,
+        texture: bool = False,
     ):  # fmt: skip
         super().__init__(config, device, dtype)
         self.has_texture = bool(getattr(decoder, "texture", False))
@@ -212,7 +222,7 @@ class LatentPredictor(Predictor):
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         self.name = f"LCM-{self.steps}" if mode == "lcm" else f"teacher DDIM-{self.steps}"
 
-    def _forward(self, x, noise):
+    def _forward(self, x, noise, eps):
         if noise is None:
             raise ValueError("latent models need a noise tensor (the engine draws it per canvas)")
         sched = self.scheduler
@@ -232,8 +242,7 @@ class LatentPredictor(Predictor):
                 out = sched.step(v, t, z, eta=0.0)
                 last = i + 1 == len(self.timesteps)
                 z = out.pred_original_sample if last else out.prev_sample
-        if self.texture:
-            eps = pixel_noise(noise[:, 0], self.latent_factor).to(z.dtype)
+        if eps is not None:
             return self.decoder(z / self.latent_scale, eps)
         return self.decoder(z / self.latent_scale)
 
@@ -248,7 +257,7 @@ class PixelPredictor(Predictor):
         self.generator = prepare_module(generator, device, self.dtype, compile)
         self.multiple = generator.multiple
 
-    def _forward(self, x, noise):
+    def _forward(self, x, noise, eps):
         return self.generator(x)
 
 
@@ -259,13 +268,13 @@ def predictor_from_checkpoint(
     mode: str | None = None,
     precision: str = "auto",
     compile: bool = False,
-    texture: bool = True,
+    texture: bool = False,
 ) -> Predictor:
     """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix').
 
     `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
-    `compile`: `torch.compile` the networks on CUDA; `texture`: False = a texture decoder's
-    smooth mean (`LatentPredictor`; no effect on other models)."""
+    `compile`: `torch.compile` the networks on CUDA; `texture`: True = draw a texture decoder's
+    grain (`LatentPredictor`; no effect on other models)."""
     dev = resolve_device(device)
     dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config
@@ -297,7 +306,7 @@ def load_predictor(
     device="auto",
     precision="auto",
     compile=False,
-    texture: bool = True,
+    texture: bool = False,
 ) -> Predictor:
     """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
     if isinstance(model, Predictor):

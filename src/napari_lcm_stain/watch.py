@@ -117,7 +117,7 @@ def watch_folder(
         raise ValueError(f"settle must be >= 0 and poll > 0 seconds, got {settle} and {poll}")
     output.mkdir(parents=True, exist_ok=True)
     steps, device = stain_kwargs.get("steps"), stain_kwargs.get("device", "auto")
-    texture = stain_kwargs.get("texture", True)
+    texture = stain_kwargs.get("texture", False)
     predictor = get_predictor(model, steps, device, texture=texture)  # once, before the first file
     staging, report = _Staging(), WatchReport()
     observer = _observer(folder, staging)
@@ -163,11 +163,11 @@ def _stain_one(
     return written
 
 
-#: `--no-texture` of `lcm-stain stain` and `lcm-stain watch`.
-NO_TEXTURE_HELP = (
-    "stain without grain: models with a texture decoder give their smooth mean (better for "
-    "segmenting and counting nuclei) instead of DAPI-like grain; models without one (Pix2Pix, "
-    "older checkpoints) are not affected (default: texture on)"
+#: `--texture` of `lcm-stain stain` and `lcm-stain watch`.
+TEXTURE_HELP = (
+    "draw the stain with DAPI-like grain (models with a texture decoder; to compare by eye with "
+    "real DAPI) instead of the smooth mean, which is better for segmenting, counting and "
+    "measuring; models without one (Pix2Pix, older checkpoints) are not affected (default: smooth)"
 )
 
 
@@ -197,7 +197,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="output format; auto follows the input (default: %(default)s)",
     )
-    p.add_argument("--no-texture", action="store_true", help=NO_TEXTURE_HELP)
+    p.add_argument("--texture", action="store_true", help=TEXTURE_HELP)
     p.add_argument("--existing", action="store_true", help="also stain the TIFFs already there")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -205,6 +205,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     names = ("model", "steps", "tile", "overlap", "device", "seed", "pixel_size", "overwrite")
     options = {name: getattr(a, name) for name in names + ("existing", "settle")}
-    options["texture"] = not a.no_texture
+    options["texture"] = a.texture
     watch_folder(Path(a.folder), Path(a.output), out_format=a.format, **options)
     return 0

@@ -90,7 +90,7 @@ def _relay(gen: Iterator[Any], label: str, offset: int, remaining: int) -> Gener
 
 
 def get_predictor(
-    cache: dict, model: Any, steps: int | None, device: str, texture: bool = True
+    cache: dict, model: Any, steps: int | None, device: str, texture: bool = False
 ) -> Any:
     """Load (or reuse) a predictor; an already-loaded Predictor object is used as is, or as a
     copy that follows ``texture`` (`engine.with_texture`).
@@ -153,11 +153,11 @@ def stain_job(
     cache: dict,
     source: str = "",
     pixel_size_source: str = "pixel_size",
-    texture: bool = True,
+    texture: bool = False,
 ) -> Generator[Progress, None, StainOutcome | JobFailure]:
     """Stain ``image`` with each job's model; with ``truth``, score each output against it.
 
-    ``texture``: False stains with a texture decoder's smooth mean (no grain)."""
+    ``texture``: True draws a texture decoder's grain (default: the smooth mean)."""
     try:
         from napari_lcm_stain.engine import iter_stain
 
@@ -384,7 +384,7 @@ def live_job(
     cache: dict,
     source: str = "",
     pixel_size_source: str = "pixel_size",
-    texture: bool = True,
+    texture: bool = False,
 ) -> Generator[LiveResult, None, JobFailure | None]:
     """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
     try:
@@ -429,7 +429,7 @@ def watch_job(
 
         try:
             steps, device = kwargs.get("steps"), kwargs.get("device")
-            predictor = get_predictor(cache, model, steps, device, kwargs.get("texture", True))
+            predictor = get_predictor(cache, model, steps, device, kwargs.get("texture", False))
             result["report"] = watch_folder(
                 folder, output, model=predictor, stop=stop, log=events.put,
                 on_written=lambda src, outs: events.put((src, outs)), **kwargs,

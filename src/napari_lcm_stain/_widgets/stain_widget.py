@@ -99,11 +99,12 @@ class StainWidget(DockBase):
 
         self.texture_check = ui.check_box(
             "Texture (grain)",
-            "Draw the stain with DAPI-like grain (shot noise, chromatin grain). Off gives the "
-            "smooth mean, better for segmenting and counting nuclei. Only models with a texture "
-            "decoder have any grain; Pix2Pix ignores it. The layer's provenance records whether "
-            "grain was drawn.",
-            checked=True,
+            "Draw the stain with DAPI-like grain (the shot noise of a measured DAPI image), to "
+            "compare it by eye with real DAPI. Off (the default) gives the smooth mean, better "
+            "for segmenting, counting and measuring: the grain adds no information. Only models "
+            "with a texture decoder have any grain; Pix2Pix ignores it. The layer's provenance "
+            "records whether grain was drawn.",
+            checked=False,
         )
         form.addRow(self.texture_check)
 
