@@ -9,7 +9,7 @@ arms continue distillation from the init's LCM for `--lcm-steps` with a conditio
 the decoded output (adversarial distillation; lcm-0 is the same steps without it), decoder kept;
 lcm-pix* the same with the pixel reconstruction loss of the decoded estimate instead.
 The tex arms refit and polish a texture decoder (`models.Decoder(texture=True)`: learned noise
-amplitude); "ARM:mean" rows score a texture arm's smooth mean as well.
+amplitude); a texture arm's row is its smooth mean (the default), "ARM:texture" its grain.
 
 A texture init keeps its texture head (`presets.transfer_preset`), so the arms that must run
 without one need a deterministic init. Session 6 ran them from the session-5 release:
@@ -57,6 +57,9 @@ ARMS = {
     # texture decoder: per-pixel noise with a learned amplitude (models.Decoder(texture=True))
     "tex": dict(texture=True),
     "tex+adv": dict(texture=True, adv_weight=0.05, fm_weight=0.5),
+    # the latent-grid penalty alone (no critic), on the texture decoder's stages
+    "tex+grid": dict(texture=True, grid_weight=1.0),
+    "tex+grid4": dict(texture=True, grid_weight=4.0),
     # adversarial distillation: only the LCM stage re-runs (from the init's LCM), same steps
     "lcm-0": dict(lcm_adv_weight=0.0, stages=("lcm",)),
     "lcm-adv": dict(lcm_adv_weight=0.05, stages=("lcm",)),
@@ -95,15 +98,15 @@ def train_arm(arm: str, init: str, out: Path, steps: dict, threads, base: str) -
     run_recipe(p, out, seed=0, stages=stages, init=init, quiet=True, threads=threads)
 
 
-def with_means(models: dict[str, str]) -> dict:
-    """Each texture model twice: as shipped (stochastic) and its decoder's mean ("ARM:mean")."""
+def with_textures(models: dict[str, str]) -> dict:
+    """Each texture model twice: as loaded by default (its decoder's smooth mean) and with its
+    grain drawn ("ARM:texture")."""
     out = {}
     for name, path in models.items():
         out[name] = path
-        pred = load_predictor(path, device="cpu")
+        pred = load_predictor(path, device="cpu", texture=True)
         if getattr(pred, "texture", False):
-            pred.texture = False
-            out[f"{name}:mean"] = pred
+            out[f"{name}:texture"] = pred
     return out
 
 
@@ -168,7 +171,7 @@ def main() -> None:
     found = [arm for arm in ARMS if (a.out / arm / "lcm.safetensors").exists()]
     models = {arm: str(a.out / arm / "lcm.safetensors") for arm in found}
     models["pix2pix"] = str(init_files(a.init) / "pix2pix.safetensors")
-    rows = score(with_means(models), a.n, a.size)
+    rows = score(with_textures(models), a.n, a.size)
     (a.out / "score.json").write_text(json.dumps({"arms": ARMS, "rows": rows}, indent=2))
     print(f"wrote {a.out / 'score.json'}")
 

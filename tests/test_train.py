@@ -311,6 +311,27 @@ def test_texture_decoder_learns_the_residual_amplitude(tmp_path):
     assert torch.equal(pred(x, noise), smooth)  # texture off: deterministic given the noise
 
 
+def test_grid_penalty_without_a_critic():
+    """grid_weight alone: no critic is built, and the stage loss gets the latent-grid excess of
+    the decoded crops, with a gradient that lowers a drawn 8-px pattern; no excess, no term."""
+    from napari_lcm_stain.training.stages import RealismCritic
+
+    crit = RealismCritic(0.0, 0.0, 1.0, start=0, ndf=8, factor=8)
+    assert not crit.on and not hasattr(crit, "disc")
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(4, 1, 64, 64, generator=g)
+    stripes = (torch.arange(64) % 8 == 0).float().view(1, 1, 1, 64)
+    fake = (real + 0.5 * stripes).requires_grad_(True)
+    base = torch.tensor(1.0)
+    loss = crit(10, fake, base, real)
+    assert float(loss) > 1.0  # the excess at period 8 is added
+    loss.backward()
+    assert float((fake.grad * stripes).sum()) > 0  # descending it weakens the stripes
+    assert float(crit(10, real.clone(), base, real)) == 1.0  # no excess: the loss as it was
+    off = RealismCritic(0.0, 0.0, 0.0, start=0, ndf=8, factor=8)
+    assert off(10, fake, base, real) is base
+
+
 def test_transfer_on_simulated_fields_keeps_the_init_normalisation(tiny_run, tmp_path):
     """`--init` without `--data`: the simulated fields are normalised as the init checkpoint says
     (its mad_scale), not with the default robust parameters, so its U-Net sees what it knows."""

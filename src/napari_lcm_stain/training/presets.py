@@ -51,7 +51,8 @@ class TrainPreset:
     # step 0). 0 / 0 = the L1 recipe before it (stages.RealismCritic).
     adv_weight: float = 0.0
     fm_weight: float = 0.0
-    # + `grid_weight` x the excess power at the latent grid's period over the truth's
+    # + `grid_weight` x the excess power at the latent grid's period over the truth's (also
+    # without a critic: then only this term)
     grid_weight: float = 0.0
     # adversarial distillation: a conditional critic on the decoded one-step output adds
     # `lcm_adv_weight` x its adversarial loss to the LCM stage's loss (0: plain LCD + anchor)

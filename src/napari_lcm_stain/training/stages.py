@@ -141,7 +141,7 @@ class RealismCritic:
     penalises that blur, as latent diffusion's own autoencoders and adversarial distillation do.
     `conditional`: the critic also sees the qOBM crop (as Pix2Pix's), so it can judge whether
     the stain fits the input, not only whether it looks like DAPI. Off when both weights are 0:
-    then it returns the stage's own loss unchanged and trains nothing."""
+    then it trains nothing and returns the stage's own loss, plus the grid term if `grid` > 0."""
 
     def __init__(
         self, weight, fm, grid, start, ndf, factor, conditional=False, dev=CPU
@@ -171,7 +171,9 @@ class RealismCritic:
     def __call__(self, step, fake, base, real, cond=None) -> torch.Tensor:
         """One critic update; returns `base` (the stage's own loss) plus, from `start` on, the
         weighted adversarial, feature-matching and grid terms for `fake`."""
-        if not self.on:
+        if not self.on:  # no critic; a grid weight alone still applies its term
+            if self.grid and step >= self.start:
+                return base + self.grid * latent_grid_excess(fake, real, self.factor)
             return base
         pair = (lambda x: torch.cat([cond, x], 1)) if self.conditional else (lambda x: x)
         logits = self.disc(torch.cat([pair(real), pair(fake.detach())]))  # one forward: DDP
