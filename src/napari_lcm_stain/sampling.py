@@ -171,7 +171,10 @@ class Predictor:
         """The texture decoder's per-pixel noise for this call, or None (no grain drawn)."""
         if not getattr(self, "texture", False):
             return None
-        return pixel_noise(noise[:, 0], self.latent_factor).to(self.dtype)
+        src = noise[:, 0]
+        if src.device.type == "mps":  # int64 hashing and ndtri: on the CPU where MPS lacks them
+            src = src.cpu()
+        return pixel_noise(src, self.latent_factor).to(noise.device, self.dtype)
 
     def _forward(self, x, noise, eps):  # pragma: no cover - abstract
         raise NotImplementedError
