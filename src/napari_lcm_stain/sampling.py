@@ -129,6 +129,8 @@ class Predictor:
     latent_factor = 1
     noise_channels = 0
     n_noise = 0
+    has_texture = False  # a texture decoder (LatentPredictor sets it from its decoder)
+    texture = False  # its grain is drawn
 
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype | None = None):
         self.config = config
@@ -169,7 +171,7 @@ class Predictor:
 
     def _pixel_noise(self, noise: torch.Tensor) -> torch.Tensor | None:
         """The texture decoder's per-pixel noise for this call, or None (no grain drawn)."""
-        if not getattr(self, "texture", False):
+        if not self.texture:
             return None
         src = noise[:, 0]
         if src.device.type == "mps":  # int64 hashing and ndtri: on the CPU where MPS lacks them
@@ -183,8 +185,8 @@ class Predictor:
         """This predictor drawing (or not) a texture decoder's grain: itself when nothing
         changes (no texture decoder, or already so), else a shallow copy sharing the networks,
         so a predictor someone else holds is never changed."""
-        want = bool(texture) and bool(getattr(self, "has_texture", False))
-        if want == bool(getattr(self, "texture", False)):
+        want = bool(texture) and self.has_texture
+        if want == self.texture:
             return self
         clone = copy.copy(self)
         clone.texture = want
