@@ -76,6 +76,31 @@ def test_build_from_config_and_unknown_arch():
         build({"class": "Transformer9000"})
 
 
+@torch.no_grad()
+def test_conditioning_encoder_sees_the_qobm_and_stays_local():
+    """`cond_channels`: a full-resolution encoder of the qOBM joins the unshuffled pixels; the
+    output keeps its shape, depends on the encoder, and stays local (tiled = whole image)."""
+    torch.manual_seed(2)
+    unet = LatentUNet(4, 8, (8, 16), cond_channels=(4, 8, 8, 16)).eval()
+    assert unet.cond_encoder is not None and unet.stem.in_channels == 4 + 64 + 16
+    z, x = torch.randn(1, 4, 16, 16), torch.randn(1, 1, 128, 128)
+    t = torch.tensor([999])
+    out = unet(z, t, x)
+    assert out.shape == z.shape
+    unet.cond_encoder[0].weight.mul_(2.0)  # the encoder's path reaches the output
+    assert not torch.equal(unet(z, t, x), out)
+    x2 = x.clone()
+    x2[..., -1, -1] += 100.0
+    far = unet(z, t, x2)
+    assert torch.equal(far[..., :4, :4], unet(z, t, x)[..., :4, :4]) and not torch.equal(far, out)
+    with pytest.raises(ValueError, match="log2\\(factor\\) \\+ 1 = 4 entries"):
+        LatentUNet(4, 8, (8, 16), cond_channels=(4, 8))
+    m = build({"class": "LatentUNet", "kwargs": {"channels": [8, 16], "factor": 4,
+                                                 "cond_channels": [4, 8, 8]}})  # fmt: skip
+    assert m.cond_channels == (4, 8, 8)
+    assert LatentUNet(4, 4, (8, 16)).cond_encoder is None  # the default: the network before it
+
+
 def test_texture_decoder_adds_amplitude_times_noise_to_its_mean():
     """A texture decoder returns its mean without noise, mean + amplitude x noise with it, and
     a deterministic decoder's weights load into it with the texture head at its start value."""

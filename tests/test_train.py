@@ -11,6 +11,8 @@ from napari_lcm_stain import checkpoints as ck
 from napari_lcm_stain import finetune
 from napari_lcm_stain import training as train
 from napari_lcm_stain.sampling import load_predictor
+from napari_lcm_stain.training import presets as presets_mod
+from napari_lcm_stain.training import stages as stages_mod
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +332,27 @@ def test_grid_penalty_without_a_critic():
     assert float(crit(10, real.clone(), base, real)) == 1.0  # no excess: the loss as it was
     off = RealismCritic(0.0, 0.0, 0.0, start=0, ndf=8, factor=8)
     assert off(10, fake, base, real) is base
+
+
+def test_conditioning_encoder_trains_saves_and_transfers(tmp_path):
+    """`unet_cond_channels`: the teacher trains with the encoder, its checkpoint records it and
+    loads as a predictor, and a transfer preset from that checkpoint keeps it; without it the
+    config has no `cond_channels` key (older checkpoints and fingerprints unchanged)."""
+    p = dataclasses.replace(
+        train.get_train_preset("tiny"), unet_cond_channels=(4, 8, 8, 8), teacher_steps=20
+    )
+    train.run_recipe(p, tmp_path, stages=["vae", "decoder", "teacher"], quiet=True)
+    rows = np.loadtxt(tmp_path / "teacher_loss.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert rows[-1, 1] < rows[0, 1]
+    ckpt = ck.load_checkpoint(tmp_path / "teacher.safetensors")
+    assert ckpt.config["architecture"]["unet"]["kwargs"]["cond_channels"] == [4, 8, 8, 8]
+    assert any(k.startswith("cond_encoder.") for k in ckpt.sub("unet"))
+    pred = load_predictor(tmp_path / "teacher.safetensors", 1, "cpu")
+    assert pred.unet.cond_encoder is not None
+    moved = presets_mod.transfer_preset(train.get_train_preset("tiny"), ckpt.config, None)
+    assert moved.unet_cond_channels == (4, 8, 8, 8)
+    plain = stages_mod.unet_arch(train.get_train_preset("tiny"))
+    assert "cond_channels" not in plain["kwargs"]
 
 
 def test_transfer_on_simulated_fields_keeps_the_init_normalisation(tiny_run, tmp_path):

@@ -210,7 +210,16 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class LatentUNet(nn.Module):
-    """Predicts v for the DAPI latent, conditioned on qOBM by pixel-unshuffle + concatenation."""
+    """Predicts v for the DAPI latent, conditioned on qOBM by pixel-unshuffle + concatenation.
+
+    `cond_channels` (optional): a small convolutional encoder of the qOBM at full resolution,
+    one 3x3 conv per entry, the first at full resolution and each later one with stride 2 (so
+    log2(factor) + 1 entries), whose features join the unshuffled pixels at the latent grid.
+    Why: the unshuffled pixels reach the network only through one linear 3x3 stem conv, which
+    must squeeze factor² sub-pixel values per cell into a few channels before any nonlinearity;
+    nuclear rims are a nonlinear feature of the phase at full resolution (docs/model-card.md,
+    "Conditioning encoder"). Empty (the default) is the network before it.
+    """
 
     def __init__(
         self,
@@ -218,8 +227,17 @@ class LatentUNet(nn.Module):
         factor: int = 4,
         channels: tuple[int, ...] = (24, 48, 96, 160),
         emb_dim: int = 128,
+        cond_channels: tuple[int, ...] = (),
     ):
         super().__init__()
+        cond_channels = tuple(int(c) for c in cond_channels)
+        if cond_channels and len(cond_channels) != int(math.log2(factor)) + 1:
+            raise ValueError(
+                f"cond_channels needs log2(factor) + 1 = {int(math.log2(factor)) + 1} entries "
+                f"(one full-resolution conv, then one stride-2 conv per halving), got "
+                f"{len(cond_channels)}"
+            )
+        self.cond_channels = cond_channels
         self.latent_channels = latent_channels
         self.factor = factor
         self.channels = tuple(channels)
@@ -228,7 +246,14 @@ class LatentUNet(nn.Module):
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.unshuffle = nn.PixelUnshuffle(factor)
-        self.stem = nn.Conv2d(latent_channels + factor * factor, channels[0], 3, padding=1)
+        self.cond_encoder = None
+        if cond_channels:
+            layers: list[nn.Module] = [nn.Conv2d(1, cond_channels[0], 3, padding=1), nn.SiLU()]
+            for a, b in zip(cond_channels, cond_channels[1:]):
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU()]
+            self.cond_encoder = nn.Sequential(*layers)
+        n_cond = factor * factor + (cond_channels[-1] if cond_channels else 0)
+        self.stem = nn.Conv2d(latent_channels + n_cond, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         for i, c in enumerate(channels):
@@ -256,7 +281,10 @@ class LatentUNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(z.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(z.dtype))
-        h = self.stem(torch.cat([z, self.unshuffle(cond)], dim=1))
+        parts = [z, self.unshuffle(cond)]
+        if self.cond_encoder is not None:
+            parts.append(self.cond_encoder(cond))
+        h = self.stem(torch.cat(parts, dim=1))
         skips = []
         for i, block in enumerate(self.down_blocks):
             h = block(h, emb)
@@ -378,6 +406,7 @@ def build(arch: dict) -> nn.Module:
             f"{sorted(ARCHITECTURES)} (was the checkpoint made by a newer napari-lcm-stain?)"
         )
     kwargs = dict(arch.get("kwargs", {}))
-    if "channels" in kwargs:
-        kwargs["channels"] = tuple(kwargs["channels"])
+    for key in ("channels", "cond_channels"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
     return ARCHITECTURES[cls_name](**kwargs)

@@ -31,6 +31,9 @@ class TrainPreset:
     ema_target: float = 0.95
     huber_c: float = 1e-3
     unet_channels: tuple[int, ...] = (24, 48, 96, 160)
+    # a convolutional encoder of the qOBM at full resolution beside the unshuffled pixels
+    # (`models.LatentUNet(cond_channels=...)`); () = none, the network before it
+    unet_cond_channels: tuple[int, ...] = ()
     vae_channels: int = 32
     pix2pix_ngf: int = 16
     pix2pix_depth: int = 6
@@ -179,6 +182,7 @@ def transfer_preset(p: TrainPreset, lcm_config: dict, pix2pix_config: dict | Non
         latent_channels=int(unet["latent_channels"]),
         latent_factor=int(unet["factor"]),
         unet_channels=tuple(unet["channels"]),
+        unet_cond_channels=tuple(unet.get("cond_channels", ())),
         vae_channels=int(vae["enc_channels"]),
     )
     if "dec_half_channels" in vae:  # a refitted thin decoder: keep refitting and polishing it

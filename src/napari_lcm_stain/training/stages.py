@@ -32,15 +32,19 @@ def arch(module_cls, **kwargs) -> dict:
 
 
 def make_unet(p: TrainPreset) -> LatentUNet:
-    return LatentUNet(p.latent_channels, p.latent_factor, p.unet_channels)
+    return build(unet_arch(p))
 
 
 def unet_arch(p: TrainPreset) -> dict:
+    """The U-Net's config entry; `cond_channels` only when set, so configs (and checkpoints) of
+    the network without a conditioning encoder stay as they were."""
+    cond = {"cond_channels": list(p.unet_cond_channels)} if p.unet_cond_channels else {}
     return arch(
         LatentUNet,
         latent_channels=p.latent_channels,
         factor=p.latent_factor,
         channels=list(p.unet_channels),
+        **cond,
     )
 
 
