@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                 sel = (cnr >= lo) & (cnr < hi) & np.isfinite(truth)
                 acc[name][k] += list(zip(truth[sel], painted[sel]))
     print("brightness of the true nuclei, prediction ÷ truth, by phase CNR (n nuclei):")
-    head = [f"CNR {lo:g}-{hi:g} (n={len(acc['lcm-1'][k])})" for k, (lo, hi) in
+    head = [f"CNR {lo:g}-{hi:g} (n={len(next(iter(acc.values()))[k])})" for k, (lo, hi) in
             enumerate(zip(BINS, BINS[1:]))]  # fmt: skip
     print(f"{'model':12s}" + "".join(f"{h:>20s}" for h in head))
     for name in MODELS:
