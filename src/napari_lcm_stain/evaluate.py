@@ -915,6 +915,8 @@ def run_instrument_suite(
 
 SHIFT_PRESET = "shifted-20x"
 SHIFT_TRAIN_SEED = 777
+#: the pairs of a several-pair check (session 7): the one pair first, then seeds after the held ones
+SHIFT_TRAIN_SEEDS: tuple[int, ...] = (SHIFT_TRAIN_SEED, 794, 795, 796)
 #: 16 held-out fields (session 6; it was 4): on four 256² fields a model's per-field F1 swung by
 #: up to ±0.4 after one-pair fine-tuning, which decided the check alone (docs/model-card.md)
 SHIFT_HELD_SEEDS: tuple[int, ...] = tuple(range(778, 794))
@@ -928,21 +930,30 @@ def finetune_shift_check(
     train_size: int = 512,
     held_size: int = 256,
     device: str = "cpu",
+    pairs: int = 1,
 ) -> dict[str, Any]:
-    """Fine-tune on one paired field of the shifted instrument; score held-out fields of it.
+    """Fine-tune on paired fields of the shifted instrument; score held-out fields of it.
 
-    The fixed protocol behind the "fine-tuning helps" claim: one `train_size`² pair (seed 777) as a
-    user would give, and 16 `held_size`² fields (seeds 778-793) never seen in fine-tuning. Returns
-    mean and per-field Pearson / nuclei F1 before and after, plus the run's validation record.
+    The fixed protocol behind the "fine-tuning helps" claim: `pairs` `train_size`² pairs (seeds
+    `SHIFT_TRAIN_SEEDS`; one = seed 777, validated on its bottom strip; four = one whole pair
+    validates, as `finetune` holds out every fourth) as a user would give, and 16 `held_size`²
+    fields (seeds 778-793) never seen in fine-tuning. Returns mean and per-field Pearson / nuclei
+    F1 before and after, plus the run's validation record.
     """
     from . import simulate
     from .finetune import run_finetune
     from .sampling import load_predictor
 
-    pair = simulate.simulate_pair(SHIFT_PRESET, size=train_size, seed=SHIFT_TRAIN_SEED)
+    if not 1 <= pairs <= len(SHIFT_TRAIN_SEEDS):
+        raise ValueError(f"pairs must be 1-{len(SHIFT_TRAIN_SEEDS)}, got {pairs}")
+    train = [simulate.simulate_pair(SHIFT_PRESET, size=train_size, seed=s)
+             for s in SHIFT_TRAIN_SEEDS[:pairs]]  # fmt: skip
     held = [simulate.simulate_pair(SHIFT_PRESET, size=held_size, seed=s) for s in SHIFT_HELD_SEEDS]
+    qobm, dapi = [t.qobm for t in train], [t.dapi for t in train]
+    if pairs == 1:  # one pair: a plane, validated on its bottom strip
+        qobm, dapi = qobm[0], dapi[0]
     res = run_finetune(
-        pair.qobm, pair.dapi, model=model, steps=steps, lr=lr, patch=patch, seed=0, device=device
+        qobm, dapi, model=model, steps=steps, lr=lr, patch=patch, seed=0, device=device
     )
 
     def score(predictor) -> dict[str, Any]:
@@ -960,7 +971,7 @@ def finetune_shift_check(
     return {
         "protocol": {
             "preset": SHIFT_PRESET,
-            "train_seed": SHIFT_TRAIN_SEED,
+            "train_seeds": list(SHIFT_TRAIN_SEEDS[:pairs]),
             "train_size": train_size,
             "held_seeds": list(SHIFT_HELD_SEEDS),
             "held_size": held_size,
