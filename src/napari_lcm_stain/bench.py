@@ -208,6 +208,7 @@ def run_bench(
     names = list(predictors) if predictors is not None else list(MODELS)
     models: dict[str, dict] = {}
     dev_name = None
+    loaded = {}
     for name in names:
         pred = (
             predictors[name]
@@ -215,22 +216,34 @@ def run_bench(
             else _load(name, str(dev), precision, compile)
         )
         dev_name = dev_name or str(getattr(pred, "device", device))
+        stain(img, pred, tile=tile, overlap=overlap)  # warm-up: the timed shapes and canvas
+        loaded[name] = pred
+    # Timed in rounds, each model once per round: a slow spell of a shared machine then costs
+    # every model alike instead of whichever was timed during it (the ratios are the result).
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peak_gpu: dict[str, float | None] = {}
+    for r in range(repeats):
+        for name in names:
+            if len(times[name]) >= min(repeats, MAX_REPEATS.get(name, repeats)):
+                continue
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            synchronize(dev)
+            t0 = time.perf_counter()
+            stain(img, loaded[name], tile=tile, overlap=overlap, seed=r)
+            synchronize(dev)
+            times[name].append(time.perf_counter() - t0)
+            if cuda:
+                peak_gpu[name] = max(
+                    peak_gpu.get(name) or 0.0, torch.cuda.max_memory_allocated(dev) / 2**20
+                )
+    for name in names:
+        pred = loaded[name]
         grid = make_grid((size, size), pred.multiple, tile, overlap)
         th, tw = grid.tile
         processed_mp = grid.n_tiles * th * tw / 1e6
-        stain(img[:th, :tw], pred, tile=tile, overlap=overlap)  # warm-up on one tile of that shape
-        if cuda:
-            stain(img, pred, tile=tile, overlap=overlap)  # and the full batch shape
-            torch.cuda.reset_peak_memory_stats(dev)
-        n_rep = min(repeats, MAX_REPEATS.get(name, repeats))
-        times = []
-        for r in range(n_rep):
-            synchronize(dev)
-            t0 = time.perf_counter()
-            stain(img, pred, tile=tile, overlap=overlap, seed=r)
-            synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
+        n_rep = len(times[name])
+        med = statistics.median(times[name])
         gflop, t_side = tile_gflop(pred, tile)
         gflop_per_mp = gflop / (t_side * t_side / 1e6)
         achieved = gflop_per_mp * processed_mp / med
@@ -239,12 +252,12 @@ def run_bench(
             "mp_per_s": mp / med,
             "gflop_per_mp": gflop_per_mp,
             "seconds": med,
-            "times": times,
+            "times": times[name],
             "repeats": n_rep,
             "overlap_factor": processed_mp / mp,
             "achieved_gflops": achieved,
             "frames_per_s": 1.0 / med,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
+            "peak_gpu_mb": peak_gpu.get(name),
         }
         say(
             f"{name:>11}: {med * 1000 / mp:9.1f} ms/MP  {mp / med:7.3f} MP/s  "

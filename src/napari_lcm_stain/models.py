@@ -187,14 +187,12 @@ class Decoder(nn.Module):
             h = self.up0(h)
         h = self.mid_res(self.up1(h))
         mean = self.up2(h)
+        if not self.texture or (pixel_noise is None and not parts):
+            return (mean, None) if parts else mean  # the smooth stain skips the amplitude head
         # detached: the amplitude is read off the mean's features and never reshapes them
-        amp = None
-        if self.texture:
-            amp = torch.exp((TEXTURE_GAIN * self.amplitude(h.detach())).clamp(max=0.0))
+        amp = torch.exp((TEXTURE_GAIN * self.amplitude(h.detach())).clamp(max=0.0))
         if parts:
             return mean, amp
-        if amp is None or pixel_noise is None:
-            return mean
         return mean + amp * pixel_noise
 
 
