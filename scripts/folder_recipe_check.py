@@ -10,7 +10,7 @@ folder, `--preset default`, against the packaged recipe, which simulates its fie
 preset also trains the texture decoder, so on today's code compare against a run of the same
 code, e.g. the `lcm-1` rows of both JSON files, not against the session-5 file.)
 
-`--make` writes the default preset's data mix as files (`simulate.write_dataset`): 48 `brain-20x`,
+`--make` writes the session-5/6 default preset's data mix (128 fields; session 7's preset has 512) as files (`simulate.write_dataset`): 48 `brain-20x`,
 48 `tumour-dense-20x` and 32 `domain-random` pairs of 256², in three sub-folders listed by one
 `pairs.csv` (seeds 0, 1 000 and 2 000 on; the benchmark's are 900 000+). `--compare A B` prints
 LCM-1 of B minus LCM-1 of A on the same benchmark fields with 95 % paired bootstrap intervals
