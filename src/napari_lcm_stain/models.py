@@ -215,8 +215,9 @@ class LatentUNet(nn.Module):
     log2(factor) + 1 entries), whose features join the unshuffled pixels at the latent grid.
     Why: the unshuffled pixels reach the network only through one linear 3x3 stem conv, which
     must squeeze factor² sub-pixel values per cell into a few channels before any nonlinearity;
-    nuclear rims are a nonlinear feature of the phase at full resolution (docs/model-card.md,
-    "Conditioning encoder"). Empty (the default) is the network before it.
+    nuclear rims are a nonlinear feature of the phase at full resolution. Measured on a small
+    budget it did not help (docs/model-card.md, "Realism", session 7), so the release has none;
+    empty (the default) is the network before it.
     """
 
     def __init__(
