@@ -1,6 +1,8 @@
 """How bright the models paint the true nuclei, by how visible each nucleus is in the phase.
 
     python scripts/contrast_by_cnr.py            # 6 brain-20x validation fields, seeds 800 000+
+    python scripts/contrast_by_cnr.py --lcm runs/ablate/full runs/ablate/robust+aug
+                                                 # LCM-1 of run folders, beside the packaged one
 
 Per nucleus: mean prediction inside its true mask minus the prediction's background mean, over
 the same for the true DAPI (1 = as bright as the truth), pooled per bin of the nucleus's phase
@@ -33,15 +35,22 @@ MODELS = {
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fields", type=int, default=6)
+    ap.add_argument("--lcm", nargs="+", default=None, metavar="RUN",
+                    help="score only LCM-1: of these run folders (their lcm.safetensors) and the "
+                    "packaged one")  # fmt: skip
     a = ap.parse_args(argv)
-    acc: dict[str, list[list[tuple[float, float]]]] = {m: [[] for _ in BINS[1:]] for m in MODELS}
+    models = dict(MODELS)
+    if a.lcm:
+        models = {run: dict(model=f"{run}/lcm.safetensors", steps=1) for run in a.lcm}
+        models["packaged lcm-1"] = MODELS["lcm-1"]
+    acc: dict[str, list[list[tuple[float, float]]]] = {m: [[] for _ in BINS[1:]] for m in models}
     for i in range(a.fields):
         s = simulate.simulate_pair("brain-20x", size=256, seed=800_000 + i)
         ids = np.arange(1, s.nuclei.max() + 1)
         bg = s.nuclei == 0
         truth = ndi.mean(s.dapi, s.nuclei, ids) - s.dapi[bg].mean()
         cnr = np.abs(np.asarray(s.nucleus_cnr, float))[: len(ids)]  # nucleus_cnr[label - 1]
-        for name, kw in MODELS.items():
+        for name, kw in models.items():
             if kw is None:
                 pred = vae_reconstruction(s.dapi)
             else:
@@ -53,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     print("brightness of the true nuclei, prediction ÷ truth, by phase CNR (n nuclei):")
     head = [f"CNR {lo:g}-{hi:g} (n={len(next(iter(acc.values()))[k])})" for k, (lo, hi) in
             enumerate(zip(BINS, BINS[1:]))]  # fmt: skip
-    print(f"{'model':12s}" + "".join(f"{h:>20s}" for h in head))
-    for name in MODELS:
+    print(f"{'model':22s}" + "".join(f"{h:>20s}" for h in head))
+    for name in models:
         vals = [np.array(b) for b in acc[name]]
         ratios = [v[:, 1].sum() / v[:, 0].sum() if len(v) else float("nan") for v in vals]
-        print(f"{name:12s}" + "".join(f"{r:20.2f}" for r in ratios))
+        print(f"{name:22s}" + "".join(f"{r:20.2f}" for r in ratios))
 
 
 if __name__ == "__main__":
