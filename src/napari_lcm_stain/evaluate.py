@@ -949,12 +949,10 @@ def finetune_shift_check(
     train = [simulate.simulate_pair(SHIFT_PRESET, size=train_size, seed=s)
              for s in SHIFT_TRAIN_SEEDS[:pairs]]  # fmt: skip
     held = [simulate.simulate_pair(SHIFT_PRESET, size=held_size, seed=s) for s in SHIFT_HELD_SEEDS]
-    qobm, dapi = [t.qobm for t in train], [t.dapi for t in train]
-    if pairs == 1:  # one pair: a plane, validated on its bottom strip
-        qobm, dapi = qobm[0], dapi[0]
     res = run_finetune(
-        qobm, dapi, model=model, steps=steps, lr=lr, patch=patch, seed=0, device=device
-    )
+        [t.qobm for t in train], [t.dapi for t in train],
+        model=model, steps=steps, lr=lr, patch=patch, seed=0, device=device,
+    )  # fmt: skip
 
     def score(predictor) -> dict[str, Any]:
         rows = []
