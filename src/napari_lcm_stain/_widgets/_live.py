@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from napari.layers import Layer
@@ -26,9 +26,6 @@ from napari.layers import Layer
 from .._reader_writer import read_layers
 from . import _jobs
 from ._layers import ROLE_LIVE, ROLE_LIVE_STACK, base_data, current_plane, upsert_output
-
-if TYPE_CHECKING:
-    from .stain_widget import StainWidget
 
 #: stained frames kept in the live stack layer (older ones drop out) ...
 STACK_MAX = 100
@@ -38,10 +35,33 @@ STACK_BYTES = 512 * 2**20
 WINDOW = 10
 
 
+class _Line(Protocol):
+    def setText(self, text: str) -> None: ...
+
+
+class LiveHost(Protocol):
+    """What `LiveStain` and `FolderWatch` need from the dock that owns them (the Stain dock is
+    one; this module does not import it): the viewer, two text lines, and its worker plumbing
+    (`_base.DockBase.start_stoppable` / `job_failed` / `closing`)."""
+
+    viewer: Any
+    live_label: _Line  # frames/s and latency, or the folder watch's messages
+    status: _Line  # the dock's status line
+
+    @property
+    def closing(self) -> bool: ...
+
+    def start_stoppable(
+        self, func: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, threading.Event]: ...
+
+    def job_failed(self, result: Any, what: str) -> bool: ...
+
+
 class LiveStain:
     """One live session on one source layer (start / stop), with its statistics."""
 
-    def __init__(self, dock: StainWidget) -> None:
+    def __init__(self, dock: LiveHost) -> None:
         self.dock = dock
         self.viewer = dock.viewer
         self.source: Layer | None = None
@@ -221,7 +241,7 @@ class FolderWatch:
     """The dock's *Watch folder…*: `watch.watch_folder` in a worker (`_jobs.watch_job`); its
     messages go to the line beside the toggle and the newest stained file into a layer."""
 
-    def __init__(self, dock: StainWidget) -> None:
+    def __init__(self, dock: LiveHost) -> None:
         self.dock = dock
         self.name = ""
         self.stop = threading.Event()
