@@ -25,8 +25,8 @@ python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[testing]"
 
 echo "== ruff"
-ruff check src tests scripts
-ruff format --check src tests scripts
+ruff check src tests scripts experiments
+ruff format --check src tests scripts experiments
 
 echo "== manifest"
 npe2 validate napari-lcm-stain

@@ -24,7 +24,7 @@ def test_packaged_weights_verified_and_provenanced():
 
 def test_packaged_lcm_beats_trivial_baseline():
     rows = {"lcm": [], "baseline": []}
-    # All 8 benchmark fields: per-field F1 varies by ~0.08, and on the first 4 alone the session-2
+    # All 8 benchmark fields: per-field F1 varies by ~0.08, and on the first 4 alone the 0.0.2
     # weights measured +0.043 F1 over the baseline (+0.081 on all 8; model card).
     for _, _, s in benchmark_fields(n=8, size=256):
         pred = {
@@ -35,7 +35,7 @@ def test_packaged_lcm_beats_trivial_baseline():
             m = metrics.image_metrics(p, s.dapi, true_labels=s.nuclei, pixel_size=s.pixel_size)
             rows[k].append((m["pearson"], m["f1"]))
     lcm, base = np.mean(rows["lcm"], axis=0), np.mean(rows["baseline"], axis=0)
-    # measured (session-5 weights): Pearson 0.339 vs 0.154, F1 0.247 vs 0.185 (model card)
+    # measured (0.0.5 weights): Pearson 0.339 vs 0.154, F1 0.247 vs 0.185 (model card)
     assert lcm[0] > base[0] + 0.15, (lcm, base)
     assert lcm[1] > base[1] + 0.05, (lcm, base)
 
@@ -43,9 +43,9 @@ def test_packaged_lcm_beats_trivial_baseline():
 @pytest.fixture(scope="module")
 def shifted_finetune():
     """Fine-tune on four 512x512 shifted-preset pairs (one of them validates); 16 other shifted
-    fields are held out. Session 7: with one pair, the validation strip (a few dozen nuclei) kept
-    the base model of the session-7 weights, which already score above what one pair had given
-    the session-6 weights (docs/model-card.md), so the claim is checked with four pairs."""
+    fields are held out. With one pair, the validation strip (a few dozen nuclei) kept the base
+    model of the 0.1.0 weights, which already score above what one pair had given the 0.0.7
+    weights (docs/model-card.md), so the claim is checked with four pairs."""
     from napari_lcm_stain.evaluate import finetune_shift_check
 
     return finetune_shift_check(pairs=4)
@@ -68,13 +68,13 @@ def test_finetune_on_shifted_instrument_helps(shifted_finetune):
     assert len(shifted_finetune["protocol"]["train_seeds"]) == 4
     before, after = shifted_finetune["before"], shifted_finetune["after"]
     assert shifted_finetune["best_step"] > 0, "fine-tuning kept the base model"
-    # measured with the session-3 weights and their fixed normalisation: Pearson 0.292 -> 0.322,
+    # measured with the 0.0.3 weights and their fixed normalisation: Pearson 0.292 -> 0.322,
     # F1 0.114 -> 0.143. With the robust normalisation the base scores F1 0.137 / Pearson 0.185
     # here and one pair of fine-tuning adds little F1 (0.137 -> 0.141; model card): Pearson
-    # must still improve, and F1 must not fall. Session 6: over 4 fields this failed on a model
-    # that fine-tunes well on 16 (scripts/finetune_multi.py), so the check now uses 16 fields
-    # (the session-6 release: Pearson 0.174 -> 0.216, F1 0.140 -> 0.149). Session 7: four pairs
-    # (one pair kept the base model: fixture); the session-7 release: Pearson 0.232 -> 0.310,
+    # must still improve, and F1 must not fall. Over 4 fields this failed on the 0.0.7 model,
+    # which fine-tunes well on 16 (scripts/finetune_multi.py), so the check uses 16 fields
+    # (release 0.0.7: Pearson 0.174 -> 0.216, F1 0.140 -> 0.149). Since 0.1.0 it uses four pairs
+    # (one pair kept the base model: fixture); release 0.1.0: Pearson 0.232 -> 0.310,
     # F1 0.175 -> 0.234.
     assert after["pearson"] > before["pearson"] + 0.01, (before, after)
     assert after["f1"] >= before["f1"], (before, after)

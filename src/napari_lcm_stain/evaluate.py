@@ -915,9 +915,9 @@ def run_instrument_suite(
 
 SHIFT_PRESET = "shifted-20x"
 SHIFT_TRAIN_SEED = 777
-#: the pairs of a several-pair check (session 7): the one pair first, then seeds after the held ones
+#: the pairs of a several-pair check (since 0.1.0): the one pair first, then seeds after the held ones
 SHIFT_TRAIN_SEEDS: tuple[int, ...] = (SHIFT_TRAIN_SEED, 794, 795, 796)
-#: 16 held-out fields (session 6; it was 4): on four 256² fields a model's per-field F1 swung by
+#: 16 held-out fields (since 0.0.7; it was 4): on four 256² fields a model's per-field F1 swung by
 #: up to ±0.4 after one-pair fine-tuning, which decided the check alone (docs/model-card.md)
 SHIFT_HELD_SEEDS: tuple[int, ...] = tuple(range(778, 794))
 

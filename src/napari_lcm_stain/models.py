@@ -216,7 +216,7 @@ class LatentUNet(nn.Module):
     Why: the unshuffled pixels reach the network only through one linear 3x3 stem conv, which
     must squeeze factor² sub-pixel values per cell into a few channels before any nonlinearity;
     nuclear rims are a nonlinear feature of the phase at full resolution. Measured on a small
-    budget it did not help (docs/model-card.md, "Realism", session 7), so the release has none;
+    budget it did not help (docs/experiments.md, "conditioning encoder"), so the release has none;
     empty (the default) is the network before it.
     """
 

@@ -42,7 +42,7 @@ def robust_config(
 ) -> dict:
     """The `normalization` entry new checkpoints carry. scale = `mad_scale`·MAD: 1.4826 (a
     Gaussian's std) for models trained with it; weights trained with the fixed normalisation are
-    given the training set's std/MAD instead (`scripts/robust_norm_for_fixed.py`)."""
+    given the training set's std/MAD instead (`experiments/robust_norm_for_fixed.py`)."""
     return {
         "type": "robust",
         "center": "median",

@@ -20,7 +20,7 @@ Features (all about the *shape* of the data, none about its units):
   brightfield has strong low-frequency power, white noise has a flat spectrum, and a wrong pixel
   size shifts the whole spectrum along the frequency axis.
 ``band4`` is computed but not scored (``FEATURES``): like the lag-1 autocorrelation that
-session 4 also scored, it describes the noise level and the optical cut-off, which vary between
+the first reference (0.0.4) also scored, it describes the noise level and the optical cut-off, which vary between
 instruments the model still handles.
 
 Each feature becomes a robust z-score ``(value - median) / spread`` against simulated training-like

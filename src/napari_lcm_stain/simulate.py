@@ -1326,7 +1326,7 @@ class DomainRange:
 
 
 #: Every range :func:`sample_instrument` draws from, in drawing order. docs/simulator.md shows
-#: this table (``python scripts/make_domain_figure.py --table``); the instrument suite of
+#: this table (``python experiments/make_sim_figure.py --domain-table``); the instrument suite of
 #: `evaluate --suite instruments` lies outside it.
 DOMAIN_RANGES: dict[str, DomainRange] = {
     # --- optics ---

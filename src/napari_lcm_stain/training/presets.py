@@ -80,7 +80,7 @@ class TrainPreset:
     data_seed_offset: int = 0
 
 
-#: The session-2 layout: f=8 latent with 8 channels, a 3-level U-Net 40/80/160, a 48-channel VAE.
+#: The layout since release 0.0.2: f=8 latent, 8 channels, a 3-level U-Net 40/80/160, 48-ch VAE.
 F8_LAYOUT = dict(
     latent_factor=8, latent_channels=8, unet_channels=(40, 80, 160), vae_channels=48, vae_crop=96
 )
@@ -96,22 +96,22 @@ PRESETS = {
         # instrument robustness: robust input, augmentation, and fields of which three quarters
         # come from the two fixed presets and a quarter draw a new instrument and tissue per
         # field (simulate.sample_instrument). On the `small` budget a half share lost in-domain
-        # F1 (docs/model-card.md, "Ablation on a small budget").
+        # F1 (docs/experiments.md, "robust input, augmentation, domain randomisation").
         data_presets=("brain-20x", "tumour-dense-20x") * 3 + ("domain-random",) * 2,
-        # session 7: 512 fields (128 before): with 40 000 teacher steps on 128 fields the teacher
-        # began to memorise (LCM-1 F1 -0.011 against 20 000 steps); on 512 fields every
-        # accuracy metric rose (F1 +0.022, Pearson +0.025 against the session-6 release)
+        # 512 fields since 0.1.0 (128 before): with 40 000 teacher steps on 128 fields the
+        # teacher began to memorise (LCM-1 F1 -0.011 against 20 000 steps); on 512 fields every
+        # accuracy metric rose (F1 +0.022, Pearson +0.025 against release 0.0.7)
         n_fields=512,
-        # session 6: the teacher was under-trained at 10 000 steps (20 000 raised LCM-1 F1
-        # 0.259 -> 0.294); session 7: 40 000, with the 512 fields above (docs/model-card.md)
+        # the teacher was under-trained at 10 000 steps (20 000 raised LCM-1 F1 0.259 -> 0.294,
+        # release 0.0.7); 40 000 since 0.1.0, with the 512 fields above (docs/experiments.md)
         teacher_steps=40000,
         # realism (issue #14): the decoder draws DAPI-like grain with a learned amplitude; the
-        # adversarial variants measured worse (docs/model-card.md, "Realism")
+        # adversarial variants measured worse (docs/experiments.md, "Realism")
         texture=True,
     ),
-    # The recipe of the weights packaged in session 3 (runs/v4, commit 458f38a): training-set
+    # The recipe of the 0.0.3 weights (runs/v4, commit 458f38a): training-set
     # mean/std input, the two fixed presets, no augmentation. Their configs were then given the
-    # robust normalisation by scripts/robust_norm_for_fixed.py.
+    # robust normalisation by experiments/robust_norm_for_fixed.py (release 0.0.4).
     "v4": TrainPreset(
         name="v4",
         **F8_LAYOUT,

@@ -1,6 +1,6 @@
 """Markdown table of an instrument-suite JSON, for the model card.
 
-python scripts/suite_table.py docs/results/instruments-before.json
+python experiments/suite_table.py docs/results/instruments-before.json
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """End-to-end latency of live staining in a real napari viewer: a frame appended to a layer ->
 the live DAPI layer updated, for 512² and 2048² frames with the packaged LCM (1 step) on the CPU.
 
-    python scripts/live_latency.py                      # starts its own virtual display if needed
-    python scripts/live_latency.py --sizes 512 --repeats 20 --json latency.json
-    python scripts/live_latency.py --screenshot docs/images/live_mode.png
+    python experiments/live_latency.py                      # starts its own virtual display if needed
+    python experiments/live_latency.py --sizes 512 --repeats 20 --json latency.json
+    python experiments/live_latency.py --screenshot docs/images/live_mode.png
 
 Frames are appended one at a time, each after the previous one was shown, so every frame is
 stained (no skipping) and the numbers are per-frame latency; the first frame (model loading,
@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from screenshots import PLUGIN, _ensure_display, _save, _wait  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Pick between candidate LCM checkpoints on VALIDATION fields (seeds 800000+), never on the
-benchmark (900000+): `python scripts/validate_lcm.py runs/v2/lcm.safetensors runs/v2-anchor1/lcm.safetensors`."""
+benchmark (900000+): `python experiments/validate_lcm.py runs/v2/lcm.safetensors runs/v2-anchor1/lcm.safetensors`."""
 
 from __future__ import annotations
 

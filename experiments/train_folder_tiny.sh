@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `train --data` on the simulator's own folder with the tiny preset: from scratch and from the
 # packaged weights (--init packaged). Prints wall time and each run's validation.json scores.
-#   bash scripts/train_folder_tiny.sh [WORKDIR]
+#   bash experiments/train_folder_tiny.sh [WORKDIR]
 set -euo pipefail
 W=${1:-/tmp/train-folder-tiny}
 rm -rf "$W" && mkdir -p "$W"

@@ -1,7 +1,7 @@
 """How bright the models paint the true nuclei, by how visible each nucleus is in the phase.
 
-    python scripts/contrast_by_cnr.py            # 6 brain-20x validation fields, seeds 800 000+
-    python scripts/contrast_by_cnr.py --lcm runs/ablate/full runs/ablate/robust+aug
+    python experiments/contrast_by_cnr.py            # 6 brain-20x validation fields, seeds 800 000+
+    python experiments/contrast_by_cnr.py --lcm runs/ablate/full runs/ablate/robust+aug
                                                  # LCM-1 of run folders, beside the packaged one
 
 Per nucleus: mean prediction inside its true mask minus the prediction's background mean, over

@@ -5,11 +5,11 @@ Each arm trains only a teacher, from scratch, for `--teacher-steps` in its own f
 copy of a finished run's VAE and decoder (the latent space and the decoder are shared, so the arms
 differ only in how the U-Net sees the qOBM), then its one-step prediction (teacher-1, the
 conditional mean the LCM distils; LCM-1 and teacher-1 differ by under 0.01 F1 on the benchmark)
-is scored like `scripts/ablate_realism.py --score`. Session 7:
+is scored like `experiments/ablate_realism.py --score`. The run in docs/experiments.md:
 
-    python scripts/ablate_cond_encoder.py --base runs/teacher20k --out runs/cond-abl --arms none --threads 1 &
-    python scripts/ablate_cond_encoder.py --base runs/teacher20k --out runs/cond-abl --arms enc8 --threads 1
-    python scripts/ablate_cond_encoder.py --out runs/cond-abl --score --n 16
+    python experiments/ablate_cond_encoder.py --base runs/teacher20k --out runs/cond-abl --arms none --threads 1 &
+    python experiments/ablate_cond_encoder.py --base runs/teacher20k --out runs/cond-abl --arms enc8 --threads 1
+    python experiments/ablate_cond_encoder.py --out runs/cond-abl --score --n 16
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ablate_realism import score  # scripts/ is on the path when run as a script
+from ablate_realism import score  # experiments/ is on the path when run as a script
 
 from napari_lcm_stain.sampling import load_predictor
 from napari_lcm_stain.training import get_train_preset, run_recipe

@@ -1,11 +1,11 @@
-"""The robustness-ablation table from `scripts/ablate_robustness.py` runs and their evaluations.
+"""The robustness-ablation table from `experiments/ablate_robustness.py` runs and their evaluations.
 
-    python scripts/ablate_robustness.py --arms fixed robust robust+aug full --stages vae decoder teacher lcm polish --out runs/ablate
+    python experiments/ablate_robustness.py --arms fixed robust robust+aug full --stages vae decoder teacher lcm polish --out runs/ablate
     for a in fixed robust robust+aug full; do
       lcm-stain evaluate --weights-dir runs/ablate/$a --json runs/ablate/$a/eval.json
       lcm-stain evaluate --suite instruments --weights-dir runs/ablate/$a --json runs/ablate/$a/suite.json
     done
-    python scripts/ablation_table.py runs/ablate
+    python experiments/ablation_table.py runs/ablate
 
 Prints LCM-1 nuclei F1 (and Pearson, SSIM in-domain) per arm: benchmark v1 and every suite variant.
 """

@@ -1,6 +1,6 @@
 """Is the texture decoder's grain at the true DAPI's noise level? (docs/model-card.md)
 
-    python scripts/grain_level.py [--n 8]
+    python experiments/grain_level.py [--n 8]
 
 On validation fields (seeds 800 000+, presets alternating, 256²), prints the std of the grain the
 packaged LCM-1 draws (stain with texture=True minus the smooth stain) and the high-pass std

@@ -9,11 +9,11 @@ high-frequency power sits at the metric's floor. This probe scores, on VALIDATIO
 * ``lcm-1 + shot noise``: its output with Poisson noise at the simulator's own photon count (an
   upper bound on what a noise model can buy: it uses knowledge a real instrument would not give);
 * each extra checkpoint given: e.g. one whose decoder was polished with a spectral term, built with
-  ``python scripts/realism_probe.py --spectral-polish 0.05 runs/v4 runs/exp-spec0.05`` (copies the
+  ``python experiments/realism_probe.py --spectral-polish 0.05 runs/v4 runs/exp-spec0.05`` (copies the
   run's VAE / decoder / teacher / LCM and re-runs only the polish stage with the extra loss);
 * ``pix2pix`` for reference.
 
-`python scripts/realism_probe.py [CHECKPOINT ...]` prints Pearson, SSIM, nuclei F1 and realism
+`python experiments/realism_probe.py [CHECKPOINT ...]` prints Pearson, SSIM, nuclei F1 and realism
 (lower is better) per row, and ``--save-png PATH`` writes a crop of each output side by side.
 """
 

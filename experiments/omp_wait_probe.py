@@ -1,6 +1,6 @@
 """Does OMP_WAIT_POLICY=PASSIVE slow training down? (docs/troubleshooting.md, docs/model-card.md)
 
-`python scripts/omp_wait_probe.py RUN_DIR [STEPS]` copies the VAE and decoder of a finished
+`python experiments/omp_wait_probe.py RUN_DIR [STEPS]` copies the VAE and decoder of a finished
 default-preset run into temporary folders and times STEPS (default 300) teacher steps twice, in
 fresh processes: once with the OpenMP runtime's default wait policy and once with PASSIVE (threads
 sleep as soon as a parallel region ends). The policy is read when the OpenMP runtime starts, so

@@ -1,11 +1,11 @@
 """Picture and numbers for docs/simulator.md.
 
-    python scripts/make_sim_figure.py                 # writes docs/images/simulated_pair.png
-    python scripts/make_sim_figure.py --bench         # timing of one 512² pair per preset
-    python scripts/make_sim_figure.py --stats         # hard-subset statistics per preset
-    python scripts/make_sim_figure.py --domain        # writes docs/images/domain_random.png
-    python scripts/make_sim_figure.py --domain-table  # the DOMAIN_RANGES table (markdown)
-    python scripts/make_sim_figure.py --domain-bench  # timing of simulate_training_pair, 256²
+    python experiments/make_sim_figure.py                 # writes docs/images/simulated_pair.png
+    python experiments/make_sim_figure.py --bench         # timing of one 512² pair per preset
+    python experiments/make_sim_figure.py --stats         # hard-subset statistics per preset
+    python experiments/make_sim_figure.py --domain        # writes docs/images/domain_random.png
+    python experiments/make_sim_figure.py --domain-table  # the DOMAIN_RANGES table (markdown)
+    python experiments/make_sim_figure.py --domain-bench  # timing of simulate_training_pair, 256²
 
 The figure shows, per row (brain-20x, tumour-dense-20x), the qOBM phase, the DAPI ground truth and
 the nucleus labels (colours) with distractor outlines (red) and hard nuclei outlined in yellow.

@@ -1,7 +1,7 @@
 """The fixed per-plane cost every stain pays before its tiles: the robust normalisation statistics
 (`Predictor.norm_stats`) and the out-of-distribution score (`ood.ood_score`), on the bench image.
 
-    python scripts/per_plane_overhead.py --size 2048
+    python experiments/per_plane_overhead.py --size 2048
 """
 
 from __future__ import annotations

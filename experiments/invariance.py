@@ -1,7 +1,7 @@
 """The invariance number of the model card: max |stain(a·x + b) − stain(x)| of the packaged LCM-1
 on the 512² brain-20x field (seed 4242) of `tests/test_normalization.py`, over its a, b grid.
 
-    python scripts/invariance.py
+    python experiments/invariance.py
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Arms (all the same seed, the same `small` budget):
   robust+aug  plus blur / noise / gamma augmentation of the qOBM crops
   full      plus half the fields domain-randomised (the default preset then; it now has a quarter)
 
-    python scripts/ablate_robustness.py --arms fixed robust --out runs/ablate
+    python experiments/ablate_robustness.py --arms fixed robust --out runs/ablate
     lcm-stain evaluate --weights-dir runs/ablate/fixed --json runs/ablate/fixed/eval.json
 """
 

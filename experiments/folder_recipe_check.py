@@ -1,16 +1,16 @@
 """Does training from a folder lose anything? (issue #12: `train --data` on the simulator's own
 folder, `--preset default`, against the packaged recipe, which simulates its fields in memory).
 
-    python scripts/folder_recipe_check.py --make runs/simfolder
+    python experiments/folder_recipe_check.py --make runs/simfolder
     lcm-stain train --data runs/simfolder --preset default --out runs/folder-default --seed 0
     lcm-stain evaluate --n 64 --weights-dir runs/folder-default --json runs/folder-default/eval64.json
-    python scripts/folder_recipe_check.py --compare docs/results/evaluate-n64-session5.json runs/folder-default/eval64.json
+    python experiments/folder_recipe_check.py --compare docs/results/evaluate-n64-v0.0.5.json runs/folder-default/eval64.json
 
-(Run in session 5, commit 0738aa8, against that session's packaged weights. Today's `default`
+(Run on release 0.0.5, commit 0738aa8, against its packaged weights. Today's `default`
 preset also trains the texture decoder, so on today's code compare against a run of the same
-code, e.g. the `lcm-1` rows of both JSON files, not against the session-5 file.)
+code, e.g. the `lcm-1` rows of both JSON files, not against the 0.0.5 file.)
 
-`--make` writes the session-5/6 default preset's data mix (128 fields; session 7's preset has 512) as files (`simulate.write_dataset`): 48 `brain-20x`,
+`--make` writes the 0.0.5–0.0.7 default preset's data mix (128 fields; the 0.1.0 preset has 512) as files (`simulate.write_dataset`): 48 `brain-20x`,
 48 `tumour-dense-20x` and 32 `domain-random` pairs of 256², in three sub-folders listed by one
 `pairs.csv` (seeds 0, 1 000 and 2 000 on; the benchmark's are 900 000+). `--compare A B` prints
 LCM-1 of B minus LCM-1 of A on the same benchmark fields with 95 % paired bootstrap intervals

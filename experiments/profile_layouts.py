@@ -1,6 +1,6 @@
 """Forward time of candidate 1-step layouts vs the Pix2Pix generator on one 1024x1024 tile.
 
-`python scripts/profile_layouts.py` prints the table in docs/architecture.md. Random weights (speed
+`python experiments/profile_layouts.py` prints the table in docs/architecture.md. Random weights (speed
 does not depend on them), 2 threads, best of 5 after a warm-up. It is how the default preset's
 latent layout was chosen: the old f=4 layout against f=8 layouts at about Pix2Pix's parameter count.
 """
@@ -15,7 +15,7 @@ from napari_lcm_stain.models import VAE, LatentUNet, Pix2PixGenerator, count_par
 
 THIN = dict(dec_quarter_channels=16, dec_half_channels=8, dec_half_conv=False)
 LAYOUTS = [  # (latent factor, latent channels, U-Net widths, decoder width, decoder options)
-    (4, 4, (24, 48, 96, 160), 32, {}),  # session-1 packaged layout
+    (4, 4, (24, 48, 96, 160), 32, {}),  # the layout of release 0.0.1
     (8, 8, (32, 64, 128), 48, {}),
     (8, 8, (40, 80, 160), 48, {}),  # the default preset's VAE-stage decoder
     (8, 8, (40, 80, 160), 48, THIN),  # packaged: the decoder stage's thin decoder

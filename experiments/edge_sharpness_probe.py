@@ -1,7 +1,7 @@
 """The numbers behind `EDGE_SIGMA_PX` in docs/metrics.md ("Edge sharpness").
 
-    python scripts/edge_sharpness_probe.py             # 4 brain-20x fields, 256², seeds 800 000+i
-    python scripts/edge_sharpness_probe.py --teacher   # also LCM-4 and teacher-50 (slow on a CPU)
+    python experiments/edge_sharpness_probe.py             # 4 brain-20x fields, 256², seeds 800 000+i
+    python experiments/edge_sharpness_probe.py --teacher   # also LCM-4 and teacher-50 (slow on a CPU)
 
 For each field and pre-smoothing sigma: the noisy simulated truth scored against the same field
 simulated without visible shot noise (``dapi_photons = 1e9``, same seed and scene), and the packaged

@@ -6,9 +6,9 @@ image by `mad_scale`·MAD of that image. Setting `mad_scale` = median over the r
 fields of (training std / field MAD) keeps a typical training field where it was, while any
 affine change of the phase values (units, regulariser, gain) now cancels.
 
-    python scripts/robust_norm_for_fixed.py --src src/napari_lcm_stain/weights --out /tmp/w-robust
+    python experiments/robust_norm_for_fixed.py --src src/napari_lcm_stain/weights --out /tmp/w-robust
     lcm-stain evaluate --weights-dir /tmp/w-robust      # compare with the fixed weights first
-    python scripts/robust_norm_for_fixed.py --in-place   # then repackage (records new hashes)
+    python experiments/robust_norm_for_fixed.py --in-place   # then repackage (records new hashes)
 """
 
 from __future__ import annotations

@@ -12,17 +12,17 @@ The tex arms refit and polish a texture decoder (`models.Decoder(texture=True)`:
 amplitude); a texture arm's row is its smooth mean (the default), "ARM:texture" its grain.
 
 A texture init keeps its texture head (`presets.transfer_preset`), so the arms that must run
-without one need a deterministic init. Session 6 ran them from the session-5 release:
+without one need a deterministic init. The texture arms ran from the 0.0.5 release:
 
     git archive 4135de7 src/napari_lcm_stain/weights | tar -x -C /tmp/w5
-    python scripts/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
+    python experiments/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
         --out runs/tex-abl --arms l1 tex tex+adv          # then --score
-    python scripts/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
+    python experiments/ablate_realism.py --init /tmp/w5/src/napari_lcm_stain/weights \
         --out runs/pix-abl --arms lcm-0 lcm-pix lcm-pix-strong   # then --score
 
-    python scripts/ablate_realism.py --out runs/realism --arms l1 adv adv+fm
-    python scripts/ablate_realism.py --out runs/realism --score   # the table, validation seeds
-    python scripts/ablate_realism.py --out runs/realism --png docs/images/realism_ablation.png
+    python experiments/ablate_realism.py --out runs/realism --arms l1 adv adv+fm
+    python experiments/ablate_realism.py --out runs/realism --score   # the table, validation seeds
+    python experiments/ablate_realism.py --out runs/realism --png docs/images/realism_ablation.png
 
 Scores (validation fields, seeds 800 000+, never the benchmark): Pearson, SSIM, nuclei F1,
 spectral realism distance (lower is better), nuclear edge sharpness (1 = the truth's) and the
@@ -34,11 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from grid_artefact import period_power  # scripts/ is on the path when run as a script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from grid_artefact import period_power  # noqa: E402 (scripts/grid_artefact.py)
 
 from napari_lcm_stain import metrics, stain
 from napari_lcm_stain.sampling import load_predictor
