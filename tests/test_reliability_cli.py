@@ -782,7 +782,9 @@ def test_every_option_has_help_with_its_default():
             if act.required or isinstance(act, argparse._StoreTrueAction) or act.nargs == "+":
                 continue
             assert "default" in act.help, f"{name} {flag}: help does not give the default"
-    assert sorted(cli.SIM_PRESETS) == sorted([*simulate.PRESETS, simulate.RANDOM_PRESET])
+    assert sorted(cli.SIM_PRESETS) == sorted(
+        [*simulate.PRESETS, simulate.RANDOM_PRESET, simulate.TISSUE_PRESET]
+    )
     assert sorted(cli.TRAIN_PRESETS) == sorted(training.presets.PRESETS)
     assert all(p in subs.choices["simulate"].format_help() for p in simulate.PRESETS)
     assert all(p in subs.choices["train"].format_help() for p in training.presets.PRESETS)

@@ -168,7 +168,14 @@ def _cmd_watch(a: argparse.Namespace) -> int:
 
 #: Simulator and training presets, listed in `--help` (tests check them against simulate.PRESETS
 #: and training.presets.PRESETS, which are not imported here so that `--help` stays instant).
-SIM_PRESETS = ("brain-20x", "brain-60x", "shifted-20x", "tumour-dense-20x", "domain-random")
+SIM_PRESETS = (
+    "brain-20x",
+    "brain-60x",
+    "shifted-20x",
+    "tumour-dense-20x",
+    "domain-random",
+    "tissue-random",
+)
 TRAIN_PRESETS = ("default", "small", "tiny", "v4")
 _DEFAULT = " (default: %(default)s)"
 

@@ -58,6 +58,9 @@ __all__ = [
     "DomainRange",
     "sample_instrument",
     "simulate_training_pair",
+    "sample_tissue",
+    "TISSUE_PRESET",
+    "TISSUE_RANGES",
 ]
 
 # Nucleus type codes (Scene.nuclei["kind"]).
@@ -155,6 +158,20 @@ class SimParams:
     dapi_misregistration_px: float = 0.0  # rms qOBM↔DAPI shift (0 = perfectly registered)
     shape_noise: float = 0.08  # rms amplitude of the angular harmonics of nuclear outlines
     aspect: tuple[float, float] = (1.0, 1.35)  # nuclear aspect ratio range
+    # --- tissue architecture (tissue.py) and nuclear detail -------------------------------------
+    # "scattered": nuclei placed independently (the fixed presets); any other tissue.FAMILIES
+    # name arranges most nuclei in that layout, over a sparse scattered stroma
+    layout: str = "scattered"
+    layout_stroma: float = 0.3  # scattered density kept beside a layout (× nuclei_per_100um2)
+    rim_p: float = 0.0  # fraction of nuclei with a rim (envelope + peripheral heterochromatin)
+    chromatin_contrast: float = 0.3  # rms of the chromatin texture (DAPI and phase), relative
+    fine_texture_rms: float = 0.0  # speckle-like fine phase texture, rad rms (0 = none)
+    # --- through-focus brightfield retrieval (reconstruction="through-focus") --------------------
+    tf_defocus_um: float = 2.0  # the stack's planes at -d, 0, +d µm
+    tf_residual_defocus_um: float = 0.0  # true focus offset the inversion does not know
+    tf_alpha: float = 2e-2  # Tikhonov regulariser of the defocus-stack inversion
+    tf_lowcut_um: float = 12.0  # σ of its low-frequency background removal (harder than DPC)
+    tf_speckle: float = 0.0  # rms of multiplicative speckle on each brightfield plane
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (tuples become lists)."""
@@ -226,14 +243,14 @@ def get_preset(name: str | SimParams) -> SimParams:
     try:
         return PRESETS[name]
     except KeyError:
-        if name == RANDOM_PRESET:
+        if name in (RANDOM_PRESET, TISSUE_PRESET):
             raise ValueError(
-                f"{RANDOM_PRESET!r} draws a new instrument per field: pass it to simulate_pair "
+                f"{name!r} draws a new instrument per field: pass it to simulate_pair "
                 "or write_dataset, or draw one with sample_instrument(seed)"
             ) from None
         raise ValueError(
             f"unknown simulator preset {name!r}; choose one of: "
-            f"{', '.join(sorted([*PRESETS, RANDOM_PRESET]))}"
+            f"{', '.join(sorted([*PRESETS, RANDOM_PRESET, TISSUE_PRESET]))}"
         ) from None
 
 
@@ -468,12 +485,15 @@ def qobm_forward(
     shape = phi.shape
     if p.dpc_axes not in ("xy", "x"):
         raise ValueError(f"dpc_axes must be 'xy' or 'x', got {p.dpc_axes!r}")
-    if p.reconstruction not in ("tikhonov", "gradient"):
+    if p.reconstruction not in ("tikhonov", "gradient", "through-focus"):
         raise ValueError(
-            f"reconstruction must be 'tikhonov' or 'gradient', got {p.reconstruction!r}"
+            "reconstruction must be 'tikhonov', 'gradient' or 'through-focus', got "
+            f"{p.reconstruction!r}"
         )
     if p.qobm_pixel_size is not None and p.qobm_pixel_size != p.pixel_size:
         return _qobm_on_coarser_camera(phi, p, rng)
+    if p.reconstruction == "through-focus":
+        return _through_focus(phi, p, rng)
     htf = _half(qobm_transfer_functions(shape, p))  # (2, H, W//2+1), H = i*htf
     fphi = sfft.rfft2(phi)
     # modulation for +x and +y sources; the opposed sources have the mirrored (negated) WOTF
@@ -542,6 +562,72 @@ def _qobm_on_coarser_camera(phi: np.ndarray, p: SimParams, rng) -> QobmOutput:
                       noise_std=float(np.std(phase - clean)))  # fmt: skip
 
 
+def defocus_transfer(shape: tuple[int, int], px: float, wavelength_um: float, na: float,
+                     sigma: float, z_um: float) -> np.ndarray:  # fmt: skip
+    """Weak-phase transfer function of a brightfield image defocused by ``z_um`` (rfft2 half):
+    2·sin(πλz|f|²) inside the pupil, damped by the partially coherent source of NA σ·NA
+    (jinc(2πzσNA|f|): Streibl 1985; Jenkins & Gaylord 2015). Zero at DC and ∝ |f|² near it,
+    so a through-focus stack loses low frequencies faster than DPC (∝ |f|)."""
+    from scipy.special import j1
+
+    fy = sfft.fftfreq(shape[0], d=px)[:, None]
+    fx = sfft.rfftfreq(shape[1], d=px)[None, :]
+    f = np.hypot(fx, fy)
+    x = 2 * np.pi * abs(z_um) * sigma * na * f
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jinc = np.where(x > 1e-9, 2 * j1(x) / np.where(x > 1e-9, x, 1.0), 1.0)
+    pupil = f <= na / wavelength_um
+    return 2 * np.sin(np.pi * wavelength_um * z_um * f * f) * jinc * pupil
+
+
+def _through_focus(phi: np.ndarray, p: SimParams, rng) -> QobmOutput:
+    """Phase from a through-focus brightfield stack (-d, 0, +d): intensities with fall-off,
+    multiplicative speckle, shot and read noise; each plane divided by its smooth background;
+    Tikhonov inverse of the defocus transfer functions (``tf_alpha``) the inversion believes in
+    (it does not know ``tf_residual_defocus_um``); a harder low-frequency cut (``tf_lowcut_um``).
+    ``raw`` is the stack, ``dpc`` the two defocused contrast images."""
+    shape = phi.shape
+    px = p.pixel_size
+    zs = np.array([-1.0, 0.0, 1.0]) * p.tf_defocus_um
+    sigma = p.illum_na_ratio
+    true_h = [defocus_transfer(shape, px, p.wavelength_um, p.na_objective, sigma,
+                               z + p.tf_residual_defocus_um) for z in zs]  # fmt: skip
+    a = _assumed_instrument(p)
+    rec_h = np.stack([defocus_transfer(shape, px, a.wavelength_um, a.na_objective,
+                                       a.illum_na_ratio, z) for z in zs])  # fmt: skip
+    fphi = sfft.rfft2(phi)
+    mod = np.stack([sfft.irfft2(h * fphi, s=shape) for h in true_h])
+    mod = np.clip(mod, -0.9, 0.9)
+    fall = _falloff_maps(shape, p.falloff)[0]
+    mean = p.photons * fall[None] * (1 + mod)
+    if p.tf_speckle > 0:  # out-of-focus scattering: fine grain, partly shared between planes
+        grain = max(0.5 * p.wavelength_um / p.na_objective / px, 0.5)
+        common = ndimage.gaussian_filter(rng.standard_normal(shape), grain)
+        sp = [ndimage.gaussian_filter(rng.standard_normal(shape), grain) for _ in zs]
+        sp = np.stack([(common + s_) for s_ in sp])
+        sp /= sp.std() + 1e-12
+        mean = mean * np.clip(1 + p.tf_speckle * sp, 0.05, None)
+    noise_sd = np.sqrt(mean + p.read_noise_e**2)
+    raw = np.maximum(mean + noise_sd * rng.standard_normal(mean.shape), 1.0)
+    both = np.stack([raw, mean])  # (2, 3, H, W)
+    bg = _smooth_background(both.reshape(-1, *shape)).reshape(both.shape)
+    contrast = both / np.maximum(bg, 1e-6) - 1.0
+    fy = sfft.fftfreq(shape[0], d=px)[:, None]
+    fx = sfft.rfftfreq(shape[1], d=px)[None, :]
+    highpass = 1.0 - np.exp(-2 * (np.pi * p.tf_lowcut_um) ** 2 * (fx * fx + fy * fy))
+    fd = sfft.rfft2(contrast, axes=(-2, -1))
+    num = (rec_h[None] * fd).sum(1) * (highpass / ((rec_h**2).sum(0) + p.tf_alpha))
+    rec = sfft.irfft2(num, s=shape, axes=(-2, -1))
+    phase, clean = rec[0], rec[1]
+    return QobmOutput(
+        phase=phase.astype(np.float32),
+        phase_clean=clean.astype(np.float32),
+        raw=raw.astype(np.float32),
+        dpc=contrast[0, [0, 2]].astype(np.float32),
+        noise_std=float(np.std(phase - clean)),
+    )
+
+
 def _gradient_model(htf: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
     """A reconstruction without the WOTF: DPC_k ≈ c·f_k (a pure phase gradient), with c the
     least-squares slope of the true transfer function over its inner half band."""
@@ -602,6 +688,9 @@ class Scene:
     background_rad_per_unit: float = 0.0  # phase (rad) per unit of the background field
     autofluor: np.ndarray | None = None  # (H, W) DAPI autofluorescence, 0-1 scale
     texture: np.ndarray | None = None  # (H, W) chromatin texture field, mean 1
+    # phase-only ellipses (x, y, a, b, theta, Δn): lumens, necrotic cavities (tissue.py)
+    regions: list = field(default_factory=list)
+    fine_texture: np.ndarray | None = None  # (H, W) fine phase texture, rad
 
     def add_nucleus(self, x, y, z=0.0, a=4.0, b=None, c=None, theta=0.0, dn=0.0, dna=1.0,
                     kind=GLIA, stain=1.0, cell_scale=0.0, cdn=0.0, nucleolus_r=0.0,
@@ -661,6 +750,8 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
 
     # ---- nuclei: density is of labelled nuclei (|z| <= label depth); haze fills the slab ----
     dens = _loguniform(rng, p.nuclei_per_100um2)
+    if p.layout != "scattered":  # a sparse stroma beside the layout's own nuclei
+        dens = dens * p.layout_stroma
     n_lab = dens * area
     n_tot = rng.poisson(n_lab * p.tissue_depth_um / (2 * p.dapi_label_depth_um))
     fr = np.asarray(p.kind_fractions, float)
@@ -680,6 +771,36 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
     b = r / np.sqrt(asp)
     c = np.minimum(a, b) * rng.uniform(0.75, 1.0, n_tot)
     theta = rng.uniform(0, np.pi, n_tot)
+    lobe = np.ones(n_tot)
+    lay = None
+    if p.layout != "scattered":
+        from .tissue import arrange
+
+        lay = arrange(p.layout, rng, W, H, p.dapi_label_depth_um, p.nucleus_size_scale)
+        keep = np.ones(n_tot, bool)
+        for cx_, cy_, ea_, eb_, et_ in lay.exclude:  # cavities: no stroma nuclei either
+            u_ = ((x - cx_) * np.cos(et_) + (y - cy_) * np.sin(et_)) / ea_
+            v_ = (-(x - cx_) * np.sin(et_) + (y - cy_) * np.cos(et_)) / eb_
+            keep &= u_ * u_ + v_ * v_ >= 1
+        lk = np.where(lay.kind >= 0, lay.kind, rng.choice(len(fr), size=len(lay), p=fr))
+        lk = np.where(lk == NEURON, GLIA, lk)  # a layout's nuclei are not neurons
+        # the same structure continues above and below the section: a jittered copy of half
+        # the layout's nuclei 5–11 µm out of focus (DAPI haze with the layout's shape)
+        cp = rng.random(len(lay)) < 0.5
+        zc = rng.uniform(5, 11, cp.sum()) * rng.choice([-1, 1], cp.sum())
+        jx, jy = rng.normal(0, 1.5, (2, cp.sum()))
+        x = np.concatenate([x[keep], lay.x, lay.x[cp] + jx])
+        y = np.concatenate([y[keep], lay.y, lay.y[cp] + jy])
+        z = np.concatenate([z[keep], lay.z, np.clip(zc, -half_depth, half_depth)])
+        la, lb = np.concatenate([lay.a, lay.a[cp]]), np.concatenate([lay.b, lay.b[cp]])
+        a = np.concatenate([a[keep], la])
+        b = np.concatenate([b[keep], lb])
+        r = np.concatenate([r[keep], np.sqrt(la * lb)])
+        c = np.concatenate([c[keep], lb * rng.uniform(0.75, 1.0, len(lb))])
+        theta = np.concatenate([theta[keep], lay.theta, lay.theta[cp]])
+        kind = np.concatenate([kind[keep], lk, lk[cp]])
+        lobe = np.concatenate([lobe[keep], lay.lobe, lay.lobe[cp]])
+        n_tot = len(x)
     # nuclear Δn vs cytoplasm: sign mixture with a near-zero class (the hard cases)
     cls = rng.choice(3, size=n_tot, p=np.asarray(p.nucleus_sign_p) / np.sum(p.nucleus_sign_p))
     dn = np.select(
@@ -721,11 +842,20 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
         "harm": rng.normal(0, p.shape_noise, (n_tot, _N_HARM)) * np.where(mit, 2.0, 1.0)[:, None],
         "hph": rng.uniform(0, 2 * np.pi, (n_tot, _N_HARM)),
     }  # fmt: skip
+    if lay is not None:
+        sc.nuclei["harm"] *= lobe[:, None]
+        # columnar and spindle cells: the cell body follows the nucleus' long axis
+        lay_n = slice(n_tot - len(lay) - int(cp.sum()), n_tot)
+        sc.nuclei["ca"][lay_n] = cs[lay_n] * a[lay_n]
+        sc.nuclei["cb"][lay_n] = cs[lay_n] * b[lay_n]
+        sc.nuclei["ctheta"][lay_n] = theta[lay_n]
+        sc.regions = list(lay.regions)
+        sc.tubes.extend(lay.tubes)
 
     # ---- capillaries: lumen + RBCs + endothelial nuclei on the wall ----
     n_ves = rng.poisson(_loguniform(rng, p.vessels_per_100um2) * area)
     extra_nuc = []
-    blobs = []
+    blobs = [] if lay is None else list(lay.blobs)
     for _ in range(n_ves):
         start = np.array([rng.uniform(0, W), rng.uniform(0, H)])
         pts = _random_path(rng, start, rng.uniform(0, 2 * np.pi), rng.uniform(60, 250), 1.0, 0.04)
@@ -852,7 +982,13 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
         lvl = rng.uniform(*p.dapi_background)
         sc.autofluor = np.clip(lvl * (1 + 0.35 * af), 0.3 * lvl, None).astype(np.float32)
         tex = _power_law_field(rng, grid, px, 1.2, kmin=0.3)
-        sc.texture = np.clip(1 + 0.3 * tex, 0.3, 2.5).astype(np.float32)
+        sc.texture = np.clip(1 + p.chromatin_contrast * tex, 0.3, 2.5).astype(np.float32)
+        if p.fine_texture_rms > 0:  # speckle-like fine texture of the tissue's phase
+            ft = ndimage.gaussian_filter(rng.standard_normal(grid), max(0.3 / px, 0.5))
+            sc.fine_texture = (ft / (ft.std() + 1e-12) * p.fine_texture_rms).astype(np.float32)
+    if p.rim_p > 0:
+        nn_ = len(sc.nuclei["x"])
+        sc.nuclei["rim"] = np.where(rng.random(nn_) < p.rim_p, rng.uniform(0.3, 1.0, nn_), 0.0)
     return sc
 
 
@@ -995,6 +1131,14 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
         hh = nu["cc"][i] * np.sqrt(np.clip(1 - rho * rho, 0, None))
         opd[sl] += nu["cdn"][i] * _chord_path(hh, dz[i], nu["cc"][i], T, s_edge)
 
+    # lumens and cavities fill the section: Δn over its thickness, with a 1 µm soft edge
+    for rx, ry, ra, rb, rt, rdn in scene.regions:
+        e = _ellipse(rx, ry, ra, rb, rt, np.zeros(_N_HARM), np.zeros(_N_HARM), px, shape)
+        if e is not None:
+            sl, rho = e
+            opd[sl] += rdn * T * np.clip((1 - rho) * min(ra, rb), 0, 1)
+    rims = nu.get("rim")
+
     label_depth = p.dapi_label_depth_um
     full = (adz < label_depth) | (adz < reach + nu["c"])
     order = np.flatnonzero(full)
@@ -1018,6 +1162,11 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
         opd[sl] += nu["dn"][i] * L
         # DNA: projected density (thick centre brighter), chromatin texture, nucleolus hole
         proj = hh / max(nu["c"][i], 1e-6)
+        if rims is not None and rims[i] > 0:
+            # envelope + peripheral heterochromatin: a denser, DNA-brighter rim, paler centre
+            ring = np.exp(-(((1 - rho) / 0.2) ** 2)) * inside
+            opd[sl] += rims[i] * 0.008 * ring * L
+            proj = proj * (1 + rims[i] * (1.5 * ring - 0.5))
         if tex is not None:
             proj = proj * tex[sl]
         if nu["nl_r"][i] > 0:
@@ -1126,6 +1275,8 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
                     sub = np.zeros(shape, bool)
                     sub[near] = m
                     dlabels[sub & (dlabels == 0)] = len(dkinds)
+    if scene.regions or p.layout != "scattered":
+        _drop_islands(labels)
     phase = k0 * opd
     if scene.background is not None:
         kn = scene.background_knots
@@ -1138,6 +1289,8 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
             + np.sin(np.pi / 2 * f) * scene.background[i1]
         )
         phase = phase + scene.background_rad_per_unit * bg
+    if scene.fine_texture is not None:
+        phase = phase + scene.fine_texture
     return Rendered(
         phase=phase,
         dna_bins=dna,
@@ -1147,6 +1300,20 @@ def render_scene(scene: Scene, shape: tuple[int, int], pixel_size: float, z_focu
         in_section=in_sec,
         distractor_kind=np.asarray(dkinds, np.int8),
     )
+
+
+def _drop_islands(labels: np.ndarray) -> None:
+    """Keep each instance's largest piece (in place). Packed layouts put nuclei at slightly
+    different depths side by side, and a nearer one painted across a farther one's lobe would
+    otherwise leave that nucleus as two islands: one nucleus, one connected label."""
+    for i, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None:
+            continue
+        m = labels[sl] == i + 1
+        lab, n = ndimage.label(m)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            labels[sl][m & (lab != 1 + int(np.argmax(sizes)))] = 0
 
 
 def dapi_forward(rendered: Rendered, scene: Scene | None, params: SimParams | str, rng,
@@ -1217,13 +1384,13 @@ def simulate_pair(
     Deterministic for a given (preset, size, seed, z_planes, z_step_um). ``"domain-random"``
     draws the instrument from the seed too (:func:`simulate_training_pair`; single planes only).
     """
-    if isinstance(preset, str) and preset == RANDOM_PRESET:
+    if isinstance(preset, str) and preset in (RANDOM_PRESET, TISSUE_PRESET):
         if z_planes is not None:
             raise ValueError(
-                f"preset {RANDOM_PRESET!r} simulates single planes: leave z_planes unset, or use "
+                f"preset {preset!r} simulates single planes: leave z_planes unset, or use "
                 "a fixed preset for Z stacks"
             )
-        return simulate_training_pair(seed, size)
+        return simulate_training_pair(seed, size, tissue=preset == TISSUE_PRESET)
     p = get_preset(preset)
     H, W = _parse_size(size)
     if z_planes is not None and (not isinstance(z_planes, (int, np.integer)) or z_planes < 1):
@@ -1438,6 +1605,63 @@ def sample_instrument(
     )
 
 
+#: Name of the domain-randomised preset with tissue architecture and phase-retrieval diversity
+#: (:func:`sample_tissue` on top of :func:`sample_instrument`).
+TISSUE_PRESET = "tissue-random"
+
+#: What :func:`sample_tissue` draws on top of an instrument, in drawing order.
+TISSUE_RANGES: dict[str, DomainRange] = {
+    "pixel_size": DomainRange(0.25, 1.0, True, "µm/px in the sample, 40×-class to 10×-class cameras; coarser than the model's 0.414 is imaged on its own grid and brought to 0.414 as the engine does"),  # noqa: E501
+    "layout_stroma": DomainRange(0.1, 0.5, False, "scattered stroma beside a layout (× the density)"),  # noqa: E501
+    "rim_p": DomainRange(0.0, 0.8, False, "share of nuclei with a rim (envelope, peripheral heterochromatin)"),  # noqa: E501
+    "chromatin_contrast": DomainRange(0.15, 0.5, False, "rms chromatin texture; brackets 0.3"),  # noqa: E501
+    "fine_texture_rms": DomainRange(0.0, 0.03, False, "speckle-like fine phase texture, rad rms"),  # noqa: E501
+    "tf_defocus_um": DomainRange(1.0, 4.0, True, "through-focus stack: ± defocus of its outer planes"),  # noqa: E501
+    "tf_residual_defocus_um": DomainRange(-0.5, 0.5, False, "through-focus: focus error the inversion does not know"),  # noqa: E501
+    "tf_alpha": DomainRange(5e-3, 5e-2, True, "through-focus: Tikhonov regulariser"),  # noqa: E501
+    "tf_lowcut_um": DomainRange(6.0, 20.0, True, "through-focus: σ of the low-frequency cut (DPC: 15–40)"),  # noqa: E501
+    "tf_speckle": DomainRange(0.0, 0.08, False, "through-focus: multiplicative speckle rms"),  # noqa: E501
+}  # fmt: skip
+#: Layout families and their shares in :func:`sample_tissue` (tissue.TRAIN_FAMILIES).
+TISSUE_FAMILY_P: dict[str, float] = {
+    "scattered": 0.2, "gland": 0.25, "sheet": 0.15, "stream": 0.15, "cluster": 0.1,
+    "necrosis": 0.15,
+}  # fmt: skip
+#: Share of tissue fields whose phase comes from a through-focus stack instead of DPC.
+THROUGH_FOCUS_P = 0.35
+
+
+def sample_tissue(rng: np.random.Generator | int, instrument: SimParams) -> SimParams:
+    """Draw a tissue architecture (tissue.TRAIN_FAMILIES), nuclear detail, a pixel size and
+    the phase-retrieval family (DPC or through-focus) on top of ``instrument``."""
+    from .tissue import TRAIN_FAMILIES
+
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    d = {k: float(r.draw(rng)) for k, r in TISSUE_RANGES.items()}
+    fams = list(TISSUE_FAMILY_P)
+    assert set(fams) <= set(TRAIN_FAMILIES)
+    w = np.asarray([TISSUE_FAMILY_P[f] for f in fams])
+    family = fams[int(rng.choice(len(fams), p=w / w.sum()))]
+    tf = bool(rng.random() < THROUGH_FOCUS_P)
+    return replace(
+        instrument,
+        name=TISSUE_PRESET,
+        pixel_size=d["pixel_size"],
+        layout=family,
+        layout_stroma=d["layout_stroma"],
+        rim_p=d["rim_p"],
+        chromatin_contrast=d["chromatin_contrast"],
+        fine_texture_rms=d["fine_texture_rms"],
+        reconstruction="through-focus" if tf else instrument.reconstruction,
+        tf_defocus_um=d["tf_defocus_um"],
+        tf_residual_defocus_um=d["tf_residual_defocus_um"],
+        tf_alpha=d["tf_alpha"],
+        tf_lowcut_um=d["tf_lowcut_um"],
+        tf_speckle=d["tf_speckle"],
+    )
+
+
 def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Consecutive ids 1..K for the labels present; returns (new labels, old ids present)."""
     u = np.unique(labels)
@@ -1448,7 +1672,10 @@ def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def simulate_training_pair(
-    seed: int, size: int | tuple[int, int] = 256, pixel_size: float = MODEL_PIXEL_SIZE
+    seed: int,
+    size: int | tuple[int, int] = 256,
+    pixel_size: float = MODEL_PIXEL_SIZE,
+    tissue: bool = False,
 ) -> SimSample:
     """One domain-randomised training field at the model's pixel size.
 
@@ -1458,7 +1685,9 @@ def simulate_training_pair(
     and the labels by nearest neighbour; a coarser one images only the phase on its grid
     (``qobm_pixel_size``), interpolated back, while ground truth and DAPI stay at ``pixel_size``.
     ``params`` records the instrument (camera pixel: ``qobm_pixel_size or pixel_size``);
-    ``pixel_size`` is the output's. Deterministic per (seed, size, pixel_size).
+    ``pixel_size`` is the output's. Deterministic per (seed, size, pixel_size, tissue).
+    ``tissue``: also draw an architecture, nuclear detail, a 0.25–1.0 µm/px camera and the
+    phase retrieval (:func:`sample_tissue`; preset ``"tissue-random"``).
     """
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -1467,20 +1696,23 @@ def simulate_training_pair(
     H, W = _parse_size(size)
     rng = np.random.default_rng(int(seed))
     p = sample_instrument(rng)
+    if tissue:
+        p = sample_tissue(rng, p)
+    name = TISSUE_PRESET if tissue else RANDOM_PRESET
     scene_seed = int(rng.integers(2**31))
     if p.pixel_size > pixel_size:
         # a coarser qOBM camera: ground truth and DAPI stay on the model's grid (the DAPI is the
         # output convention, not the instrument); only the phase is imaged on the camera grid
         p = replace(p, qobm_pixel_size=p.pixel_size, pixel_size=float(pixel_size))
         s = simulate_pair(p, size=(H, W), seed=scene_seed)
-        return replace(s, preset=RANDOM_PRESET, seed=int(seed))
+        return replace(s, preset=name, seed=int(seed))
     # a finer camera: simulate on its grid over the same area (the native pixel is adjusted by
     # < 0.5 px over the field so the resampling factor is exact), then resample everything
     hn = max(8, round(H * pixel_size / p.pixel_size))
     wn = max(8, round(W * pixel_size / p.pixel_size))
     p = replace(p, pixel_size=float(H * pixel_size / hn))
     s = simulate_pair(p, size=(hn, wn), seed=scene_seed)
-    return _resample_sample(s, (H, W), pixel_size, preset=RANDOM_PRESET, seed=int(seed))
+    return _resample_sample(s, (H, W), pixel_size, preset=name, seed=int(seed))
 
 
 def _resample_sample(s: SimSample, shape: tuple[int, int], pixel_size: float, preset: str,
