@@ -17,10 +17,10 @@ import reprlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -40,13 +40,82 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------ config schema
 # Only what the loaders rely on is checked; every model allows extra keys (provenance, metrics,
 # future normalisation fields). A key may be absent (its default applies) but never null.
+# Every number has a range: a hostile or mistyped value is named here instead of becoming a
+# traceback, an out-of-memory error, a hang or a silently wrong stain. The ranges are wide
+# (the packaged models sit well inside them) and bound what one CPU or GPU can hold.
 
-_PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-_PositiveInt = Annotated[int, Field(gt=0)]
+
+def _float(lo: float, hi: float, lo_open: bool = True):
+    low = {"gt": lo} if lo_open else {"ge": lo}
+    return Annotated[float, Field(**low, le=hi, allow_inf_nan=False)]
+
+
+def _int(lo: int, hi: int):
+    low = {"gt": 0} if lo == 1 else {"ge": lo}  # "greater than 0" reads best for counts
+    return Annotated[int, Field(**low, le=hi)]
+
+
+def _at_least(lo: float):
+    """A floor above 0 for a value whose message should still say "greater than 0" at 0."""
+
+    def check(v: float) -> float:
+        if v < lo:
+            raise ValueError(f"Input should be at least {lo:g}")
+        return v
+
+    return AfterValidator(check)
+
+
+#: Channels of any one layer; the packaged networks use at most 160.
+_Channels = _int(1, 1024)
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Closed(BaseModel):
+    """Constructor arguments of a known network: an unknown one would be a TypeError later."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _LatentUNetKwargs(_Closed):
+    latent_channels: _int(1, 64) = 4
+    factor: Literal[1, 2, 4, 8, 16] = 4
+    channels: Annotated[list[_Channels], Field(min_length=1, max_length=8)] = [24, 48, 96, 160]
+    emb_dim: _int(1, 4096) = 128
+    cond_channels: Annotated[list[_Channels], Field(max_length=5)] = []
+    # a guided LCM (training/presets.py `guidance_embed`, issue #24)
+    guidance_embed: bool = False
+    guidance_default: _float(0.0, 100.0, lo_open=False) = 1.0
+
+
+class _VAEKwargs(_Closed):
+    latent_channels: _int(1, 64) = 4
+    enc_channels: _int(2, 1024) = 32  # the encoder's first layer has enc_channels // 2
+    dec_channels: _Channels = 32
+    factor: Literal[4, 8] = 4
+    dec_quarter_channels: _Channels | None = None
+    dec_half_channels: _Channels = 16
+    dec_half_conv: bool = True
+    dec_texture: bool = False
+
+
+class _Pix2PixKwargs(_Closed):
+    ngf: _int(1, 256) = 16
+    depth: _int(1, 10) = 6
+    max_mult: _int(1, 64) = 8
+
+    @model_validator(mode="after")
+    def _widest(self):
+        if self.ngf * min(self.max_mult, 2 ** (self.depth - 1)) > 2048:
+            raise ValueError("ngf × max_mult must be at most 2048 channels")
+        return self
+
+
+#: kwargs schema of each known network class; an unknown class is named by `models.build`.
+_KWARGS = {"LatentUNet": _LatentUNetKwargs, "VAE": _VAEKwargs, "Pix2PixGenerator": _Pix2PixKwargs}
 
 
 class _Arch(_Open):
@@ -56,24 +125,44 @@ class _Arch(_Open):
 
 class _Normalization(_Open):
     type: str = "fixed"
+    clip: _float(1.0, 1e4, lo_open=False) = 10.0  # normalised values are ~N(0, 1)
+    mad_scale: _float(0.0, 1e3) = 1.4826
+    smooth_sigma_px: _float(0.0, 16.0, lo_open=False) = 1.5  # beyond ~16 px it blurs the nuclei
+    max_stat_pixels: _int(1, 10**10) = 4_000_000
+    qobm_mean: _float(-1e30, 1e30, lo_open=False) = 0.0
+    qobm_std: _float(0.0, 1e30) = 1.0
 
 
 class _Scheduler(_Open):
-    num_train_timesteps: _PositiveInt = 1000
-    beta_start: _PositiveFloat = 0.00085
-    beta_end: _PositiveFloat = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "v_prediction"
-    timestep_spacing: str = "trailing"
+    num_train_timesteps: _int(1, 10_000) = 1000
+    beta_start: _float(0.0, 1.0) = 0.00085
+    beta_end: _float(0.0, 1.0) = 0.012
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "trailing"
+    original_inference_steps: _int(1, 10_000) = 50
+    steps_offset: _int(0, 10_000) = 0
+    timestep_scaling: _float(0.0, 1e4) = 10.0
+    clip_sample_range: _float(0.0, 1e6) = 1.0
+    sample_max_value: _float(0.0, 1e6) = 1.0
+    dynamic_thresholding_ratio: _float(0.0, 1.0) = 0.995
+
+    @model_validator(mode="after")
+    def _betas_rise(self):
+        if self.beta_start >= self.beta_end:
+            raise ValueError(
+                f"beta_start ({self.beta_start:g}) must be below beta_end ({self.beta_end:g})"
+            )
+        return self
 
 
 class _Config(_Open):
     format_version: int
     kind: str = ""
     normalization: _Normalization = _Normalization()
-    pixel_size: _PositiveFloat = 0.414
-    multiple: _PositiveInt = 1
-    receptive_field: Annotated[int, Field(ge=0)] = 64
+    pixel_size: _float(0.0, 100.0) = 0.414  # µm/px
+    multiple: _int(1, 4096) = 1
+    receptive_field: _int(0, 4096) = 64
     weights_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] = ""
 
 
@@ -84,7 +173,8 @@ class _LatentArch(_Open):
 
 class _LatentConfig(_Config):
     architecture: _LatentArch
-    latent_scale: _PositiveFloat
+    # training sets 1 / (std of the latents + 1e-6): at most 1e6
+    latent_scale: Annotated[_float(0.0, 1e6), _at_least(1e-6)]
     scheduler: _Scheduler = _Scheduler()
 
 
@@ -101,8 +191,27 @@ _JSON_TYPES = {list: "an array", type(None): "null", str: "a string", bool: "a b
                int: "a number", float: "a number"}  # fmt: skip
 
 
+def _invalid(e: ValidationError, where: Path, prefix: tuple = ()) -> CheckpointError:
+    """The first problem of a pydantic error, as one line naming the field and the value."""
+    err = e.errors()[0]
+    field_name = ".".join(str(p) for p in prefix + tuple(err["loc"])) or "config"
+    msg = err["msg"]
+    if err["type"] in ("model_type", "dict_type"):  # not the name of our pydantic class
+        msg = "Input should be a JSON object {...}"
+    if err["type"] == "value_error":  # our own checks: the message names the values
+        msg = msg.removeprefix("Value error, ")
+    if err["type"] != "missing" and not isinstance(err["input"], dict):
+        msg += f", got {reprlib.repr(err['input'])}"
+    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return CheckpointError(
+        f"config {where} is not a valid checkpoint config: {field_name}: {msg}{more}; "
+        "restore the .json saved with the checkpoint or re-export it"
+    )
+
+
 def validate_config(config, where: Path) -> dict:
-    """Check a checkpoint config's structure; a `CheckpointError` names the first bad field."""
+    """Check a checkpoint config's structure and ranges; a `CheckpointError` names the first bad
+    field."""
     if not isinstance(config, dict):
         got = _JSON_TYPES.get(type(config), type(config).__name__)
         raise CheckpointError(
@@ -113,18 +222,17 @@ def validate_config(config, where: Path) -> dict:
     try:
         schema.model_validate(config)
     except ValidationError as e:
-        err = e.errors()[0]
-        field_name = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"]
-        if err["type"] in ("model_type", "dict_type"):  # not the name of our pydantic class
-            msg = "Input should be a JSON object {...}"
-        if err["type"] != "missing":
-            msg += f", got {reprlib.repr(err['input'])}"
-        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise CheckpointError(
-            f"config {where} is not a valid checkpoint config: {field_name}: {msg}{more}; "
-            "restore the .json saved with the checkpoint or re-export it"
-        ) from None
+        raise _invalid(e, where) from None
+    if schema is _Config:
+        return config
+    for slot, arch in config["architecture"].items():
+        kwargs_schema = _KWARGS.get(arch.get("class")) if isinstance(arch, dict) else None
+        if kwargs_schema is None:
+            continue
+        try:
+            kwargs_schema.model_validate(arch.get("kwargs", {}))
+        except ValidationError as e:
+            raise _invalid(e, where, ("architecture", slot, "kwargs")) from None
     return config
 
 
@@ -223,17 +331,30 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: safetensors refuses headers above 100 MB; a longer "length" is the first bytes of another format.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def _check_safetensors_header(path: Path) -> None:
     """Reject pickles and truncated files before handing bytes to the parser.
 
-    A well-formed header is recognised first: its first 8 bytes are a length that may well start
-    with 0x80 or "PK" (a header of 12,928 bytes does), so pickle/zip magic is only the diagnosis
-    of a file that is not safetensors."""
+    A safetensors file is recognised first: its first 8 bytes are a header length (which may well
+    start with 0x80 or "PK": a header of 12,928 bytes does) followed by a JSON header. Truncation
+    is checked on that layout (header and tensor data), so a cut file is called truncated, and
+    pickle/zip magic is only the diagnosis of a file that is not safetensors."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(16)
-    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-    if 0 < n and 8 + n <= size and head[8:9] == b"{":
+        head = f.read(9)
+        n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        if len(head) == 9 and head[8:9] == b"{" and 0 < n <= MAX_HEADER_BYTES:
+            header = f.read(n - 1) if 8 + n <= size else b""
+    if len(head) == 9 and head[8:9] == b"{" and 0 < n <= MAX_HEADER_BYTES:
+        need = 8 + n if 8 + n > size else 8 + n + _data_length(head[8:] + header)
+        if need > size:
+            raise CheckpointError(
+                f"{path} is truncated ({size} of {need} bytes): an incomplete download or copy; "
+                "copy or download it again"
+            )
         return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
@@ -245,6 +366,19 @@ def _check_safetensors_header(path: Path) -> None:
     raise CheckpointError(
         f"{path} is not a valid safetensors file (bad or truncated header); re-save or re-download it"
     )
+
+
+def _data_length(header: bytes) -> int:
+    """Bytes of tensor data a safetensors JSON header describes (its largest end offset); 0 if
+    the header cannot be read (the parser then names the damage)."""
+    try:
+        entries = json.loads(header)
+        return max(
+            (int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return 0
 
 
 def _verify_hash(path: Path, expected: str, recorded_in: str, fix: str) -> None:
@@ -280,6 +414,11 @@ def load_checkpoint(
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"config {cfg_file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"config {cfg_file} is nested too deeply to be a checkpoint config; restore the .json "
+            "saved with the checkpoint"
+        ) from None
     fv = config.get("format_version") if isinstance(config, dict) else None
     if isinstance(config, dict) and fv != FORMAT_VERSION:
         raise CheckpointError(
