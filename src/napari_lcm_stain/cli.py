@@ -176,7 +176,7 @@ SIM_PRESETS = (
     "domain-random",
     "tissue-random",
 )
-TRAIN_PRESETS = ("default", "small", "tiny", "v4")
+TRAIN_PRESETS = ("default", "release", "small", "tiny", "v4")
 _DEFAULT = " (default: %(default)s)"
 
 
