@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,57 @@ def test_deeply_nested_config_json_is_a_checkpoint_error(tmp_path, depth):
     ck.config_path(path).write_text(text.rstrip()[:-1] + f', "provenance": {nested}}}')
     with pytest.raises(ck.CheckpointError, match="nested too deeply"):
         ck.load_checkpoint(path)
+
+
+# ------------------------------------------------------------------ item 18: Python API inputs
+
+
+@pytest.fixture(scope="module")
+def fake():
+    from _fake_predictor import FakePredictor
+
+    return FakePredictor()
+
+
+SMALL = {"tile": 64, "overlap": 16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int16])
+def test_torch_tensors_of_any_dtype_stain_like_their_float32_copy(fake, dtype):
+    from napari_lcm_stain.engine import stain
+
+    img = np.random.default_rng(0).normal(0.2, 0.3, (40, 48)).astype(np.float32) * 50
+    t = torch.from_numpy(img).to(dtype)
+    got = stain(t, fake, **SMALL)
+    want = stain(t.float().numpy(), fake, **SMALL)
+    assert got.shape == img.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert t.dtype == dtype  # the caller's tensor is not converted in place
+
+
+def test_dask_array_with_unknown_chunk_sizes_is_computed_not_a_nan_error(fake):
+    import dask.array as da
+
+    from napari_lcm_stain.engine import stain
+
+    img = np.random.default_rng(1).normal(0.2, 0.3, (40, 48)).astype(np.float32)
+    lazy = da.from_array(img, chunks=16)
+    unknown = lazy[lazy[:, 0] > -100]  # boolean indexing: rows of unknown count
+    assert np.isnan(unknown.shape[0])
+    got = stain(unknown, fake, **SMALL)
+    np.testing.assert_array_equal(got, stain(img, fake, **SMALL))
+    assert np.isnan(unknown.shape[0])  # the caller's array keeps its (unknown) chunks
+
+
+def test_array_like_with_unknown_sizes_is_explained(fake):
+    from napari_lcm_stain.engine import stain
+
+    class Unknown:
+        shape = (float("nan"), 40)
+        dtype = np.dtype(np.float32)
+
+        def __getitem__(self, key):
+            raise AssertionError("read before the shape was checked")
+
+    with pytest.raises(ValueError, match=r"unknown size.*compute"):
+        stain(Unknown(), fake, **SMALL)

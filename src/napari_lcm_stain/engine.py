@@ -64,7 +64,7 @@ def validate_image(image):
     if image is None:
         raise TypeError("stain() needs an image array, got None")
     if type(image).__module__.split(".")[0] == "torch" and hasattr(image, "detach"):
-        image = image.detach().cpu()  # a tensor that requires grad cannot become numpy
+        image = _from_torch(image)
     if isinstance(image, np.ma.MaskedArray):
         image = _unmask(image)
     arr = image if _is_lazy(image) else np.asarray(image)
@@ -84,6 +84,7 @@ def validate_image(image):
             f"image dtype {dtype} is not numeric: pass a bool, integer or float array "
             "(e.g. arr.astype(np.float32))"
         )
+    arr = _known_shape(arr)
     shape = tuple(int(s) for s in arr.shape)
     if len(shape) == 0:
         raise ValueError("image is a scalar: pass a 2-D (Y, X) array or a stack (..., Y, X)")
@@ -102,6 +103,34 @@ def validate_image(image):
             "one channel; convert it first (e.g. skimage.color.rgb2gray(img) or img[..., 0])"
         )
     return arr
+
+
+def _from_torch(tensor):
+    """A CPU tensor numpy can take: detached (one that requires grad cannot become numpy), and
+    bfloat16 / float8 (no numpy dtype) widened to float32 (exact for both)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and tensor.dtype not in (
+        torch.float16, torch.float32, torch.float64
+    ):  # fmt: skip
+        tensor = tensor.float()
+    return tensor
+
+
+def _known_shape(arr):
+    """`arr` with every size known: a dask array with unknown chunk sizes (boolean indexing,
+    `from_delayed` with NaN shape) gets them computed, on a copy, so the caller's array is left
+    as it is; any other array-like with an unknown size is explained."""
+    shape = tuple(arr.shape)
+    if all(isinstance(s, (int, np.integer)) for s in shape):
+        return arr
+    if hasattr(arr, "compute_chunk_sizes"):  # dask
+        return arr.copy().compute_chunk_sizes()
+    raise ValueError(
+        f"image has unknown size {shape} (a lazy array whose sizes are not known until it is "
+        "computed): compute it first (np.asarray(image)) or give it known chunk sizes"
+    )
 
 
 def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
