@@ -2,11 +2,14 @@
 
 import json
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from napari_lcm_stain import checkpoints as ck
+from napari_lcm_stain._version import __version__
 from napari_lcm_stain.models import LatentUNet
 from napari_lcm_stain.sampling import load_predictor
 
@@ -362,3 +365,25 @@ def test_shipped_hash_file_covers_every_packaged_file():
     for name in ck.PACKAGED:
         for f in (ck.packaged_path(name), ck.config_path(ck.packaged_path(name))):
             assert hashes[f.name] == ck.sha256(f), f.name
+
+
+def _version_key(v):
+    return tuple(int(p) for p in v.split("."))
+
+
+def test_packaged_configs_record_the_release_version():
+    """Every packaged config names the package version it was trained under (`version`, written
+    by the recipe) and the one that saved it (`package_version`, written by `save_checkpoint`);
+    CHANGELOG.md has an entry for the LCM's and for the package's version, which is not older."""
+    if not ck.packaged_hashes():
+        pytest.skip("no packaged weights")
+    changelog = (Path(__file__).parents[1] / "CHANGELOG.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^## (\d+\.\d+\.\d+)\b", changelog, flags=re.M))
+    assert __version__ in listed, f"CHANGELOG.md has no '## {__version__}' entry"
+    for name in ck.PACKAGED:
+        cfg = json.loads(ck.config_path(ck.packaged_path(name)).read_text())
+        for key in ("version", "package_version"):
+            assert re.fullmatch(r"\d+\.\d+\.\d+", str(cfg.get(key))), (name, key, cfg.get(key))
+    lcm = json.loads(ck.config_path(ck.packaged_path("lcm")).read_text())["version"]
+    assert lcm in listed, f"the packaged LCM records version {lcm}: add it to CHANGELOG.md"
+    assert _version_key(lcm) <= _version_key(__version__), (lcm, __version__)

@@ -71,7 +71,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     if len(axes) == nd:
         kwargs["axis_labels"] = tuple(_AXIS_NAMES.get(a, a.lower()) for a in axes)
     if ps:
-        kwargs["scale"] = (1.0,) * (nd - 2) + (float(ps), float(ps))
+        kwargs["scale"] = (1.0,) * (nd - 2) + (float(meta.get("pixel_size_y") or ps), float(ps))
         kwargs["units"] = ("pixel",) * (nd - 2) + ("micrometer", "micrometer")
     prov = read_provenance(p)
     if prov is not None:
@@ -154,8 +154,11 @@ def layer_provenance(meta: dict) -> dict:
     prov["layer"] = meta.get("name")
     if ours.get("plane"):
         prov["plane"] = list(ours["plane"])
-    ps = pixel_size_of(md, meta.get("scale") or (1.0,), meta.get("units"))
-    prov["layer_pixel_size"] = ps
+    scale = meta.get("scale") or (1.0,)
+    prov["layer_pixel_size"] = pixel_size_of(md, scale, meta.get("units"))
+    ps_y = pixel_size_of(md, scale, meta.get("units"), axis=-2)
+    if ps_y is not None and ps_y != prov["layer_pixel_size"]:
+        prov["layer_pixel_size_y"] = ps_y
     return prov
 
 
@@ -177,5 +180,6 @@ def _write(path: Path, data: Any, meta: dict, fmt: str) -> Path:
     prov = layer_provenance(meta)
     ps = prov["layer_pixel_size"]
     axes = "".join(str(a)[:1].upper() for a in meta.get("axis_labels") or ())
-    out_meta = {"pixel_size": ps, "axes": axes if len(axes) == ndim else None}
+    ps_y = prov.get("layer_pixel_size_y")
+    out_meta = {"pixel_size": ps, "pixel_size_y": ps_y, "axes": axes if len(axes) == ndim else None}
     return io.write_image(path, np.asarray(data), out_meta, json.dumps(prov), fmt=fmt)

@@ -59,56 +59,92 @@ def _unit_scale(unit: str | None) -> float | None:
     return _UNIT_TO_UM.get(str(unit).strip().lower().replace("\u00b5", "µ"), None)
 
 
-def _ome_pixel_size(xml: str, notes: list[str] | None = None) -> float | None:
-    """PhysicalSizeX in µm; None if absent or unusable (a value that is not a positive number is
-    treated as unknown, with a note in `notes`)."""
+def _positive(raw) -> float | None:
+    """`raw` as a positive finite number (a number written as text too), else None."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _ome_pixel_size(xml: str, notes: list[str] | None = None) -> tuple[float | None, float | None]:
+    """(PhysicalSizeX, PhysicalSizeY) in µm; None where absent or unusable (a value that is not a
+    positive number is treated as unknown, with a note in `notes`)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return None
+        return None, None
     for el in root.iter():
         if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
-            scale = _unit_scale(el.attrib.get("PhysicalSizeXUnit", "µm"))
-            if scale is None:
-                return None
-            raw = el.attrib["PhysicalSizeX"]
-            try:
-                value = float(raw)
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                if notes is not None:
-                    notes.append(
-                        f"OME PhysicalSizeX {raw!r} is not a positive number: pixel size treated "
-                        "as unknown (give --pixel-size)"
-                    )
-                return None
-            return value * scale
-    return None
+            return _ome_size(el.attrib, "X", notes), _ome_size(el.attrib, "Y", notes)
+    return None, None
 
 
-def _tiff_pixel_size(tif, notes: list[str] | None = None) -> float | None:
-    """µm/px from OME PhysicalSizeX, else ImageJ unit + XResolution, else a cm ResolutionUnit."""
+def _ome_size(attrib: dict, ax: str, notes: list[str] | None) -> float | None:
+    if f"PhysicalSize{ax}" not in attrib:
+        return None
+    scale = _unit_scale(attrib.get(f"PhysicalSize{ax}Unit", "µm"))
+    if scale is None:
+        return None
+    raw = attrib[f"PhysicalSize{ax}"]
+    value = _positive(raw)
+    if value is None:
+        if notes is not None:
+            notes.append(
+                f"OME PhysicalSize{ax} {raw!r} is not a positive number: pixel size treated "
+                "as unknown (give --pixel-size)"
+            )
+        return None
+    return value * scale
+
+
+def _tiff_pixel_size(tif, notes: list[str] | None = None) -> tuple[float | None, float | None]:
+    """(X, Y) µm/px from OME PhysicalSizeX/Y, else ImageJ unit + X/YResolution, else a cm
+    ResolutionUnit; (None, None) when unknown."""
     if tif.is_ome and tif.ome_metadata:
-        ps = _ome_pixel_size(tif.ome_metadata, notes)
-        if ps:
-            return ps
+        x, y = _ome_pixel_size(tif.ome_metadata, notes)
+        if x:
+            return x, y
     page = tif.pages.first
-    tag = page.tags.get("XResolution")
+    ij = tif.imagej_metadata or {}
+    resunit = page.tags.get("ResolutionUnit")
+    if "unit" in ij:
+        scale = _unit_scale(ij["unit"])
+    elif resunit is not None and int(resunit.value) == 3:  # centimeter
+        scale = 1e4
+    else:
+        return None, None  # inch/none: usually a screen 72 dpi default, not a calibration
+    x, y = (_resolution(page, f"{ax}Resolution") for ax in "XY")
+    if not scale or x is None:
+        return None, None
+    return x * scale, None if y is None else y * scale
+
+
+def _resolution(page, name: str) -> float | None:
+    """Units per pixel from an X/YResolution tag (pixels per unit), None if absent or zero."""
+    tag = page.tags.get(name)
     if tag is None:
         return None
     num, den = tag.value
-    if not num:
-        return None
-    per_unit = den / num  # units per pixel
-    ij = tif.imagej_metadata or {}
-    if "unit" in ij:
-        scale = _unit_scale(ij["unit"])
-        return per_unit * scale if scale else None
-    resunit = page.tags.get("ResolutionUnit")
-    if resunit is not None and int(resunit.value) == 3:  # centimeter
-        return per_unit * 1e4
-    return None  # inch/none: usually a screen 72 dpi default, not a microscope calibration
+    return den / num if num else None
+
+
+def _data_end(series) -> tuple[int, int, str]:
+    """(end of the pixel data its header promises, file size, file name) of the page of
+    `series` whose data reach furthest past the end of its file; (0, 0, "") when all fit."""
+    worst = (0, 0, "")
+    for page in series.pages:
+        if page is None:
+            continue
+        fh = page.parent.filehandle
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        end = max(ends, default=0)
+        if end - fh.size > worst[0] - worst[1]:
+            worst = (end, fh.size, fh.name)
+    return worst
 
 
 def _unreadable(path: Path, e: BaseException) -> ValueError:
@@ -143,9 +179,17 @@ def _read_tiff(path: Path):
             series = tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
             notes: list[str] = []
-            ps = _tiff_pixel_size(tif, notes)
+            ps, ps_y = _tiff_pixel_size(tif, notes)
+            end, size, name = _data_end(series)
+            rgb = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
     except Exception as e:  # tifffile raises many kinds (IndexError, struct.error, ...)
         raise _unreadable(path, e) from e
+    if end > size:
+        where = path if name == path.name else f"{path} (its part {name})"
+        raise ValueError(
+            f"cannot read {where}: the file is truncated ({size} bytes, but its header places "
+            f"pixel data up to byte {end}); copy it again or re-export it"
+        )
     try:  # uncompressed, contiguous: a read-only memory map is lazy and free
         arr = tifffile.memmap(path, mode="r")
         if tuple(arr.shape) != shape:
@@ -158,7 +202,9 @@ def _read_tiff(path: Path):
         arr = _CheckedArray(zarr.open(handle.series[0].aszarr(), mode="r"), path)
     return arr, {
         "pixel_size": ps,
+        "pixel_size_y": ps_y,
         "axes": axes,
+        "_rgb": rgb,
         "path": str(path),
         "format": "tiff",
         "notes": notes,
@@ -166,32 +212,65 @@ def _read_tiff(path: Path):
     }
 
 
-def _ngff_attrs(attrs: dict) -> dict | None:
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    return ms[0] if ms else None
+def _ngff_attrs(attrs: dict):
+    """The first OME-NGFF `multiscales` entry (as found: `_read_ngff` checks it), or None."""
+    ome = attrs.get("ome")
+    ms = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict) else None)
+    if not ms:
+        return None
+    return ms[0] if isinstance(ms, list) else ms
+
+
+def _bad_zarr(path: Path, what: str) -> ValueError:
+    return ValueError(f"cannot read {path}: {what}; fix its metadata (.zattrs) or export it again")
+
+
+def _read_ngff(path: Path, node, ms) -> tuple:
+    """(array, axes, X and Y µm/px) of an OME-NGFF group's full-resolution dataset."""
+    import zarr
+
+    datasets = ms.get("datasets") if isinstance(ms, dict) else None
+    if not (isinstance(datasets, list) and datasets and isinstance(datasets[0], dict)):
+        raise _bad_zarr(
+            path, "its OME-NGFF 'multiscales' metadata has no 'datasets' (the arrays it lists)"
+        )
+    ds = datasets[0]
+    arr = node.get(str(ds.get("path")))
+    if not isinstance(arr, zarr.Array):
+        raise _bad_zarr(path, f"its 'multiscales' dataset path {ds.get('path')!r} is not an array")
+    ax = ms.get("axes") if isinstance(ms.get("axes"), list) else []
+    names = [a.get("name", "?") if isinstance(a, dict) else str(a) for a in ax]
+    axes = "".join(str(n)[:1].upper() for n in names) if len(names) == arr.ndim else None
+    ps = ps_y = None
+    transforms = ds.get("coordinateTransformations")
+    for tr in transforms if isinstance(transforms, list) else []:
+        if not (isinstance(tr, dict) and tr.get("type") == "scale"):
+            continue
+        scale = tr.get("scale")
+        values = [_positive(v) for v in scale] if isinstance(scale, list) else []
+        if len(values) != arr.ndim or None in values:
+            raise _bad_zarr(
+                path, f"its scale {scale!r} is not a list of {arr.ndim} positive numbers, one "
+                "per axis",
+            )  # fmt: skip
+        um = [_unit_scale(a["unit"]) if isinstance(a, dict) and a.get("unit") else None for a in ax]
+        if um and um[-1]:
+            ps = values[-1] * um[-1]
+        if len(um) >= 2 and len(values) >= 2 and um[-2]:
+            ps_y = values[-2] * um[-2]
+    return arr, axes, ps, ps_y
 
 
 def _read_zarr(path: Path):
     import zarr
 
     node = zarr.open(str(path), mode="r")
-    ps, axes = None, None
+    ps = ps_y = axes = None
     attrs = dict(node.attrs)
     if isinstance(node, zarr.Group):
         ms = _ngff_attrs(attrs)
         if ms:
-            ds = ms["datasets"][0]
-            arr = node[ds["path"]]
-            names = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
-            if len(names) == arr.ndim:
-                axes = "".join(n[0].upper() for n in names)
-            for tr in ds.get("coordinateTransformations", []):
-                if tr.get("type") == "scale":
-                    ax = ms.get("axes", [])
-                    unit = ax[-1].get("unit") if ax and isinstance(ax[-1], dict) else None
-                    scale = _unit_scale(unit) if unit else None
-                    if scale:
-                        ps = float(tr["scale"][-1]) * scale
+            arr, axes, ps, ps_y = _read_ngff(path, node, ms)
         else:
             arrays = list(node.array_keys())
             if len(arrays) != 1:
@@ -203,10 +282,15 @@ def _read_zarr(path: Path):
     else:
         arr = node
         if "pixel_size" in attrs:
-            ps = float(attrs["pixel_size"])
-        axes = attrs.get("axes")
+            ps = _positive(attrs["pixel_size"])
+            if ps is None:
+                raise _bad_zarr(
+                    path, f"its pixel_size {attrs['pixel_size']!r} is not a positive number (µm/px)"
+                )
+        axes = attrs.get("axes") if isinstance(attrs.get("axes"), str) else None
     return arr, {
         "pixel_size": ps,
+        "pixel_size_y": ps_y,
         "axes": axes,
         "path": str(path),
         "format": "zarr",
@@ -237,14 +321,26 @@ def read_image(path):
         raise ValueError(f"cannot read {p}: expected a .tif/.tiff (OME-)TIFF or a .zarr store")
     axes = meta.get("axes")
     meta.setdefault("notes", [])
+    rgb = meta.pop("_rgb", False)
+    why = None
     if axes and len(axes) == arr.ndim and not axes.endswith("YX") and arr.shape[-1] not in (3, 4):
-        if meta.get("_handle") is not None:
-            meta["_handle"].close()
-        raise ValueError(
+        why = (
             f"{p} has axes {axes} (shape {tuple(arr.shape)}): its last axis "
             f"({axes[-1]}, {arr.shape[-1]} per pixel) is not a plane axis, and a qOBM phase image "
             "has one sample per pixel; save each channel as its own image (e.g. img[..., 0])"
         )
+    elif axes and len(axes) == arr.ndim and "S" in axes[:-2]:  # planar configuration
+        n = arr.shape[axes.index("S")]
+        kind = "an RGB image" if rgb else f"an image with {n} samples per pixel"
+        why = (
+            f"{p} is {kind} stored as separate colour planes (axes {axes}, shape "
+            f"{tuple(arr.shape)}): qOBM phase is one channel; convert it first (e.g. "
+            "skimage.color.rgb2gray(img, channel_axis=0)) or save one plane (img[0])"
+        )
+    if why is not None:
+        if meta.get("_handle") is not None:
+            meta["_handle"].close()
+        raise ValueError(why)
     if not axes or len(axes) != arr.ndim:
         meta["axes"] = _DEFAULT_AXES.get(arr.ndim)
     return arr, meta
@@ -264,13 +360,21 @@ def _ome_axes(axes: str | None, ndim: int) -> str:
 def _ome_metadata(shape, metadata: dict | None, description: str | None) -> dict:
     metadata = metadata or {}
     md = {"axes": _ome_axes(metadata.get("axes"), len(shape))}
-    ps = metadata.get("pixel_size")
+    ps, ps_y = _out_pixel_sizes(metadata)
     if ps:
-        md.update(PhysicalSizeX=float(ps), PhysicalSizeY=float(ps))
+        md.update(PhysicalSizeX=ps, PhysicalSizeY=ps_y)
         md.update(PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
     if description:
         md["Description"] = description
     return md
+
+
+def _out_pixel_sizes(metadata: dict) -> tuple[float | None, float | None]:
+    """(X, Y) µm/px to write: `pixel_size`, and `pixel_size_y` where given (else square)."""
+    ps = metadata.get("pixel_size")
+    if not ps:
+        return None, None
+    return float(ps), float(metadata.get("pixel_size_y") or ps)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -286,6 +390,105 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     elif os.path.lexists(p):
         p.unlink()
+
+
+#: Names a zarr store keeps its metadata in; chunk keys (`0.0`, `0/1`, v3 `c/`) of an array root.
+_ZARR_META = (".zgroup", ".zattrs", ".zarray", ".zmetadata", "zarr.json")
+_CHUNK_KEY = re.compile(r"c|\d+(\.\d+)*")
+
+
+def _zarr_node(folder: Path) -> str | None:
+    """'array' or 'group' for a zarr v2/v3 node folder, else None."""
+    if (folder / ".zarray").is_file():
+        return "array"
+    if (folder / ".zgroup").is_file():
+        return "group"
+    try:
+        node = json.loads((folder / "zarr.json").read_text(encoding="utf-8")).get("node_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return node if node in ("array", "group") else None
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of a zarr folder that are not zarr data (a user's notes.txt): never deleted."""
+    array = _zarr_node(folder) == "array"
+    other = []
+    for c in sorted(folder.iterdir(), key=lambda c: c.name):
+        if c.name in _ZARR_META or (array and _CHUNK_KEY.fullmatch(c.name)):
+            continue
+        if c.is_dir() and not c.is_symlink() and _zarr_node(c) is not None:
+            continue  # an array or group of the store
+        other.append(c.name)
+    return other
+
+
+def _written_by_us(folder: Path) -> bool:
+    for name in (".zattrs", "zarr.json"):
+        try:
+            attrs = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if name == "zarr.json" and isinstance(attrs, dict):
+            attrs = attrs.get("attributes")
+        if isinstance(attrs, dict) and "napari_lcm_stain" in attrs:
+            return True
+    return False
+
+
+def check_replaceable(path, overwrite: bool = False) -> None:
+    """Refuse an output that would destroy what is not ours to replace.
+
+    A file named `*.zarr`, a folder that is not a zarr store (or is the target of an OME-TIFF)
+    are never replaced. A zarr store that this plugin did not write, or that holds other files
+    (a user's notes.txt), is replaced only with `overwrite`, and then only its zarr data: the
+    other files are moved into the new store. An existing file or our own store passes here
+    (`stain_files` still asks for `overwrite` for those).
+    """
+    path = Path(path)
+    zarr_target = path.suffix.lower() in ZARR_SUFFIXES
+    if not os.path.lexists(path) or (path.is_file() and not zarr_target):
+        return
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is a file, not an OME-Zarr folder: it is never replaced (not even with "
+            "--overwrite); remove it yourself or choose another name"
+        )
+    if not any(path.iterdir()):
+        return  # an empty folder: nothing to lose
+    if not zarr_target or _zarr_node(path) is None:
+        kind = "not a zarr store" if zarr_target else "a folder, not an OME-TIFF file"
+        raise ValueError(
+            f"{path} is {kind}: it is never replaced (not even with --overwrite); choose "
+            "another name"
+        )
+    other = _foreign_entries(path)
+    if overwrite:
+        return
+    if other:
+        shown = ", ".join(other[:3]) + (", …" if len(other) > 3 else "")
+        raise ValueError(
+            f"{path} holds files that are not zarr data ({shown}): pass --overwrite "
+            "(overwrite=True) to replace only its zarr data (those files are kept), or choose "
+            "another name"
+        )
+    if not _written_by_us(path):
+        raise ValueError(
+            f"{path} is a zarr store that napari-lcm-stain did not write: pass --overwrite "
+            "(overwrite=True) to replace it, or choose another name"
+        )
+
+
+def _carry_over(old: Path, new: Path) -> bool:
+    """Move the non-zarr files of a replaced store into the new one; False if one stayed."""
+    kept = True
+    for name in _foreign_entries(old):
+        try:
+            os.replace(old / name, new / name)
+        except OSError as e:
+            warnings.warn(f"could not move {old / name} into {new}: {e}", stacklevel=3)
+            kept = False
+    return kept
 
 
 def _pid_alive(pid: int) -> bool:
@@ -427,8 +630,9 @@ def commit_together(outputs) -> list[Path]:
                     else:
                         os.replace(backups[i], o.path)
             raise
-        for b in backups.values():
-            _remove(b)
+        for i, b in backups.items():
+            if not b.is_dir() or _carry_over(b, outputs[i].path):
+                _remove(b)
     return [o.path for o in outputs]
 
 
@@ -471,7 +675,11 @@ class OutputImage:
         self.array = None
 
     def commit(self) -> Path:
-        return commit_together([self])[0]
+        try:
+            return commit_together([self])[0]
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         self.array = None
@@ -483,7 +691,7 @@ def _create_ome_zarr(path: Path, shape, metadata, description, chunk):
 
     metadata = metadata or {}
     axes = _ome_axes(metadata.get("axes"), len(shape)).lower()
-    ps = metadata.get("pixel_size")
+    ps, ps_y = _out_pixel_sizes(metadata)
     kind = {"t": "time", "c": "channel"}
     ax = []
     for a in axes:
@@ -491,7 +699,7 @@ def _create_ome_zarr(path: Path, shape, metadata, description, chunk):
         if a in "yx" and ps:
             d["unit"] = "micrometer"
         ax.append(d)
-    scale = [1.0] * (len(shape) - 2) + ([float(ps)] * 2 if ps else [1.0, 1.0])
+    scale = [1.0] * (len(shape) - 2) + ([ps_y, ps] if ps else [1.0, 1.0])
     g = zarr.open_group(str(path), mode="w", zarr_format=2)
     chunks = (1,) * (len(shape) - 2) + (min(chunk, shape[-2]), min(chunk, shape[-1]))
     arr = g.create_array("0", shape=shape, chunks=chunks, dtype="float32", fill_value=0.0)
@@ -516,9 +724,14 @@ def _create_ome_zarr(path: Path, shape, metadata, description, chunk):
     return arr
 
 
-def write_image(path, array, metadata=None, description=None, fmt=None) -> Path:
-    """Write float32 OME-TIFF (or OME-Zarr for a .zarr path) atomically, metadata copied."""
+def write_image(path, array, metadata=None, description=None, fmt=None, overwrite=False) -> Path:
+    """Write float32 OME-TIFF (or OME-Zarr for a .zarr path) atomically, metadata copied.
+
+    An existing file, or an OME-Zarr this plugin wrote, is replaced; other folders are refused
+    unless `overwrite` (see `check_replaceable`).
+    """
     path = Path(path)
+    check_replaceable(path, overwrite)
     fmt = fmt or ("zarr" if path.suffix.lower() in ZARR_SUFFIXES else "tiff")
     arr = np.asarray(array, dtype=np.float32)
     if fmt == "tiff":
@@ -799,6 +1012,7 @@ def _check_targets(targets: list[Path], files: list[Path], overwrite: bool) -> N
     for t in targets:
         if any(_same_file(t, i) for i in files):
             raise ValueError(f"output {t} is one of the inputs: choose another -o")
+        check_replaceable(t, overwrite)
         if t.exists() and not overwrite:
             raise FileExistsError(
                 f"{t} exists: pass --overwrite to replace it, or choose another -o"
@@ -901,9 +1115,10 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
             ps, source = pixel_size, "--pixel-size"
         else:
             ps, source = meta.get("pixel_size"), f"the metadata of {f.name}"
+            arr = _square_pixels(arr, meta, f.name)
         rescale_factor(ps, getattr(model, "pixel_size", None), source)  # before any output
         shape = tuple(int(s) for s in arr.shape)
-        out_meta = {"pixel_size": meta.get("pixel_size") or ps, "axes": meta.get("axes")}
+        out_meta = {"pixel_size": ps, "axes": meta.get("axes")}  # square pixels now
         try:
             outs.append(OutputImage(o, shape, out_meta, _PENDING, fmt))
             if samples > 1:
@@ -934,6 +1149,59 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
         for w in caught:  # other warnings (not our notes) still reach the user
             if str(w.message) not in info.get("warnings", []):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+class _SquarePixels:
+    """A lazy view of an image whose pixels are `factor` times as tall as wide, its Y axis
+    resampled (plane by plane, as planes are read) so that its pixels are square."""
+
+    def __init__(self, arr, factor: float):
+        self._arr = arr
+        h, w = (int(s) for s in arr.shape[-2:])
+        self.shape = tuple(int(s) for s in arr.shape[:-2]) + (max(1, round(h * factor)), w)
+        self.dtype, self.ndim = np.dtype(np.float32), len(self.shape)
+
+    def __getitem__(self, key):
+        from .engine import _resize
+
+        key = () if key is Ellipsis else key if isinstance(key, tuple) else (key,)
+        lead = self.ndim - 2
+        if len(key) > lead or not all(isinstance(k, (int, np.integer)) for k in key):
+            return self[()][key]  # rarely used: any other index resamples every plane first
+        block = np.asarray(self._arr[key] if key else self._arr[...], dtype=np.float32)
+        out = np.empty(block.shape[:-2] + self.shape[-2:], np.float32)
+        for i in np.ndindex(*block.shape[:-2]):
+            out[i] = _resize(block[i], self.shape[-2:])
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[()], dtype=dtype)
+
+
+def _square_pixels(arr, meta: dict, name: str):
+    """`arr`, or a view of it with square pixels of the X size when the file's Y pixel size
+    differs (> 1 %); a note says so. An implausible ratio (beyond the rescale range) is refused.
+    """
+    from .engine import PIXEL_SIZE_TOLERANCE, RESCALE_RANGE
+
+    x, y = meta.get("pixel_size"), meta.get("pixel_size_y")
+    if not x or not y or abs(y / x - 1.0) <= PIXEL_SIZE_TOLERANCE:
+        return arr
+    factor = y / x
+    lo, hi = RESCALE_RANGE
+    if not lo <= factor <= hi:
+        raise ValueError(
+            f"{name} has pixels of Y {y:g} by X {x:g} µm ({factor:.3g} times as tall as wide), "
+            f"outside the supported {lo:g}-{hi:g}: check its pixel sizes and their units, or give "
+            "--pixel-size"
+        )
+    view = _SquarePixels(arr, factor)
+    (h, w), (h2, _w) = arr.shape[-2:], view.shape[-2:]
+    meta["notes"].append(
+        f"{name} has non-square pixels (Y {y:g} µm/px, X {x:g} µm/px): resampled {h}x{w} px to "
+        f"{h2}x{w} px of square {x:g} µm pixels before staining; the output is on this square grid"
+    )
+    return view
 
 
 def _set_description(out: OutputImage, description: str) -> None:

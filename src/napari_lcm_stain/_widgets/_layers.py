@@ -7,6 +7,7 @@ after a user renames them, and never mistakes one for an input.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -150,23 +151,29 @@ def layer_pixel_size(layer: Layer) -> float | None:
     return pixel_size_of(layer.metadata, layer.scale, getattr(layer, "units", None))
 
 
-def pixel_size_of(metadata: Any, scale: Any, units: Any) -> float | None:
-    """µm per pixel from a layer's metadata, scale and units (the state a napari writer gets).
+#: µm per unit of the length units a layer's scale may carry
+_UM_PER_UNIT = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
 
-    A scale of 1 in 'pixel' units (napari's default) says nothing, so None lets the model assume
-    its training pixel size.
+
+def pixel_size_of(metadata: Any, scale: Any, units: Any, axis: int = -1) -> float | None:
+    """µm per pixel along `axis` (-1: X, -2: Y) from a layer's scale and units, else metadata.
+
+    The scale in a length unit comes first: it is what napari shows and the user corrects, while
+    metadata 'pixel_size(_um)' (from the file) may be stale. A scale in 'pixel' units (napari's
+    default) says nothing, so without metadata None lets the model assume its training pixel size.
     """
+    if units and len(units) >= -axis and len(scale) >= -axis:
+        factor = _UM_PER_UNIT.get(str(units[axis]).lower())
+        value = float(scale[axis]) * factor if factor is not None else math.nan
+        if math.isfinite(value) and value > 0:
+            return value
     md = metadata if isinstance(metadata, dict) else {}
-    for key in ("pixel_size", "pixel_size_um"):
+    keys = ("pixel_size_y",) if axis == -2 else ()
+    for key in (*keys, "pixel_size", "pixel_size_um"):
         meta = md.get(key)
         if isinstance(meta, (int, float)) and not isinstance(meta, bool):
             if np.isfinite(meta) and meta > 0:
                 return float(meta)
-    if units:
-        unit = str(units[-1]).lower()
-        factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(unit)
-        if factor is not None:
-            return float(scale[-1]) * factor
     return None
 
 
