@@ -172,10 +172,7 @@ class Decoder(nn.Module):
     def with_texture_defaults(self, state: dict) -> dict:
         """`state` of a decoder without a texture head, completed with this one's starting head
         (transfer from a deterministic decoder); any other state is returned as is."""
-        if not self.texture or any(k.startswith("amplitude.") for k in state):
-            return state
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("amplitude.")}
-        return {**state, **own}
+        return _with_own_part(self, state, "amplitude.") if self.texture else state
 
     def forward(
         self, z: torch.Tensor, pixel_noise: torch.Tensor | None = None, parts: bool = False
@@ -194,6 +191,15 @@ class Decoder(nn.Module):
         if parts:
             return mean, amp
         return mean + amp * pixel_noise
+
+
+def _with_own_part(module: nn.Module, state: dict, prefix: str) -> dict:
+    """`state` completed with `module`'s own entries under `prefix` when it has none there (a
+    part the network adds to the one `state` came from starts at its initial weights)."""
+    if any(k.startswith(prefix) for k in state):
+        return state
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefix)}
+    return {**state, **own}
 
 
 # ------------------------------------------------------------------------------ conditional U-Net
@@ -218,6 +224,13 @@ class LatentUNet(nn.Module):
     nuclear rims are a nonlinear feature of the phase at full resolution. Measured on a small
     budget it did not help (docs/experiments.md, "conditioning encoder"), so the release has none;
     empty (the default) is the network before it.
+
+    `guidance_embed` (guided consistency distillation, issue #24): a guidance scale w enters as a
+    sinusoidal embedding of 1000·w (diffusers' `get_guidance_scale_embedding`) added to the
+    time embedding before `time_mlp` through a bias-free linear layer (diffusers'
+    `TimestepEmbedding.cond_proj`) that starts at zero, so a student built from a teacher
+    computes exactly the teacher's function for every w until it trains. `forward(..., w=None)`
+    uses `guidance_default`. False (the default) is the network before it.
     """
 
     def __init__(
@@ -227,6 +240,8 @@ class LatentUNet(nn.Module):
         channels: tuple[int, ...] = (24, 48, 96, 160),
         emb_dim: int = 128,
         cond_channels: tuple[int, ...] = (),
+        guidance_embed: bool = False,
+        guidance_default: float = 1.0,
     ):
         super().__init__()
         cond_channels = tuple(int(c) for c in cond_channels)
@@ -244,6 +259,11 @@ class LatentUNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        self.guidance_embed = bool(guidance_embed)
+        self.guidance_default = float(guidance_default)
+        if self.guidance_embed:
+            self.guidance_proj = nn.Linear(emb_dim, emb_dim, bias=False)
+            nn.init.zeros_(self.guidance_proj.weight)
         self.unshuffle = nn.PixelUnshuffle(factor)
         self.cond_encoder = None
         if cond_channels:
@@ -276,10 +296,28 @@ class LatentUNet(nn.Module):
         """Pixel tile sides must be multiples of this."""
         return self.factor * 2 ** (len(self.channels) - 1)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def with_guidance_defaults(self, state: dict) -> dict:
+        """`state` of a network without a guidance input (a teacher, an unguided LCM) completed
+        with this one's zero guidance projection; any other state is returned as is."""
+        return _with_own_part(self, state, "guidance_proj.") if self.guidance_embed else state
+
+    def forward(
+        self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """v for latents `z` at timesteps `t` given the qOBM `cond`; `w`: the guidance scale per
+        sample (or a scalar) for a network with `guidance_embed`, default `guidance_default`."""
         if t.ndim == 0:
             t = t.expand(z.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(z.dtype))
+        temb = timestep_embedding(t, self.emb_dim).to(z.dtype)
+        if self.guidance_embed:
+            w = torch.as_tensor(self.guidance_default if w is None else w, device=z.device)
+            w = w.float().expand(z.shape[0]) if w.ndim == 0 else w.float()
+            temb = temb + self.guidance_proj(
+                timestep_embedding(1000.0 * w, self.emb_dim).to(z.dtype)
+            )
+        elif w is not None:
+            raise ValueError("this network has no guidance input (guidance_embed=False)")
+        emb = self.time_mlp(temb)
         parts = [z, self.unshuffle(cond)]
         if self.cond_encoder is not None:
             parts.append(self.cond_encoder(cond))

@@ -66,6 +66,28 @@ class TrainPreset:
     lcm_pixel_weight: float = 0.0
     adv_start: float = 0.2
     adv_ndf: int = 16
+    # Teacher levers (issue #24, docs/teacher-diagnosis.md); all off by default, each an ablation arm.
+    # classifier-free guidance: the probability that a teacher training sample has its qOBM
+    # condition zeroed (the unconditional branch guidance extrapolates away from)
+    cond_dropout: float = 0.0
+    # min-SNR-γ loss weighting of the teacher's v-loss, min(SNR, γ) / (SNR + 1) (Hang et al.
+    # 2023; γ = 5 there); 0 = off (plain MSE). NB: with the zero-terminal-SNR schedule the weight
+    # goes to 0 at t = 999, the step one-step sampling queries
+    min_snr_gamma: float = 0.0
+    # standardise the latents per channel (shift + scale measured on the training set, folded
+    # into the VAE encoder's output layer and recorded in the checkpoint configs, so the latent
+    # space is zero-mean and unit-variance per channel, as the schedule assumes; needs
+    # decoder_steps > 0, the thin decoder is fitted on them); False = one global scale
+    unit_latents: bool = False
+    # guided consistency distillation: the student gets a guidance input (a sinusoidal
+    # w-embedding through a zero-initialised projection, so it starts equal to the teacher);
+    # w ~ U[guidance_min, guidance_max] per sample, teacher target uncond + w·(cond - uncond).
+    # Needs a teacher trained with cond_dropout > 0. `guidance_default`: the w the network uses
+    # when none is given (inference until a guidance control exists, the polish stage)
+    guidance_embed: bool = False
+    guidance_min: float = 1.0
+    guidance_max: float = 3.0
+    guidance_default: float = 1.5
     # Texture decoder (models.Decoder(texture=True)): a second head learns, by Gaussian likelihood
     # of the residual the latent cannot explain (encoder latents only), a per-pixel amplitude of
     # the noise the stain is drawn with. False: the deterministic decoder before it.
@@ -205,6 +227,8 @@ def transfer_preset(p: TrainPreset, lcm_config: dict, pix2pix_config: dict | Non
         latent_factor=int(unet["factor"]),
         unet_channels=tuple(unet["channels"]),
         unet_cond_channels=tuple(unet.get("cond_channels", ())),
+        # a guided LCM keeps its guidance input (its weights must load); it may be added
+        guidance_embed=bool(unet.get("guidance_embed", False)) or p.guidance_embed,
         vae_channels=int(vae["enc_channels"]),
     )
     if "dec_half_channels" in vae:  # a refitted thin decoder: keep refitting and polishing it

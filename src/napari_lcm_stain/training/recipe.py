@@ -158,6 +158,7 @@ class Recipe:
         )
         self.save_timing("data", t_data)
         self.latent_scale = 1.0
+        self.latent_standardisation: dict | None = None  # p.unit_latents: folded into the encoder
 
     # -- bookkeeping
 
@@ -237,7 +238,7 @@ class Recipe:
         return thin.eval()
 
     def load_unet(self, name: str) -> LatentUNet:
-        unet = st.make_unet(self.p)
+        unet = st.make_unet(self.p, name)
         ckpt.load_into(
             unet, ckpt.load_checkpoint(self.out / f"{name}.safetensors").sub("unet"), name
         )
@@ -253,7 +254,7 @@ class Recipe:
         v = self.inference_vae() if v is None else v
         cfg = self.base_config(name)
         cfg.update(
-            architecture={"unet": st.unet_arch(self.p), "vae": st.vae_arch(self.p, True)},
+            architecture={"unet": st.unet_arch(self.p, name), "vae": st.vae_arch(self.p, True)},
             scheduler=dict(SCHEDULER_CONFIG),
             latent_scale=self.latent_scale,
             multiple=unet.multiple,
@@ -264,6 +265,8 @@ class Recipe:
                 "encoder": count_parameters(v.encoder),
             },
         )
+        if self.latent_standardisation is not None:
+            cfg["latent_standardisation"] = self.latent_standardisation
         cfg["provenance"]["stage_seconds"] = self.timings
         self.save(name, {"unet": unet, "decoder": v.decoder, "encoder": v.encoder}, cfg)
 
@@ -303,6 +306,14 @@ class Recipe:
                 self.save_vae("vae", vae, inference=False)
             self.vae = self.load_vae()
             raw = st.encode_latents(self.vae, data.dapi)
+            if p.unit_latents:  # per-channel zero mean, unit variance, folded into the encoder
+                if p.decoder_steps <= 0:
+                    raise ValueError(
+                        "unit_latents needs decoder_steps > 0 (the thin decoder is fitted on "
+                        "the standardised latents; the training VAE's own decoder is not)"
+                    )
+                self.latent_standardisation = st.standardise_latents(self.vae, raw)
+                raw = st.encode_latents(self.vae, data.dapi)
             self.latent_scale = float(1.0 / (_std(raw) + 1e-6))
         if isinstance(raw, list):
             data.latents = [(r * self.latent_scale).astype(np.float32) for r in raw]

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from ..models import VAE, LatentUNet, PatchDiscriminator, Pix2PixGenerator, build
 from ..sampling import lcm_scheduler, train_scheduler
 from .data import PairedData
-from .diffusion import consistency, eps_from_v, lcm_solver_grid, sample_timesteps, x0_from_v
+from .diffusion import (
+    consistency,
+    drop_condition,
+    lcd_target,
+    lcm_solver_grid,
+    min_snr_weight,
+    sample_guidance,
+    sample_timesteps,
+)
 from .loop import ddp, dist_info, ema_update, optimise, seed_stage, unwrap
 from .presets import TrainPreset
 
@@ -31,20 +39,23 @@ def arch(module_cls, **kwargs) -> dict:
     return {"class": module_cls.__name__, "kwargs": kwargs}
 
 
-def make_unet(p: TrainPreset) -> LatentUNet:
-    return build(unet_arch(p))
+def make_unet(p: TrainPreset, stage: str = "teacher") -> LatentUNet:
+    return build(unet_arch(p, stage))
 
 
-def unet_arch(p: TrainPreset) -> dict:
-    """The U-Net's config entry; `cond_channels` only when set, so configs (and checkpoints) of
-    the network without a conditioning encoder stay as they were."""
-    cond = {"cond_channels": list(p.unet_cond_channels)} if p.unet_cond_channels else {}
+def unet_arch(p: TrainPreset, stage: str = "teacher") -> dict:
+    """The U-Net's config entry for a stage ("teacher" or "lcm"); `cond_channels` only when set
+    and the guidance input only for a guided LCM (`p.guidance_embed`), so configs (and
+    checkpoints) of the network without them stay as they were."""
+    extra = {"cond_channels": list(p.unet_cond_channels)} if p.unet_cond_channels else {}
+    if stage == "lcm" and p.guidance_embed:
+        extra.update(guidance_embed=True, guidance_default=float(p.guidance_default))
     return arch(
         LatentUNet,
         latent_channels=p.latent_channels,
         factor=p.latent_factor,
         channels=list(p.unet_channels),
-        **cond,
+        **extra,
     )
 
 
@@ -92,6 +103,27 @@ def encode_latents(vae: VAE, dapi):
         mean, _ = vae.encode(torch.from_numpy(dapi[i : i + 8])[:, None])
         out.append(mean.numpy())
     return np.concatenate(out)
+
+
+def standardise_latents(vae: VAE, raw) -> dict:
+    """Make the encoder's latents zero-mean and unit-variance per channel (`p.unit_latents`):
+    the mean and std of `raw` (its posterior means of the training fields, an array or a list of
+    planes) are folded, in place, into the encoder's last 1x1 convolution (mean rows scaled and
+    shifted, log-variance rows shifted by 2·log scale), so encode() gives (raw - shift)·scale
+    and nothing downstream changes. The training VAE's own decoder is not updated: the thin
+    decoder (`decoder_steps` > 0) is fitted on the standardised latents. Returns the shift and
+    scale (the checkpoint configs record them)."""
+    c = vae.latent_channels
+    chans = [r.reshape(-1, c, *r.shape[-2:]).transpose(1, 0, 2, 3).reshape(c, -1) for r in raw]
+    flat = np.concatenate(chans, axis=1).astype(np.float64)
+    shift, scale = flat.mean(axis=1), 1.0 / (flat.std(axis=1) + 1e-6)
+    conv = vae.encoder[-1]
+    s = torch.from_numpy(scale).float()
+    with torch.no_grad():
+        conv.weight[:c] *= s.view(-1, 1, 1, 1)
+        conv.bias[:c] = (conv.bias[:c] - torch.from_numpy(shift).float()) * s
+        conv.bias[c:] += 2.0 * torch.log(s)
+    return {"shift": [float(v) for v in shift], "scale": [float(v) for v in scale]}
 
 
 def reconstruction_loss(rec: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -321,8 +353,13 @@ def train_teacher(
         q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
         noise = torch.randn_like(z0)
         t = sample_timesteps(rng, z0.shape[0], p.high_t_fraction, p.high_t_min).to(dev)
+        if p.cond_dropout > 0:  # classifier-free guidance: some samples see no qOBM
+            q = drop_condition(rng, q, p.cond_dropout)
         z_t = sched.add_noise(z0, noise, t)
         target = sched.get_velocity(z0, noise, t)
+        if p.min_snr_gamma > 0:
+            per_sample = (unet(z_t, t, q) - target).pow(2).mean(dim=(1, 2, 3))
+            return (min_snr_weight(sched, t, p.min_snr_gamma) * per_sample).mean()
         return F.mse_loss(unet(z_t, t, q), target)
 
     def ema_step(step):
@@ -365,9 +402,17 @@ def distill_lcm(
     lcm = lcm_scheduler()
     grid, k = lcm_solver_grid()
     teacher = teacher.to(dev).eval().requires_grad_(False)
-    student = ddp(copy.deepcopy(teacher).train().requires_grad_(True))
-    target = copy.deepcopy(teacher).eval().requires_grad_(False)
+    guide = bool(p.guidance_embed)
+    if guide and p.cond_dropout <= 0 and init is None:  # (transfer: the init's teacher)
+        raise ValueError(
+            "guidance_embed needs a teacher trained with cond_dropout > 0 (its unconditional "
+            "branch is the teacher with the qOBM zeroed); set cond_dropout, e.g. 0.1"
+        )
+    first = guided_student(teacher, p)
+    student = ddp(copy.deepcopy(first).train().requires_grad_(True))
+    target = copy.deepcopy(first).eval().requires_grad_(False)
     if init is not None:
+        init = target.with_guidance_defaults(init)
         unwrap(student).load_state_dict(init)
         target.load_state_dict(init)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
@@ -387,15 +432,12 @@ def distill_lcm(
         start_t = torch.from_numpy(grid[idx]).long().to(dev)
         t = torch.clamp(start_t - k, min=0)
         noise = torch.randn_like(z0)
+        w = None
+        if guide:
+            w = sample_guidance(rng, z0.shape[0], p.guidance_min, p.guidance_max).to(dev)
         z_start = sched.add_noise(z0, noise, start_t)
-        pred = consistency(lcm, sched, student, z_start, start_t, q)
-        with torch.no_grad():
-            v = teacher(z_start, start_t, q)
-            x0_t = x0_from_v(sched, z_start, v, start_t)
-            eps_t = eps_from_v(sched, z_start, v, start_t)
-            a_prev = sched.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
-            z_prev = a_prev.sqrt() * x0_t + (1 - a_prev).sqrt() * eps_t
-            tgt = consistency(lcm, sched, target, z_prev, t, q)
+        pred = consistency(lcm, sched, student, z_start, start_t, q, w)
+        tgt = lcd_target(lcm, sched, teacher, target, z_start, start_t, t, q, w)
         loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
         if anchor_weight:
             loss = loss + anchor_weight * F.l1_loss(pred, z0)
@@ -413,6 +455,17 @@ def distill_lcm(
     )  # fmt: skip
     critic.save(out, "lcm")
     return target
+
+
+def guided_student(teacher: LatentUNet, p: TrainPreset) -> LatentUNet:
+    """The network distillation starts from: the teacher itself, or with `p.guidance_embed` the
+    LCM's guided U-Net holding the teacher's weights and a zero guidance projection (so it
+    computes the teacher's function for every w)."""
+    if not p.guidance_embed:
+        return teacher
+    net = make_unet(p, "lcm")
+    net.load_state_dict(net.with_guidance_defaults(teacher.state_dict()))
+    return net.to(next(teacher.parameters()).device).eval()
 
 
 def train_pix2pix(

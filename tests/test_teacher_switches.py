@@ -1,0 +1,256 @@
+"""The teacher switches of issue #24 on the tiny preset: condition dropout, min-SNR-γ weighting,
+unit-variance latents and guided consistency distillation. Each is off by default (the tiny
+fingerprint, `scripts/train_fingerprint.py`, is unchanged); on, each runs its stage and changes
+what it should."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from napari_lcm_stain import checkpoints as ck
+from napari_lcm_stain import training as train
+from napari_lcm_stain.models import LatentUNet, ResBlock
+from napari_lcm_stain.sampling import lcm_scheduler, load_predictor, train_scheduler
+from napari_lcm_stain.training import diffusion as diff
+from napari_lcm_stain.training import presets as presets_mod
+from napari_lcm_stain.training import stages as st
+
+TINY = train.get_train_preset("tiny")
+
+
+def tiny(**kw):
+    return dataclasses.replace(TINY, **kw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The tiny training fields with latents of an untrained VAE (scaled to unit std)."""
+    d = train.make_training_data(TINY, seed=0)
+    torch.manual_seed(0)
+    raw = st.encode_latents(st.make_vae(TINY).eval(), d.dapi)
+    d.latents = (raw / raw.std()).astype(np.float32)
+    return d
+
+
+def _unet(seed=0, **kw) -> LatentUNet:
+    """A tiny U-Net whose residual branches are on (they start at zero, which would hide the
+    time and guidance embeddings' effect)."""
+    torch.manual_seed(seed)
+    net = st.make_unet(tiny(**kw)).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, ResBlock):
+                m.conv2.weight.normal_(0, 0.05)
+    return net
+
+
+def _inputs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, TINY.latent_channels, 8, 8, generator=g)
+    q = torch.randn(n, 1, 64, 64, generator=g)
+    return z, torch.tensor([999, 500, 20][:n]), q
+
+
+def test_switches_are_off_by_default_and_recorded():
+    for name in ("default", "small", "tiny"):
+        p = train.get_train_preset(name)
+        assert p.cond_dropout == 0 and p.min_snr_gamma == 0
+        assert not p.unit_latents and not p.guidance_embed
+    assert "guidance_embed" not in st.unet_arch(tiny(guidance_embed=True), "teacher")["kwargs"]
+    assert "guidance_embed" not in st.unet_arch(TINY, "lcm")["kwargs"]
+    kw = st.unet_arch(tiny(guidance_embed=True, guidance_default=2.0), "lcm")["kwargs"]
+    assert kw["guidance_embed"] is True and kw["guidance_default"] == 2.0
+
+
+# ----------------------------------------------------------------------- condition dropout
+
+
+def test_drop_condition_zeroes_a_fraction_of_whole_samples():
+    rng = np.random.default_rng(0)
+    q = torch.randn(2000, 1, 4, 4) + 5.0
+    out = diff.drop_condition(rng, q, 0.1)
+    zero = (out == 0).flatten(1).all(1)
+    kept = ~zero
+    assert 0.08 < float(zero.float().mean()) < 0.12
+    assert torch.equal(out[kept], q[kept])
+    assert torch.equal(diff.drop_condition(rng, q, 0.0), q)
+
+
+def test_teacher_stage_drops_conditions(data, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(rng, q, p):
+        out = diff.drop_condition(rng, q, p)
+        seen.append(((out == 0).flatten(1).all(1)).float().mean().item())
+        return out
+
+    monkeypatch.setattr(st, "drop_condition", spy)
+    st.train_teacher(data, tiny(cond_dropout=0.5, teacher_steps=20), 0, tmp_path, quiet=True)
+    assert len(seen) == 20 and 0.3 < np.mean(seen) < 0.7
+    seen.clear()
+    st.train_teacher(data, tiny(teacher_steps=5), 0, tmp_path, quiet=True)
+    assert seen == []  # off: not even called (the random stream is the one before the switch)
+
+
+# ------------------------------------------------------------------------------- min-SNR-γ
+
+
+def test_min_snr_weights_follow_the_formula():
+    sched = train_scheduler()
+    t = torch.tensor([0, 20, 100, 300, 500, 700, 900, 999])
+    a = sched.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    w = diff.min_snr_weight(sched, t, 5.0)
+    expect = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1)
+    assert torch.allclose(w.double(), expect, rtol=1e-6)
+    assert w[0] == pytest.approx(5.0 / (float(snr[0]) + 1), rel=1e-5)  # high SNR: γ / (SNR + 1)
+    assert float(w[-1]) < 1e-6  # zero-terminal SNR: no weight at t = 999
+    assert torch.all(w <= 1.0) and torch.all(w >= 0.0)
+    # below γ the weight is SNR / (SNR + 1), rising with the SNR
+    low = snr < 5
+    assert torch.allclose(w.double()[low], (snr / (snr + 1))[low], rtol=1e-6)
+
+
+def test_teacher_stage_with_min_snr_changes_the_loss(data, tmp_path):
+    runs = {}
+    for gamma in (0.0, 5.0):
+        out = tmp_path / f"g{gamma}"
+        out.mkdir()
+        st.train_teacher(data, tiny(min_snr_gamma=gamma, teacher_steps=20), 0, out, quiet=True)
+        runs[gamma] = np.loadtxt(out / "teacher_loss.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert np.all(np.isfinite(runs[5.0][:, 1]))
+    # the same batches and timesteps, weighted: every weight is <= 1, so the loss is lower
+    assert runs[5.0][0, 1] < runs[0.0][0, 1]
+
+
+# ------------------------------------------------------------------------ unit-variance latents
+
+
+def test_standardise_latents_folds_exactly_into_the_encoder():
+    torch.manual_seed(0)
+    vae = st.make_vae(TINY).eval()
+    dapi = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    raw = st.encode_latents(vae, dapi)
+    x = torch.from_numpy(dapi)[:, None]
+    with torch.no_grad():
+        _, logvar0 = vae.encode(x)
+    stats = st.standardise_latents(vae, raw)
+    shift, scale = np.array(stats["shift"]), np.array(stats["scale"])
+    new = st.encode_latents(vae, dapi)
+    ref = (raw - shift[None, :, None, None]) * scale[None, :, None, None]
+    assert np.allclose(new, ref, atol=1e-4)
+    per = new.transpose(1, 0, 2, 3).reshape(new.shape[1], -1)
+    assert np.allclose(per.mean(1), 0, atol=1e-4) and np.allclose(per.std(1), 1, atol=1e-3)
+    with torch.no_grad():
+        _, logvar = vae.encode(x)
+    want = (logvar0 + 2 * torch.log(torch.tensor(scale)).float().view(1, -1, 1, 1)).clamp(-20, 10)
+    assert torch.allclose(logvar, want, atol=1e-4)  # the posterior's spread scales alike
+
+
+# ---------------------------------------------------------------------------------- guidance
+
+
+def test_zero_init_guidance_projection_starts_equal_to_the_teacher():
+    teacher = _unet(0)
+    student = st.guided_student(teacher, tiny(guidance_embed=True, cond_dropout=0.1))
+    assert student.guidance_embed and not teacher.guidance_embed
+    assert not student.guidance_proj.weight.detach().any()
+    z, t, q = _inputs()
+    with torch.no_grad():
+        ref = teacher(z, t, q)
+        for w in (None, 0.0, 1.0, 2.5, 7.0, torch.tensor([1.0, 2.0, 3.0])):
+            assert torch.equal(student(z, t, q, w), ref), w
+        # the input is wired: a non-zero projection makes w matter
+        student.guidance_proj.weight.normal_(0, 0.5)
+        assert not torch.allclose(student(z, t, q, 1.0), student(z, t, q, 3.0))
+        assert torch.equal(student(z, t, q), student(z, t, q, student.guidance_default))
+    assert st.guided_student(teacher, TINY) is teacher  # off: the teacher itself, as before
+    with pytest.raises(ValueError, match="no guidance input"):
+        teacher(z, t, q, 2.0)
+
+
+def test_guided_target_differs_from_unguided_when_w_is_not_one():
+    teacher = _unet(1)
+    target = st.guided_student(teacher, tiny(guidance_embed=True, cond_dropout=0.1))
+    sched, lcm = train_scheduler(), lcm_scheduler()
+    z, _, q = _inputs()
+    start_t = torch.tensor([999, 519, 99])
+    t = start_t - 20
+    plain = diff.lcd_target(lcm, sched, teacher, teacher, z, start_t, t, q)
+    one = diff.lcd_target(lcm, sched, teacher, target, z, start_t, t, q, torch.ones(3))
+    two = diff.lcd_target(lcm, sched, teacher, target, z, start_t, t, q, torch.full((3,), 2.0))
+    assert torch.allclose(one, plain, atol=1e-5)  # w = 1: the conditional prediction
+    assert (two - plain).abs().mean() > 1e-3
+    # w extrapolates linearly away from the unconditional teacher (the target is still the
+    # teacher at init, so the step's result is linear in v too)
+    zero = diff.lcd_target(lcm, sched, teacher, target, z, start_t, t, q, torch.zeros(3))
+    assert torch.allclose(two - one, one - zero, atol=1e-4)
+
+
+def test_guided_distillation_needs_a_dropout_teacher(data, tmp_path):
+    with pytest.raises(ValueError, match="cond_dropout"):
+        st.distill_lcm(data, _unet(0), tiny(guidance_embed=True, lcm_steps=2), 0, tmp_path, True)
+
+
+def test_guided_distillation_trains_the_guidance_input(data, tmp_path):
+    p = tiny(guidance_embed=True, cond_dropout=0.1, lcm_steps=15)
+    student = st.distill_lcm(data, _unet(0), p, 0, tmp_path, quiet=True)
+    assert student.guidance_embed
+    assert float(student.guidance_proj.weight.abs().sum()) > 0
+    z, t, q = _inputs()
+    with torch.no_grad():
+        assert not torch.equal(student(z, t, q, 1.0), student(z, t, q, 3.0))
+
+
+# ------------------------------------------------------------------- all switches in a recipe
+
+
+def test_recipe_with_every_switch_saves_and_loads(tmp_path):
+    p = tiny(
+        cond_dropout=0.2,
+        min_snr_gamma=5.0,
+        unit_latents=True,
+        guidance_embed=True,
+        guidance_default=2.0,
+        teacher_steps=15,
+        lcm_steps=10,
+        polish_steps=5,
+    )
+    paths = train.run_recipe(p, tmp_path, stages=["vae", "decoder", "teacher", "lcm", "polish"],
+                             quiet=True)  # fmt: skip
+    teacher = ck.load_checkpoint(paths["teacher"])
+    lcm = ck.load_checkpoint(paths["lcm"])
+    assert "guidance_embed" not in teacher.config["architecture"]["unet"]["kwargs"]
+    kw = lcm.config["architecture"]["unet"]["kwargs"]
+    assert kw["guidance_embed"] is True and kw["guidance_default"] == 2.0
+    assert "guidance_proj.weight" in lcm.sub("unet")
+    prov = lcm.config["provenance"]["preset"]
+    assert prov["cond_dropout"] == 0.2 and prov["min_snr_gamma"] == 5.0
+    assert prov["unit_latents"] is True and prov["guidance_embed"] is True
+    # unit latents: the checkpoint's encoder gives ~zero-mean, unit-std channels on the training set
+    stdz = lcm.config["latent_standardisation"]
+    assert len(stdz["shift"]) == len(stdz["scale"]) == p.latent_channels
+    assert lcm.config["latent_scale"] == pytest.approx(1.0, abs=1e-3)
+    vae = st.make_inference_vae(p)
+    ck.load_into(vae.encoder, lcm.sub("encoder"), "encoder")
+    z = st.encode_latents(vae.eval(), train.make_training_data(p, 0).dapi)
+    per = z.transpose(1, 0, 2, 3).reshape(z.shape[1], -1)
+    assert np.allclose(per.mean(1), 0, atol=1e-3) and np.allclose(per.std(1), 1, atol=1e-3)
+    # both load as predictors; the guided LCM runs at its default guidance
+    for name in ("teacher", "lcm"):
+        pred = load_predictor(paths[name], steps=1, device="cpu")
+        noise = torch.randn(
+            1, *pred.noise_shape(64, 64), generator=torch.Generator().manual_seed(0)
+        )
+        y = pred(torch.zeros(1, 1, 64, 64), noise)
+        assert y.shape == (1, 1, 64, 64) and torch.isfinite(y).all()
+    moved = presets_mod.transfer_preset(TINY, lcm.config, None)
+    assert moved.guidance_embed  # transfer keeps the guidance input (its weights must load)
+
+
+def test_unit_latents_need_a_thin_decoder(tmp_path):
+    with pytest.raises(ValueError, match="decoder_steps"):
+        train.run_recipe(tiny(unit_latents=True, decoder_steps=0, vae_steps=2), tmp_path,
+                         stages=["vae"], quiet=True)  # fmt: skip
