@@ -1,7 +1,7 @@
 """Fine-tune the packaged LCM on shifted-20x pairs and score 16 held-out shifted fields.
 
 `python experiments/finetune_shifted.py [STEPS LR TRAIN_SIZE PAIRS]` prints the numbers quoted in
-docs/model-card.md (defaults: the CLI's 300 steps at 2e-4, one 512x512 pair; the quality test
+docs/model-card.md and docs/experiments.md (defaults: the CLI's 300 steps at 2e-4, one 512x512 pair; the quality test
 uses PAIRS = 4: `python experiments/finetune_shifted.py 300 2e-4 512 4`).
 """
 

@@ -1,4 +1,4 @@
-"""Is the texture decoder's grain at the true DAPI's noise level? (docs/model-card.md)
+"""Is the texture decoder's grain at the true DAPI's noise level? (docs/experiments.md, texture decoder)
 
     python experiments/grain_level.py [--n 8]
 

@@ -1,4 +1,4 @@
-"""Does OMP_WAIT_POLICY=PASSIVE slow training down? (docs/troubleshooting.md, docs/model-card.md)
+"""Does OMP_WAIT_POLICY=PASSIVE slow training down? (docs/troubleshooting.md, docs/experiments.md)
 
 `python experiments/omp_wait_probe.py RUN_DIR [STEPS]` copies the VAE and decoder of a finished
 default-preset run into temporary folders and times STEPS (default 300) teacher steps twice, in

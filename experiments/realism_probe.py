@@ -1,4 +1,4 @@
-"""Why LCM-1 scores badly on realism, and what two obvious fixes cost (docs/model-card.md).
+"""Why LCM-1 scores badly on realism, and what two obvious fixes cost (docs/experiments.md).
 
 The realism distance compares radially averaged power spectra. True simulated DAPI carries Poisson
 shot noise, a flat spectrum above ~0.15 cycles/px; LCM-1 predicts a smooth, mean-like image whose

@@ -1,4 +1,4 @@
-"""Markdown table of an instrument-suite JSON, for the model card.
+"""Markdown table of an instrument-suite JSON, for the model card and docs/experiments.md.
 
 python experiments/suite_table.py docs/results/instruments-before.json
 """

@@ -25,7 +25,7 @@ def test_packaged_weights_verified_and_provenanced():
 def test_packaged_lcm_beats_trivial_baseline():
     rows = {"lcm": [], "baseline": []}
     # All 8 benchmark fields: per-field F1 varies by ~0.08, and on the first 4 alone the 0.0.2
-    # weights measured +0.043 F1 over the baseline (+0.081 on all 8; model card).
+    # weights measured +0.043 F1 over the baseline (+0.081 on all 8).
     for _, _, s in benchmark_fields(n=8, size=256):
         pred = {
             "lcm": stain(s.qobm, model="lcm", pixel_size=s.pixel_size),
@@ -35,7 +35,7 @@ def test_packaged_lcm_beats_trivial_baseline():
             m = metrics.image_metrics(p, s.dapi, true_labels=s.nuclei, pixel_size=s.pixel_size)
             rows[k].append((m["pearson"], m["f1"]))
     lcm, base = np.mean(rows["lcm"], axis=0), np.mean(rows["baseline"], axis=0)
-    # measured (0.0.5 weights): Pearson 0.339 vs 0.154, F1 0.247 vs 0.185 (model card)
+    # measured (0.0.5 weights): Pearson 0.339 vs 0.154, F1 0.247 vs 0.185
     assert lcm[0] > base[0] + 0.15, (lcm, base)
     assert lcm[1] > base[1] + 0.05, (lcm, base)
 
@@ -70,7 +70,7 @@ def test_finetune_on_shifted_instrument_helps(shifted_finetune):
     assert shifted_finetune["best_step"] > 0, "fine-tuning kept the base model"
     # measured with the 0.0.3 weights and their fixed normalisation: Pearson 0.292 -> 0.322,
     # F1 0.114 -> 0.143. With the robust normalisation the base scores F1 0.137 / Pearson 0.185
-    # here and one pair of fine-tuning adds little F1 (0.137 -> 0.141; model card): Pearson
+    # here and one pair of fine-tuning adds little F1 (0.137 -> 0.141): Pearson
     # must still improve, and F1 must not fall. Over 4 fields this failed on the 0.0.7 model,
     # which fine-tunes well on 16 (scripts/finetune_multi.py), so the check uses 16 fields
     # (release 0.0.7: Pearson 0.174 -> 0.216, F1 0.140 -> 0.149). Since 0.1.0 it uses four pairs

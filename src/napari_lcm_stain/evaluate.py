@@ -918,7 +918,7 @@ SHIFT_TRAIN_SEED = 777
 #: the pairs of a several-pair check (since 0.1.0): the one pair first, then seeds after the held ones
 SHIFT_TRAIN_SEEDS: tuple[int, ...] = (SHIFT_TRAIN_SEED, 794, 795, 796)
 #: 16 held-out fields (since 0.0.7; it was 4): on four 256² fields a model's per-field F1 swung by
-#: up to ±0.4 after one-pair fine-tuning, which decided the check alone (docs/model-card.md)
+#: up to ±0.4 after one-pair fine-tuning, which decided the check alone (docs/experiments.md)
 SHIFT_HELD_SEEDS: tuple[int, ...] = tuple(range(778, 794))
 
 

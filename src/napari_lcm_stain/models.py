@@ -132,7 +132,7 @@ class Decoder(nn.Module):
     what the latent cannot say (shot noise, chromatin grain); given `pixel_noise` (N(0, 1), one
     value per output pixel) the output is mean + amplitude x noise, a stochastic decoder. Why
     noise and not a sharper deterministic decoder: a decoder that must invent texture from the 8x
-    latent draws it cell by cell, a periodic hatching (docs/model-card.md, realism ablation);
+    latent draws it cell by cell, a periodic hatching (docs/experiments.md, decoder critic);
     per-pixel noise has no period. Without `pixel_noise` it returns the mean.
     """
 
