@@ -89,9 +89,6 @@ class _LatentUNetKwargs(_Closed):
     # a guided LCM (training/presets.py `guidance_embed`, issue #24)
     guidance_embed: bool = False
     guidance_default: _float(0.0, 100.0, lo_open=False) = 1.0
-    # a guided LCM (training/presets.py `guidance_embed`, issue #24)
-    guidance_embed: bool = False
-    guidance_default: _float(0.0, 100.0, lo_open=False) = 1.0
 
 
 class _VAEKwargs(_Closed):
