@@ -61,6 +61,22 @@ def test_zarr_overwrite_replaces_only_the_zarr(tmp_path, pred):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_file_that_cannot_be_carried_over_is_never_deleted(tmp_path, monkeypatch):
+    out = io.write_image(tmp_path / "o.ome.zarr", blobs((16, 16)), {"pixel_size": 0.25})
+    (out / "notes.txt").write_text("my notes")
+    real = io.os.replace
+
+    def no_notes(src, dst, *a, **k):
+        if Path(src).name == "notes.txt":
+            raise OSError("cannot move")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(io.os, "replace", no_notes)
+    with pytest.warns(UserWarning, match=r"notes\.txt.*kept in .*o\.ome\.zarr\.previous-1"):
+        io.write_image(out, blobs((16, 16), seed=1), {"pixel_size": 0.25}, overwrite=True)
+    assert (tmp_path / "o.ome.zarr.previous-1" / "notes.txt").read_text() == "my notes"
+
+
 def test_zarr_writer_replaces_its_own_output(tmp_path):
     out = io.write_image(tmp_path / "o.ome.zarr", blobs((16, 16)), {"pixel_size": 0.25})
     new = blobs((16, 16), seed=5)

@@ -479,16 +479,26 @@ def check_replaceable(path, overwrite: bool = False) -> None:
         )
 
 
-def _carry_over(old: Path, new: Path) -> bool:
-    """Move the non-zarr files of a replaced store into the new one; False if one stayed."""
-    kept = True
+def _carry_over(old: Path, new: Path) -> None:
+    """Move the non-zarr files of a replaced store `old` into the new one, then delete `old`.
+
+    A file that cannot be moved is never deleted: `old` is kept as NAME.previous-N, with a warning.
+    """
+    left = []
     for name in _foreign_entries(old):
         try:
             os.replace(old / name, new / name)
-        except OSError as e:
-            warnings.warn(f"could not move {old / name} into {new}: {e}", stacklevel=3)
-            kept = False
-    return kept
+        except OSError:
+            left.append(name)
+    if not left:
+        _remove(old)
+        return
+    n = 1
+    while os.path.lexists(new.with_name(f"{new.name}.previous-{n}")):
+        n += 1
+    keep = new.with_name(f"{new.name}.previous-{n}")
+    os.replace(old, keep)
+    warnings.warn(f"could not move {', '.join(left)} into {new}: kept in {keep}", stacklevel=3)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -631,7 +641,9 @@ def commit_together(outputs) -> list[Path]:
                         os.replace(backups[i], o.path)
             raise
         for i, b in backups.items():
-            if not b.is_dir() or _carry_over(b, outputs[i].path):
+            if b.is_dir() and not b.is_symlink():
+                _carry_over(b, outputs[i].path)  # a user's files in a replaced OME-Zarr
+            else:
                 _remove(b)
     return [o.path for o in outputs]
 
