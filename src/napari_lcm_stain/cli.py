@@ -103,6 +103,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         init=a.init,
         register=a.register,
         max_shift=a.max_shift,
+        overwrite=a.overwrite,
     )
     return 0
 
@@ -313,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help=f"training preset: {' | '.join(TRAIN_PRESETS)}" + _DEFAULT,
     )
-    s.add_argument("--out", required=True, help="run folder (resumed if it exists) (required)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="run folder; its finished stages are resumed when they were trained with the same "
+        "preset, data, seed and settings (required)",
+    )
     s.add_argument(
         "--data",
         default=None,
@@ -352,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-resume", action="store_true", help="start again instead of resuming finished stages"
     )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="restart a --out that holds another run (other preset, data, seed or settings): "
+        "delete its stages first",
+    )
     s.add_argument("--device", **dev)
     s.add_argument("--package", action="store_true", help="copy results into the package weights/")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: preset)")
@@ -375,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data",
         default=None,
-        help="folder of pairs NAME_qobm.EXT + NAME_dapi.EXT (.tif, .tiff, .ome.tif, .zarr) "
-        "(default: none; or give --qobm/--dapi)",
+        help="folder of pairs NAME_qobm.EXT + NAME_dapi.EXT (.tif, .tiff, .ome.tif, .zarr), or "
+        "a pairs.csv with columns qobm,dapi[,pixel_size], as for train --data (default: none; "
+        "or give --qobm/--dapi)",
     )
     s.add_argument(
         "--qobm",

@@ -246,6 +246,60 @@ def held_out_pairs(n: int) -> list[int]:
     return sorted(range(n - 1, -1, -4))[-max(1, n // 4) :] if n >= 2 else []
 
 
+def check_distinct_pairs(pairs, *, kind: str, key=None, name=str, label=None) -> None:
+    """Refuse an item (a file, a layer) used as both qOBM and DAPI of one pair, or in two pairs:
+    such a pair would be trained on and held out at once, inflating the scores. `key(item)`: its
+    identity (default: the item itself); `name(item)`: how messages name it; `label(i)`: how
+    they name pair i, counted from 0 (default: 'pair i+1'). `lcm-stain train --data`, `finetune`
+    and the Fine-tune dock all use this one check."""
+    key = key or (lambda x: x)
+    label = label or (lambda i: f"pair {i + 1}")
+    seen: dict = {}
+    for i, (q, d) in enumerate(pairs):
+        if key(q) == key(d):
+            where = label(i)
+            raise ValueError(
+                f"{where[:1].upper()}{where[1:]} uses {kind} '{name(q)}' as both qOBM and DAPI; "
+                "pick the measured DAPI."
+            )
+        for item in (q, d):
+            k = key(item)
+            if k in seen:
+                raise ValueError(
+                    f"{kind.capitalize()} '{name(item)}' is in {label(seen[k])} and {label(i)}: "
+                    f"each {kind} may be in one pair only."
+                )
+            seen[k] = i
+
+
+def _check_settings(steps, lr, patch, val_fraction, max_minutes=None) -> None:
+    """The fine-tuning settings (named by their `lcm-stain finetune` flags), checked before any
+    image is read: NaN, infinity and out-of-range values are refused."""
+
+    def number(v) -> float:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    def whole(v) -> bool:
+        return not isinstance(v, bool) and math.isfinite(number(v)) and number(v).is_integer()
+
+    if not (whole(steps) and 1 <= number(steps) <= 100_000):
+        raise ValueError(f"--steps must be between 1 and 100000, got {steps}")
+    if not 0 < number(lr) < 1:
+        raise ValueError(f"--lr (learning rate) must be in (0, 1), got {lr}")
+    if not (whole(patch) and number(patch) >= 1):
+        raise ValueError(f"--patch must be a positive number of px, got {patch}")
+    if not 0 < number(val_fraction) < 1:
+        raise ValueError(f"--val-fraction must be a number between 0 and 1, got {val_fraction}")
+    if max_minutes is not None and not 0 < number(max_minutes) < math.inf:
+        raise ValueError(
+            f"--max-minutes must be a positive number of minutes, got {max_minutes} "
+            "(leave it out for no limit)"
+        )
+
+
 def _pairs(qobm, dapi, names) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
     """One pair (two arrays) or several (two lists paired in order) as checked (N, Y, X) stacks,
     with a label per pair for messages ('' for a single pair)."""
@@ -301,10 +355,7 @@ def iter_finetune(
     `val_fraction` of each plane. Setting `stop` ends training early and keeps the best weights
     so far. `device` 'auto' | 'cpu' | 'cuda' | 'mps'; CUDA trains in bfloat16 autocast.
     """
-    if not 1 <= int(steps) <= 100_000:
-        raise ValueError(f"steps must be between 1 and 100000, got {steps}")
-    if not 0 < float(lr) < 1:
-        raise ValueError(f"learning rate must be in (0, 1), got {lr}")
+    _check_settings(steps, lr, patch, val_fraction)
     pairs, names = _pairs(qobm, dapi, names)
     dapis = [
         dapi_to_model_units(d, "DAPI image" + (f" of {n}" if n else ""))
@@ -359,6 +410,11 @@ def iter_finetune(
             list(dn[0][:, cut:]),
         )
         validation = f"bottom {val_fraction:.0%} of each plane"
+    if patch < m:
+        raise ValueError(
+            f"--patch {patch} is smaller than the model's tile multiple ({m} px): use --patch {m} "
+            "or more"
+        )
     patch = int(min([patch] + [min(h - h % m, w - w % m) for h, w in (p.shape for p in tq)]))
     if patch < m:
         raise ValueError(
@@ -602,22 +658,29 @@ def finetune_files(
 ) -> Path:
     """`lcm-stain finetune`: read the pairs, fine-tune, save the checkpoint pair.
 
-    Pairs: `data`, a folder (`find_pairs`), or `qobm`/`dapi`, one path each or two lists paired in
-    order. The device, the output (name, existing files, folder) and the inputs are all checked
-    before any image is read or any training starts. `max_minutes` stops training after that
-    much wall time (counted from the start of training) and keeps the best weights so far.
+    Pairs: `data`, a folder (`training.folder.find_pairs`: by name or a pairs.csv), or
+    `qobm`/`dapi`, one path each or two lists paired in order; a file in two pairs or used as both
+    qOBM and DAPI is refused. The settings, the device, the output (name, existing files, folder)
+    and the inputs are all checked before any image is read or any training starts. Every pair
+    is read and resampled to the model's pixel size exactly as `train --data` does
+    (`training.folder.read_pair`: the files' metadata, else pairs.csv, else assumed, with a note;
+    an implausible pixel size is refused as `stain` refuses it); the pairs' own pixel sizes are
+    recorded in the checkpoint's ``finetune.pair_pixel_sizes``. `max_minutes` stops training
+    after that much wall time (counted from the start of training) and keeps the best weights so
+    far.
     """
+    from .training import folder as fo
+
     if out is None:
         raise ValueError("give the output checkpoint (--out NAME.safetensors)")
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
+    _check_settings(steps, lr, patch, val_fraction, max_minutes)
     out = Path(out)
     resolve_device(device)  # a missing GPU fails now, not after reading the images
     _check_output(out, overwrite)
     if data is not None:
         if qobm or dapi:
             raise ValueError("give either --data or --qobm/--dapi, not both")
-        names, q_imgs, d_imgs = read_folder(data)
+        rows = fo.find_pairs(data)
     else:
         qs = [qobm] if isinstance(qobm, (str, Path)) else list(qobm or [])
         ds = [dapi] if isinstance(dapi, (str, Path)) else list(dapi or [])
@@ -626,12 +689,27 @@ def finetune_files(
                 f"{len(qs)} --qobm but {len(ds)} --dapi images: give one --dapi per --qobm "
                 "(paired in order), or a folder with --data"
             )
-        names = [f"{Path(q).name} + {Path(d).name}" for q, d in zip(qs, ds)]
         for p in (*qs, *ds):
             if not Path(p).exists():
                 raise FileNotFoundError(f"input not found: {p}")
-        q_imgs = [_read_plane_stack(Path(p)) for p in qs]
-        d_imgs = [_read_plane_stack(Path(p)) for p in ds]
+        rows = [
+            fo.PairRow(
+                f"{Path(q).name} + {Path(d).name}",
+                Path(q),
+                Path(d),
+                None,
+                f"pair {i} (--qobm/--dapi)",
+            )
+            for i, (q, d) in enumerate(zip(qs, ds), start=1)
+        ]
+        fo.check_distinct(rows)
+    base = _load_finetune_base(model)
+    notes: list[str] = []  # pixel sizes: resampled to the model's exactly as `train --data` does
+    pairs = [fo.read_pair(r, float(base.config.get("pixel_size", 0.414)), notes) for r in rows]
+    for n in notes:
+        print(f"[data] {n}")
+    names = [p.name for p in pairs]
+    q_imgs, d_imgs = [p.qobm for p in pairs], [p.dapi for p in pairs]
     single = len(q_imgs) == 1 and data is None
     stop = threading.Event()
     timer = None
@@ -643,7 +721,7 @@ def finetune_files(
         res = run_finetune(
             q_imgs[0] if single else q_imgs,
             d_imgs[0] if single else d_imgs,
-            model=model,
+            model=base,
             steps=steps,
             lr=lr,
             patch=patch,
@@ -656,6 +734,13 @@ def finetune_files(
     finally:
         if timer is not None:
             timer.cancel()
+    res.config["finetune"].update(
+        base=str(model),
+        pair_pixel_sizes=[
+            {"name": p.name, "pixel_size": p.pixel_size, "pixel_size_source": p.pixel_size_source}
+            for p in pairs
+        ],
+    )
     res.save(out)
     print(f"fine-tuned checkpoint: {out} (best step {res.best_step})")
     print(f"  {len(q_imgs)} pair(s); validation: {res.config['finetune']['validation']}")

@@ -553,18 +553,18 @@ def _held_out(n: int) -> list[int]:
 def _pairs_problem(pairs: list[tuple[Layer, Layer]]) -> str | None:
     """Why these layer pairs cannot train together: a pair of one layer, a layer in two pairs,
     or a pair of two shapes (None when they can; pairs may differ in size)."""
-    seen: dict[int, int] = {}
+    from napari_lcm_stain.finetune import check_distinct_pairs
+
+    try:  # the check `finetune` and `train --data` make on files, here on layers
+        check_distinct_pairs(
+            pairs,
+            kind="layer",
+            key=lambda ly: id(getattr(ly, "__wrapped__", ly)),
+            name=lambda ly: ly.name,
+        )
+    except ValueError as e:
+        return str(e)
     for i, (q, d) in enumerate(pairs, start=1):
-        if same_layer(q, d):
-            return f"Pair {i} uses '{q.name}' as both qOBM and DAPI; pick the measured DAPI."
-        for ly in (q, d):
-            key = id(getattr(ly, "__wrapped__", ly))
-            if key in seen:
-                return (
-                    f"Layer '{ly.name}' is in pair {seen[key]} and pair {i}: each layer may be in "
-                    "one pair only."
-                )
-            seen[key] = i
         problem = _shape_problem(q, d, "qOBM", "DAPI")
         if problem:
             return f"Pair {i} ({pair_label(q, d)}): {problem}"

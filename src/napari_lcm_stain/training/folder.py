@@ -7,7 +7,10 @@ Layout (either):
 
 2-D images and stacks (every Z/T plane is one sample). The pixel size comes from the files'
 metadata (`io.read_image`), else the CSV's ``pixel_size``, else it is assumed to be the model's
-(with a note); every pair is resampled to the model's pixel size. DAPI is mapped to the model's
+(with a note); every pair is resampled to the model's pixel size, and one `stain` would refuse
+(`engine.rescale_factor`: more than 8x either way) is refused, naming the file or CSV line. A
+file in two pairs, or as both qOBM and DAPI, is refused (`check_distinct`). `lcm-stain finetune`
+reads its pairs with the same functions. DAPI is mapped to the model's
 0-1 scale per pair exactly as fine-tuning does (`finetune.dapi_to_model_units`), qOBM is normalised
 per plane with the model's `normalization` config.
 
@@ -20,9 +23,12 @@ are refused) and cropping the border the shift leaves invalid.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,6 +83,17 @@ class Pair:
 # --------------------------------------------------------------------------------- discovery
 
 
+class PairRow(NamedTuple):
+    """One pair as found: its name, files, the pixel size pairs.csv gives (None: none), and
+    where it was listed (``"pairs.csv line 3"``, ``"pair 'a'"``), for messages."""
+
+    name: str
+    qobm: Path
+    dapi: Path
+    pixel_size: float | None
+    where: str
+
+
 def _split_name(path: Path) -> tuple[str, str] | None:
     """(NAME, role) for ``NAME_qobm.ext`` / ``NAME_dapi.ext``; None for any other file."""
     low = path.name.lower()
@@ -91,13 +108,33 @@ def _split_name(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def find_pairs(folder) -> list[tuple[str, Path, Path, float | None]]:
-    """(name, qOBM path, DAPI path, pixel size from pairs.csv or None) for every pair, sorted."""
+def find_pairs(folder) -> list[PairRow]:
+    """Every pair of `folder` (sorted by name, or in pairs.csv's order); a file in two pairs or
+    used as both qOBM and DAPI is refused (`check_distinct`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"training data folder {folder} not found (or not a folder)")
-    if (folder / CSV_NAME).exists():
-        return _pairs_from_csv(folder / CSV_NAME)
+    csv_file = folder / CSV_NAME
+    rows = _pairs_from_csv(csv_file) if csv_file.exists() else _pairs_by_name(folder)
+    check_distinct(rows)
+    return rows
+
+
+def check_distinct(rows: list[PairRow]) -> None:
+    """Refuse a file (the same file under two names too: symlinks, hard links) listed in two
+    pairs or as both qOBM and DAPI of one: it would be trained on and held out at once."""
+    from ..finetune import check_distinct_pairs
+
+    def identity(path: Path):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    check_distinct_pairs(
+        [(r.qobm, r.dapi) for r in rows], kind="file", key=identity, label=lambda i: rows[i].where
+    )
+
+
+def _pairs_by_name(folder: Path) -> list[PairRow]:
     found: dict[str, dict[str, list[Path]]] = {}
     for p in sorted(folder.iterdir()):
         hit = _split_name(p)
@@ -118,13 +155,13 @@ def find_pairs(folder) -> list[tuple[str, Path, Path, float | None]]:
                 f"{have} has no partner: add {name}{tag}.tif (or .tiff/.ome.tif/.zarr) to "
                 f"{folder}, or move the file out of the folder"
             )
-        pairs.append((name, q[0], d[0], None))
+        pairs.append(PairRow(name, q[0], d[0], None, f"pair {name!r}"))
     if not pairs:
         raise ValueError(f"no training pairs found in {folder}: {LAYOUT_HINT}")
     return pairs
 
 
-def _pairs_from_csv(path: Path) -> list[tuple[str, Path, Path, float | None]]:
+def _pairs_from_csv(path: Path) -> list[PairRow]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -157,7 +194,7 @@ def _pairs_from_csv(path: Path) -> list[tuple[str, Path, Path, float | None]]:
         if name in names:
             name = f"{name}-{i}"
         names.add(name)
-        pairs.append((name, q, d, px))
+        pairs.append(PairRow(name, q, d, px, f"{path} line {i}"))
     if not pairs:
         raise ValueError(f"no training pairs found in {path}: it has a header but no rows")
     return pairs
@@ -200,10 +237,12 @@ def _read_planes(path: Path, role: str) -> tuple[np.ndarray, float | None]:
     return a, meta.get("pixel_size")
 
 
-def read_pair(name, qobm_path, dapi_path, csv_px, model_px: float, notes: list[str]) -> Pair:
-    """Read one pair, check it, and resample it to `model_px` (µm/px)."""
-    from ..engine import PIXEL_SIZE_TOLERANCE, _resize
+def read_pair(row: PairRow, model_px: float, notes: list[str]) -> Pair:
+    """Read one pair, check it, and resample it to `model_px` (µm/px); a pixel size `stain`
+    would refuse (`engine.rescale_factor`) is refused, naming where it came from."""
+    from ..engine import PIXEL_SIZE_TOLERANCE, _resize, rescale_factor
 
+    name, qobm_path, dapi_path, csv_px, where = row
     q, q_px = _read_planes(Path(qobm_path), "qOBM")
     d, d_px = _read_planes(Path(dapi_path), "DAPI")
     if q.shape != d.shape:
@@ -216,16 +255,18 @@ def read_pair(name, qobm_path, dapi_path, csv_px, model_px: float, notes: list[s
         notes.append(
             f"{name}: metadata says {px:g} µm/px, pairs.csv says {csv_px:g}; using the metadata"
         )
+    origin = f"the metadata of {qobm_path if q_px else dapi_path}"
     if not px and csv_px:
         px, source = csv_px, "pairs.csv"
+        origin = f"pixel_size in {where}, for {Path(qobm_path).name}"
     if not px:
         px, source = model_px, "assumed"
         notes.append(
             f"{name}: pixel size unknown (no metadata, no pixel_size in pairs.csv): assumed the "
             f"model's {model_px:g} µm/px"
         )
-    scale = px / model_px
-    if abs(scale - 1) > PIXEL_SIZE_TOLERANCE:
+    scale = rescale_factor(px, model_px, origin)
+    if scale != 1.0:
         shape = (max(1, round(q.shape[1] * scale)), max(1, round(q.shape[2] * scale)))
         notes.append(
             f"{name}: resampled {q.shape[1]}x{q.shape[2]} px at {px:g} µm/px to "
@@ -243,7 +284,42 @@ def _shape(a: np.ndarray) -> str:
 def load_folder(folder, model_px: float, notes: list[str] | None = None) -> list[Pair]:
     """Every pair of `folder`, read and resampled to `model_px`."""
     notes = [] if notes is None else notes
-    return [read_pair(*row, model_px, notes) for row in find_pairs(folder)]
+    return [read_pair(row, model_px, notes) for row in find_pairs(folder)]
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (a zarr: relative names and contents)."""
+    from ..checkpoints import sha256
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def data_files(folder, register: bool = False, max_shift: float = MAX_SHIFT) -> dict:
+    """What a run is trained on, for resuming it (`training.resume`): every pair's files with
+    their content SHA-256, the pixel size pairs.csv gives, and the registration settings."""
+    rows = find_pairs(folder)
+    return {
+        "folder": str(Path(folder).resolve()),
+        "pairs": [
+            {
+                "name": r.name,
+                "qobm": str(r.qobm.resolve()),
+                "dapi": str(r.dapi.resolve()),
+                "qobm_sha256": content_hash(r.qobm),
+                "dapi_sha256": content_hash(r.dapi),
+                "pixel_size": r.pixel_size,
+            }
+            for r in rows
+        ],
+        "register": bool(register),
+        "max_shift": float(max_shift),
+    }
 
 
 # ------------------------------------------------------------------------------ registration
@@ -374,7 +450,7 @@ def model_targets(pair: Pair) -> np.ndarray:
     """The pair's DAPI on the model's 0-1 scale (the same percentile mapping fine-tuning uses)."""
     from ..finetune import dapi_to_model_units
 
-    return dapi_to_model_units(pair.dapi)[0]
+    return dapi_to_model_units(pair.dapi, f"DAPI image {pair.dapi_path} (pair {pair.name!r})")[0]
 
 
 def paired_data(
@@ -456,6 +532,8 @@ def prepare(
     pairs = load_folder(folder, pixel_size, notes)
     for n in notes:
         log(f"[data] {n}")
+    for pair in pairs:  # a DAPI without contrast is refused (naming it) before any model runs
+        model_targets(pair)
     check_registration(pairs, check_model, pixel_size, device, register, max_shift, log)
     train_idx, val_idx = split_by_pair(len(pairs), seed)
     lab = LabData(Path(folder), [pairs[i] for i in train_idx], [pairs[i] for i in val_idx], notes)

@@ -32,6 +32,7 @@ from .data import PairedData, make_training_data
 from .loop import barrier, dist_info, maybe_init_distributed, note
 from .packaging import calibrate_receptive_field, load_init, package_weights
 from .presets import STAGES, TrainPreset, get_train_preset, transfer_preset
+from .resume import check_run_folder, run_record
 
 
 def git_commit() -> str:
@@ -62,6 +63,7 @@ def run_recipe(
     init=None,
     register: bool = False,
     max_shift: float = fo.MAX_SHIFT,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Run VAE -> decoder -> teacher -> LCM -> polish -> Pix2Pix into `out`, skipping finished
     stages.
@@ -69,7 +71,11 @@ def run_recipe(
     `data_dir`: train on a folder of qOBM/DAPI pairs (`training.folder`) instead of simulated
     fields; every pair's shift to the model's prediction is reported, and with `register`
     corrected up to `max_shift` px. `init`: "packaged", a run folder or an LCM checkpoint that
-    every stage starts from (transfer; the VAE stage is skipped)."""
+    every stage starts from (transfer; the VAE stage is skipped).
+
+    Stages already in `out` are resumed only when they were trained with the same preset, data
+    (paths and content hashes), seed and settings; otherwise the run is refused with the
+    differences, unless `overwrite` deletes them and starts again (`training.resume`)."""
     p = get_train_preset(preset) if isinstance(preset, str) else preset
     if register and data_dir is None:
         raise ValueError("--register needs --data DIR (it registers the folder's pairs)")
@@ -96,6 +102,14 @@ def run_recipe(
         lab = None
         for n in init_notes:
             note(out, n, quiet)
+        data_files = None if data_dir is None else fo.data_files(data_dir, register, max_shift)
+        check_run_folder(
+            out,
+            run_record(asdict(p), seed, init, data_files),
+            resume=resume,
+            overwrite=overwrite,
+            log=lambda msg: note(out, msg, quiet) if dist_info()[0] == 0 else None,
+        )
         if data_dir is None:  # transfer keeps the init's input normalisation
             norm = None if init_ckpts is None else init_ckpts["lcm"].config["normalization"]
             data = make_training_data(p, seed, norm)
@@ -110,7 +124,9 @@ def run_recipe(
                 max_shift=max_shift,
                 log=lambda msg: note(out, msg, quiet) if dist_info()[0] == 0 else None,
             )
-        recipe = Recipe(p, out, seed, data, resume, quiet, t0, dev, init_ckpts, lab, init)
+        recipe = Recipe(
+            p, out, seed, data, resume, quiet, t0, dev, init_ckpts, lab, init, data_files
+        )
         paths = recipe.run(stages, package)
         if lab is not None and recipe.is_main:
             recipe.write_validation(check_model, device)
@@ -142,9 +158,10 @@ class Recipe:
 
     def __init__(
         self, p, out, seed, data: PairedData, resume, quiet, t_data: float, dev=None,
-        init=None, lab: fo.LabData | None = None, init_spec=None,
+        init=None, lab: fo.LabData | None = None, init_spec=None, data_files: dict | None = None,
     ):  # fmt: skip
         self.p, self.out, self.seed, self.data = p, out, seed, data
+        self.data_files = data_files  # recorded for resuming (`training.resume`)
         self.resume, self.quiet = resume, quiet
         self.dev = dev or torch.device("cpu")
         self.init, self.lab, self.init_spec = init, lab, init_spec
@@ -182,6 +199,7 @@ class Recipe:
         }
         if self.lab is not None:
             prov["data"] = self.lab.provenance()
+            prov["data_files"] = self.data_files
             prov["command"] += f" --data {self.lab.folder}"
         if self.init is not None:
             prov["init"] = str(self.init_spec)
