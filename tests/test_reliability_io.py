@@ -300,3 +300,13 @@ def test_truncated_uncompressed_tiff_is_refused_at_open(tmp_path, shape):
     from napari_lcm_stain._reader_writer import get_reader
 
     assert get_reader(str(p)) is None
+
+
+def test_stack_that_lost_pages_is_refused_not_read_as_one_plane(tmp_path):
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, blobs((40, 32, 32)), compression="zlib")
+    data = full.read_bytes()
+    p = tmp_path / "cut.tif"
+    p.write_bytes(data[: len(data) * 3 // 4])  # the IFDs of the last pages are gone
+    with pytest.raises(ValueError, match=r"cut\.tif.*truncated.*\(40, 32, 32\)"):
+        io.read_image(p)

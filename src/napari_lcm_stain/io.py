@@ -147,6 +147,16 @@ def _data_end(series) -> tuple[int, int, str]:
     return worst
 
 
+def _promised_shape(tif) -> tuple[int, ...] | None:
+    """The shape tifffile's own metadata (a file it wrote) gives its first series, if any: pages
+    lost from a damaged file would otherwise leave a shorter series without a word."""
+    md = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else None
+    shape = md.get("shape") if isinstance(md, dict) else None
+    if isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape):
+        return tuple(shape)
+    return None
+
+
 def _unreadable(path: Path, e: BaseException) -> ValueError:
     return ValueError(
         f"cannot read {path}: the file is corrupt, truncated or not a TIFF "
@@ -181,6 +191,7 @@ def _read_tiff(path: Path):
             notes: list[str] = []
             ps, ps_y = _tiff_pixel_size(tif, notes)
             end, size, name = _data_end(series)
+            promised = _promised_shape(tif)
             rgb = series.keyframe.photometric == tifffile.PHOTOMETRIC.RGB
     except Exception as e:  # tifffile raises many kinds (IndexError, struct.error, ...)
         raise _unreadable(path, e) from e
@@ -189,6 +200,11 @@ def _read_tiff(path: Path):
         raise ValueError(
             f"cannot read {where}: the file is truncated ({size} bytes, but its header places "
             f"pixel data up to byte {end}); copy it again or re-export it"
+        )
+    if promised is not None and math.prod(promised) != math.prod(shape):
+        raise ValueError(
+            f"cannot read {path}: the file is truncated or damaged (its metadata promises shape "
+            f"{promised}, but only {shape} can be read); copy it again or re-export it"
         )
     try:  # uncompressed, contiguous: a read-only memory map is lazy and free
         arr = tifffile.memmap(path, mode="r")
