@@ -30,6 +30,18 @@ def _leftovers(folder: Path) -> list[str]:
 # ------------------------------------------------- item 8: OME-Zarr writer and existing folders
 
 
+def _fail_renames(monkeypatch, when):
+    """`os.replace(src, dst)` in io raises OSError('rename failed') where `when(src, dst)`."""
+    real = io.os.replace
+
+    def replace(src, dst, *a, **k):
+        if when(src, dst):
+            raise OSError("rename failed")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+
+
 def test_zarr_writer_never_empties_a_folder_that_is_not_a_zarr(tmp_path, pred):
     keep = tmp_path / "keep.ome.zarr"
     keep.mkdir()
@@ -64,14 +76,7 @@ def test_zarr_overwrite_replaces_only_the_zarr(tmp_path, pred):
 def test_a_file_that_cannot_be_carried_over_is_never_deleted(tmp_path, monkeypatch):
     out = io.write_image(tmp_path / "o.ome.zarr", blobs((16, 16)), {"pixel_size": 0.25})
     (out / "notes.txt").write_text("my notes")
-    real = io.os.replace
-
-    def no_notes(src, dst, *a, **k):
-        if Path(src).name == "notes.txt":
-            raise OSError("cannot move")
-        return real(src, dst, *a, **k)
-
-    monkeypatch.setattr(io.os, "replace", no_notes)
+    _fail_renames(monkeypatch, lambda src, dst: Path(src).name == "notes.txt")
     with pytest.warns(UserWarning, match=r"notes\.txt.*kept in .*o\.ome\.zarr\.previous-1"):
         io.write_image(out, blobs((16, 16), seed=1), {"pixel_size": 0.25}, overwrite=True)
     assert (tmp_path / "o.ome.zarr.previous-1" / "notes.txt").read_text() == "my notes"
@@ -106,14 +111,7 @@ def test_zarr_writer_onto_a_file_refuses_and_leaves_no_temp(tmp_path, pred):
 
 
 def test_failed_zarr_commit_leaves_no_temp(tmp_path, monkeypatch):
-    real = io.os.replace
-
-    def boom(src, dst, *a, **k):
-        if Path(dst).name == "o.ome.zarr":
-            raise OSError("rename failed")
-        return real(src, dst, *a, **k)
-
-    monkeypatch.setattr(io.os, "replace", boom)
+    _fail_renames(monkeypatch, lambda src, dst: Path(dst).name == "o.ome.zarr")
     with pytest.raises(OSError, match="rename failed"):
         io.write_image(tmp_path / "o.ome.zarr", blobs((16, 16)), {"pixel_size": 0.25})
     assert list(tmp_path.iterdir()) == []
