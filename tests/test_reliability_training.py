@@ -91,12 +91,11 @@ def test_finetune_refuses_implausible_pixel_sizes(tmp_path, capsys, monkeypatch)
     assert "pixel size 138.889 µm/px" in err and f"the metadata of {q}" in err
     data = tmp_path / "data"
     data.mkdir()
-    for f in (q, d):
-        _tif(data / f.name, seed=2)
-    (data / "pairs.csv").write_text("qobm,dapi,pixel_size\nq.tif,d.tif,100\n")
+    _tif(data / "a_qobm.tif", seed=2)  # no pixel size: the DAPI's 10 µm/px is the pair's
+    _tif(data / "a_dapi.tif", seed=3, resolution=(1000, 1000), resolutionunit="CENTIMETER")
     assert cli.main(["finetune", "--data", str(data), "--out", str(out)]) == 2
     err = _err(capsys)
-    assert "pixel size 100 µm/px" in err and f"pixel_size in {data / 'pairs.csv'} line 2" in err
+    assert "pixel size 10 µm/px" in err and f"the metadata of {data / 'a_dapi.tif'}" in err
     assert not out.exists()
 
 

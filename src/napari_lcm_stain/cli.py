@@ -387,9 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data",
         default=None,
-        help="folder of pairs NAME_qobm.EXT + NAME_dapi.EXT (.tif, .tiff, .ome.tif, .zarr), or "
-        "a pairs.csv with columns qobm,dapi[,pixel_size], as for train --data (default: none; "
-        "or give --qobm/--dapi)",
+        help="folder of pairs NAME_qobm.EXT + NAME_dapi.EXT (.tif, .tiff, .ome.tif, .zarr) "
+        "(default: none; or give --qobm/--dapi)",
     )
     s.add_argument(
         "--qobm",

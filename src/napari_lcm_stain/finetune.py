@@ -658,13 +658,13 @@ def finetune_files(
 ) -> Path:
     """`lcm-stain finetune`: read the pairs, fine-tune, save the checkpoint pair.
 
-    Pairs: `data`, a folder (`training.folder.find_pairs`: by name or a pairs.csv), or
-    `qobm`/`dapi`, one path each or two lists paired in order; a file in two pairs or used as both
-    qOBM and DAPI is refused. The settings, the device, the output (name, existing files, folder)
+    Pairs: `data`, a folder (`find_pairs`, as the Fine-tune dock finds them), or `qobm`/`dapi`,
+    one path each or two lists paired in order; a file in two pairs or used as both qOBM and DAPI
+    is refused (`training.folder.check_distinct`). The settings, the device, the output (name, existing files, folder)
     and the inputs are all checked before any image is read or any training starts. Every pair
     is read and resampled to the model's pixel size exactly as `train --data` does
-    (`training.folder.read_pair`: the files' metadata, else pairs.csv, else assumed, with a note;
-    an implausible pixel size is refused as `stain` refuses it); the pairs' own pixel sizes are
+    (`training.folder.read_pair`: the files' metadata, else assumed, with a note; an implausible
+    pixel size is refused as `stain` refuses it); the pairs' own pixel sizes are
     recorded in the checkpoint's ``finetune.pair_pixel_sizes``. `max_minutes` stops training
     after that much wall time (counted from the start of training) and keeps the best weights so
     far.
@@ -680,7 +680,7 @@ def finetune_files(
     if data is not None:
         if qobm or dapi:
             raise ValueError("give either --data or --qobm/--dapi, not both")
-        rows = fo.find_pairs(data)
+        rows = [fo.PairRow(n, q, d, None, f"pair {n!r}") for n, q, d in find_pairs(data)]
     else:
         qs = [qobm] if isinstance(qobm, (str, Path)) else list(qobm or [])
         ds = [dapi] if isinstance(dapi, (str, Path)) else list(dapi or [])
@@ -702,7 +702,7 @@ def finetune_files(
             )
             for i, (q, d) in enumerate(zip(qs, ds), start=1)
         ]
-        fo.check_distinct(rows)
+    fo.check_distinct(rows)
     base = _load_finetune_base(model)
     notes: list[str] = []  # pixel sizes: resampled to the model's exactly as `train --data` does
     pairs = [fo.read_pair(r, float(base.config.get("pixel_size", 0.414)), notes) for r in rows]
