@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_lcm_stain import checkpoints as ck
+from napari_lcm_stain._drain import drain as _drain
 
 # ------------------------------------------------------------------ item 13: truncated checkpoints
 
@@ -218,3 +219,174 @@ def test_array_like_with_unknown_sizes_is_explained(fake):
 
     with pytest.raises(ValueError, match=r"unknown size.*compute"):
         stain(Unknown(), fake, **SMALL)
+
+
+# ------------------------------------------------------------------ item 9: memory per tile
+
+
+def _traced_peak(fn) -> int:
+    """Peak bytes numpy (and everything else traced) allocated while `fn` ran."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("shape, pixel_size", [((2048, 128), 2.0), ((4096, 512), 0.07)])
+def test_rescaled_plane_is_streamed_tile_by_tile(shape, pixel_size, monkeypatch):
+    """A rescale no longer holds the whole resampled plane, nor the model's output at that size:
+    8× up (a 16384 × 1024 working plane, 67 MB as float32) peaks at a fraction of one working
+    plane (it held about 3 of them), and 0.28× down at a fraction of the input plane (it held
+    2 copies). The echo model computes nothing, so only the engine's own memory is measured;
+    the out-of-distribution score, bounded on its own, is left out."""
+    from _fake_predictor import EchoPredictor
+    from napari_lcm_stain import engine
+    from napari_lcm_stain.engine import iter_stain
+
+    monkeypatch.setattr(engine.ood, "check_plane", lambda plane, px: {"score": None})
+    echo = EchoPredictor("input")
+    img = np.random.default_rng(2).normal(0.2, 0.3, shape).astype(np.float32)
+    out = np.empty_like(img)
+    res = {}
+
+    def run():
+        res["r"] = _drain(
+            iter_stain(img, echo, tile=256, overlap=32, pixel_size=pixel_size, out=out)
+        )
+
+    peak = _traced_peak(run)
+    work = res["r"].info["work_shape"]
+    work_bytes = 4 * work[0] * work[1]
+    if pixel_size > 1:
+        assert work == [16384, 1024]
+        assert peak < 0.25 * work_bytes, (peak / 1e6, work_bytes / 1e6)
+    else:
+        assert work == [1147, 143]
+        assert peak < 0.75 * img.nbytes, (peak / 1e6, img.nbytes / 1e6)
+
+
+def test_out_of_distribution_score_of_a_coarse_input_reads_a_bounded_crop():
+    """The score resamples to its reference pixel size after cropping to 1024 px: a 1024² input
+    at 3.3 µm/px (8×) was scored on an 8192² plane; now on a crop that becomes ~1024²."""
+    from napari_lcm_stain import engine, ood
+
+    img = np.zeros((1024, 1500), np.float32)
+    view = engine._ood_view(img, 3.3)
+    assert max(view.shape) * 3.3 / ood.DEFAULT_PIXEL_SIZE <= ood.MAX_SIDE + 8
+    assert view.base is img or view is img  # a view, not a copy
+    assert engine._ood_view(img, 0.414) is img and engine._ood_view(img, 0.2) is img
+
+
+def test_streamed_rescale_matches_whole_plane_resize():
+    """The streamed resampling is skimage's resize (order 1, reflect, anti-aliased when
+    shrinking), tile by tile: the echo model's stain (its normalised input, clipped to 0-1 at
+    the working size) equals resize(clip(normalize(resize(x, work))), shape)."""
+    from _fake_predictor import EchoPredictor
+    from napari_lcm_stain.engine import _resize, stain
+
+    echo = EchoPredictor("input")
+    rng = np.random.default_rng(3)
+    for shape, pixel_size in (((97, 130), 0.55), ((60, 41), 0.09), ((1, 300), 1.9), ((5, 2), 0.3)):
+        img = rng.random(shape, dtype=np.float32)
+        got = stain(img, echo, tile=64, overlap=16, pixel_size=pixel_size)
+        scale = pixel_size / echo.pixel_size
+        work = tuple(max(1, round(s * scale)) for s in shape)
+        stained = np.clip(echo.normalize(_resize(img, work)), 0, 1)
+        want = np.clip(_resize(stained, shape), 0, 1)
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str((shape, pixel_size)))
+
+
+def test_samples_draw_one_noise_canvas_at_a_time(fake, monkeypatch):
+    """--samples K: the K noise canvases are drawn one by one, never all held (K = 100000 on
+    256² reached 3.6 GB); the result is the same as drawing them up front."""
+    import weakref
+
+    from napari_lcm_stain import tiling
+    from napari_lcm_stain.engine import iter_stain
+
+    img = np.random.default_rng(4).normal(0.2, 0.3, (2, 48, 40)).astype(np.float32)
+    before = _drain(iter_stain(img, fake, samples=6, **SMALL))
+    alive, most = set(), [0]
+    real = tiling.make_noise_canvas
+
+    def counted(*a, **k):
+        canvas = real(*a, **k)
+        key = id(canvas)
+        alive.add(key)
+        weakref.finalize(canvas, alive.discard, key)
+        most[0] = max(most[0], len(alive))
+        return canvas
+
+    monkeypatch.setattr(tiling, "make_noise_canvas", counted)
+    after = _drain(iter_stain(img, fake, samples=6, **SMALL))
+    assert most[0] <= 2
+    np.testing.assert_array_equal(after.mean, before.mean)
+    np.testing.assert_array_equal(after.std, before.std)
+
+
+@pytest.mark.parametrize(
+    "shape, out_shape",
+    [((97, 130), (213, 286)), ((60, 41), (13, 9)), ((1, 300), (4, 1371)), ((5, 2), (1, 1)),
+     ((1, 1), (8, 8)), ((300, 7), (37, 56)), ((33, 33), (32, 34))],
+)  # fmt: skip
+def test_resampled_plane_and_sink_equal_skimage_resize(shape, out_shape):
+    """Both streaming halves are skimage's resize to float32 rounding: the lazy plane for any
+    block (tiles, reflected tiles, strided statistics views) and the sink for rows arriving in
+    blocks of any height."""
+    from napari_lcm_stain import tiling
+    from napari_lcm_stain.engine import _resize
+
+    a = np.random.default_rng(5).random(shape, dtype=np.float32)
+    want = _resize(a, out_shape)
+    lazy = tiling.ResampledPlane(a, out_shape)
+    np.testing.assert_allclose(np.asarray(lazy), want, atol=1e-6)
+    np.testing.assert_allclose(lazy[..., ::3, 1::2], want[::3, 1::2], atol=1e-6)
+    iy, ix = tiling.reflect_indices(out_shape[0], 0, 5), tiling.reflect_indices(out_shape[1], 2, 9)
+    np.testing.assert_allclose(lazy[np.ix_(iy, ix)], want[np.ix_(iy, ix)], atol=1e-6)
+    got = np.full(out_shape, np.nan, np.float32)
+    sink = tiling.ResampleSink(shape, got)
+    r = 0
+    for step in (3, 1, 7) + (5,) * shape[0]:
+        if r < shape[0]:
+            sink[r : min(shape[0], r + step), : shape[1]] = a[r : r + step]
+            r = min(shape[0], r + step)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="in order"):
+        sink[0:1, :] = a[:1]
+
+
+def test_bench_reports_the_peak_of_a_rescaled_big_image(monkeypatch):
+    """`bench` runs the big-image memory test twice: as is, and at twice the model's pixel size
+    (a (2·big)² working plane), and reports both peaks; the child gets --pixel-size."""
+    from _fake_predictor import FakePredictor
+    from napari_lcm_stain import bench
+
+    calls = []
+
+    def fake_big(size, device, tile, overlap, model="lcm", pixel_size=None):
+        calls.append(pixel_size)
+        return {"peak_rss_mb": 100.0 + len(calls), "seconds": 1.0, "mp_per_s": 1.0, "command": ""}
+
+    monkeypatch.setattr(bench, "big_stain_rss", fake_big)
+    res = bench.run_bench(size=64, repeats=1, big=128, predictors={"m": FakePredictor()},
+                          tile=32, overlap=8, quiet=True, matmul_n=64)  # fmt: skip
+    px = bench._packaged_pixel_size("lcm")
+    assert calls == [None, pytest.approx(2 * px)]
+    assert res["peak_rss_mb"] == 101.0 and res["rescaled"]["peak_rss_mb"] == 102.0
+    assert res["rescaled"]["rescale"] == 2.0 and res["rescaled"]["size"] == 128
+
+    monkeypatch.undo()  # the real big_stain_rss, with a fake child
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    seen = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **k: seen.append(cmd) or Done)
+    bench.big_stain_rss(16, "cpu", 32, 8, pixel_size=0.828)
+    assert seen[0][-2:] == ["--pixel-size", "0.828"]

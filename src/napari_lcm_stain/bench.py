@@ -32,6 +32,9 @@ MODELS = {
     "teacher-50": ("teacher", 50),
     "pix2pix": ("pix2pix", None),
 }
+#: The big-image memory run is repeated at this many times the model's pixel size: the image is
+#: rescaled to (factor × size)² px and back, streamed tile by tile (docs/engine.md, Memory).
+BIG_RESCALE = 2.0
 #: Slow models get fewer timed repeats (the median of 1 is the value).
 MAX_REPEATS = {"teacher-50": 1}
 #: Printed under the matmul probe (and in docs/model-card.md): why "% of matmul" can pass 100 %.
@@ -124,15 +127,23 @@ def _write_big_tiff(path: Path, size: int) -> None:
 
 
 def big_stain_rss(
-    size: int, device: str = "auto", tile: int = 512, overlap: int = 32, model: str = "lcm"
+    size: int,
+    device: str = "auto",
+    tile: int = 512,
+    overlap: int = 32,
+    model: str = "lcm",
+    pixel_size: float | None = None,
 ) -> dict:
-    """Run `lcm-stain stain` on a generated size² image in a child; its peak RSS (MB) and time."""
+    """Run `lcm-stain stain` on a generated size² image in a child; its peak RSS (MB) and time.
+    `pixel_size` (µm/px) other than the model's makes the child rescale it (streamed)."""
     with tempfile.TemporaryDirectory(prefix="lcm-bench-") as d:
         src, dst = Path(d) / "big.ome.tif", Path(d) / "big_dapi.ome.tif"
         _write_big_tiff(src, size)
         cmd = [sys.executable, "-m", "napari_lcm_stain.cli", "stain", str(src), "-o", str(dst)]
         cmd += ["--model", str(model), "--device", device]
         cmd += ["--tile", str(tile), "--overlap", str(overlap)]
+        if pixel_size is not None:
+            cmd += ["--pixel-size", f"{pixel_size:g}"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -148,6 +159,13 @@ def big_stain_rss(
             "mp_per_s": size * size / 1e6 / seconds,
             "command": " ".join(["lcm-stain"] + cmd[3:]),
         }
+
+
+def _packaged_pixel_size(name: str) -> float:
+    """µm/px a packaged model was trained at (its config; no weights loaded)."""
+    from .checkpoints import config_path, packaged_path
+
+    return float(json.loads(config_path(packaged_path(name)).read_text())["pixel_size"])
 
 
 def _load(name: str, device: str, precision: str = "auto", compile: bool = False):
@@ -170,8 +188,10 @@ def run_bench(
     matmul_n: int = 2048,
     precision: str = "auto",
     compile: bool = False,
+    big_rescale: float = BIG_RESCALE,
 ) -> dict:
-    """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS.
+    """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS,
+    and the same image given `big_rescale` times the LCM's pixel size (0 skips that run).
 
     `predictors` (name -> loaded Predictor) replaces the packaged models (tests use fakes).
     On CUDA every timing is bracketed by `torch.cuda.synchronize`, the reference is the card's
@@ -298,6 +318,14 @@ def run_bench(
             f"peak RSS {big_res['peak_rss_mb']:.0f} MB, {big_res['seconds']:.1f} s "
             f"({big_res['mp_per_s']:.2f} MP/s end to end incl. read/write)"
         )
+    rescaled = None
+    if big and big_rescale:
+        px = big_rescale * _packaged_pixel_size("lcm")
+        side = round(big * big_rescale)
+        say(f"the same image at {px:g} µm/px (rescaled to {side}x{side} px and back) ...")
+        rescaled = big_stain_rss(big, device, tile, overlap, pixel_size=px)
+        rescaled.update(size=big, pixel_size=px, rescale=big_rescale)
+        say(f"peak RSS {rescaled['peak_rss_mb']:.0f} MB, {rescaled['seconds']:.1f} s")
     result = {
         "models": models,
         "ratios": ratios,
@@ -309,6 +337,7 @@ def run_bench(
         "compile": compile,
         "peak_rss_mb": None if big_res is None else big_res["peak_rss_mb"],
         "big": {"size": big, **big_res} if big_res else None,
+        "rescaled": rescaled,
         "size": size,
         "tile": tile,
         "overlap": overlap,

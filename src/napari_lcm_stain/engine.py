@@ -133,6 +133,20 @@ def _known_shape(arr):
     )
 
 
+def _ood_view(plane: np.ndarray, pixel_size) -> np.ndarray:
+    """The central part of `plane` the out-of-distribution score reads: at most `ood.MAX_SIDE`
+    px per side *after* its resampling to the reference pixel size. The score crops to that
+    side before resampling, so a coarse input (3.3 µm/px: 8×) would be scored on an 8192²
+    float64 plane and its spectrum (~2 GB); cropping first bounds it for every pixel size."""
+    f = float(pixel_size or ood.DEFAULT_PIXEL_SIZE) / ood.DEFAULT_PIXEL_SIZE
+    if f <= 1.0:
+        return plane
+    side = max(ood.MIN_SIDE, math.ceil(ood.MAX_SIDE / f))
+    h, w = plane.shape
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return plane[y0 : y0 + min(h, side), x0 : x0 + min(w, side)]
+
+
 def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
     """A masked array's masked pixels become NaN in a float copy, so they are filled like NaN
     pixels (the plane's finite median) instead of being stained from their hidden values."""
@@ -449,9 +463,10 @@ def iter_stain(
     else:
         compute, close = None, (lambda: None)
 
-    # one noise canvas per sample, shared by every plane: a Z/T stack gets no noise flicker,
-    # and a plane stains the same whether it comes alone or inside a stack.
-    noises = [tiling.make_noise_canvas(pred, grid.padded, seed + k) for k in range(k_eff)]
+    # one noise canvas per sample, the same for every plane: a Z/T stack gets no noise flicker,
+    # and a plane stains the same whether it comes alone or inside a stack. K > 1 samples draw
+    # their canvases one at a time (drawing is cheap beside the model), never K at once.
+    noise0 = tiling.make_noise_canvas(pred, grid.padded, seed) if k_eff == 1 else None
     clip = (0.0, 1.0)
     done = 0
     ood_planes: dict[tuple, dict] = {}  # out-of-distribution score per plane (never blocks)
@@ -467,29 +482,40 @@ def iter_stain(
             if plane.dtype.kind == "f" and plane.dtype.itemsize < 4:
                 plane = plane.astype(np.float32)
             plane = _fix_nonfinite(plane, where, notes)
-            ood_planes[idx] = ood.check_plane(plane, px if px is not None else model_px)
+            ood_px = px if px is not None else model_px
+            ood_planes[idx] = ood.check_plane(_ood_view(plane, ood_px), ood_px)
             if not range_noted:
                 n_notes = len(notes)
                 _check_phase_range(plane, where, notes)
                 range_noted = len(notes) > n_notes  # one note per image, not one per plane
-            if scale != 1.0:
-                plane = _resize(plane.astype(np.float32, copy=False), work)
+            if scale != 1.0:  # resampled tile by tile as the tiler reads it (docs/engine.md)
+                plane = tiling.ResampledPlane(plane, work)
             stats, transform = _plane_normalizer(pred, plane, where, notes)
-            direct = k_eff == 1 and scale == 1.0 and compute is None
+            direct = k_eff == 1 and compute is None
             mean = m2 = None
             for k in range(k_eff):
+                noise = (
+                    noise0 if k_eff == 1 else tiling.make_noise_canvas(pred, grid.padded, seed + k)
+                )
+                # the stain at the working size goes through a ResampleSink, which writes it
+                # back at the input's size band by band
+                target = _plane_target(mean_out, idx) if direct else None
+                if scale != 1.0:
+                    y_small = target if direct else np.empty((h, w), np.float32)
+                    target = tiling.ResampleSink(work, y_small, clip)
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
-                        plane, pred, tile, overlap, noises[k], batch, loader=loader,
+                        plane, pred, tile, overlap, noise, batch, loader=loader,
                         normalize=stats or True, clip=clip, context=context,
                     )  # fmt: skip
                     y = np.asarray(compute(lazy), dtype=np.float32)
                     done += grid.n_tiles
                     yield done, total
+                    if target is not None:
+                        target[0 : work[0], 0 : work[1]] = y
                 else:
-                    target = _plane_target(mean_out, idx) if direct else None
                     gen = tiling.iter_predict_tiled(
-                        plane, pred, tile, overlap, noises[k], batch, out=target,
+                        plane, pred, tile, overlap, noise, batch, out=target,
                         transform=transform, clip=clip, context=context,
                     )  # fmt: skip
                     base = done
@@ -501,10 +527,11 @@ def iter_stain(
                             break
                         done = base + d
                         yield done, total
+                del noise
                 if direct:  # streamed straight into the output, band by band
                     continue
                 if scale != 1.0:
-                    y = np.clip(_resize(y, (h, w)), 0.0, 1.0)
+                    y = y_small
                 # Welford running mean / M2: K samples never need K planes in memory
                 if mean is None:
                     mean = np.array(y, dtype=np.float32)

@@ -234,12 +234,172 @@ def reflect_indices(n: int, start: int, length: int) -> np.ndarray:
 
     Mirror without repeating the edge pixel (numpy's 'reflect'); any pad length, n == 1 included.
     """
-    idx = np.arange(start, start + length)
+    return _mirror(np.arange(start, start + length), n)
+
+
+def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
+    """Indices (any, negative included) mirrored into 0..n-1 without repeating the edge pixel
+    (numpy's 'reflect', scipy.ndimage's 'mirror')."""
     if n == 1:
         return np.zeros_like(idx)
     period = 2 * (n - 1)
     r = idx % period
     return np.where(r >= n, period - r, r)
+
+
+# --------------------------------------------------------------------------------------------
+# streamed resampling: a pixel-size rescale computed per tile and per band of rows, so neither
+# the resampled plane nor the model's output at the working size is ever held whole
+
+#: Pixels read or written at once when resampling (as float64: 0.5 MB).
+RESAMPLE_CHUNK = 1 << 16
+
+
+def resample_operator(n_in: int, n_out: int):
+    """(n_out × n_in) sparse matrix of `skimage.transform.resize` along one axis (order 1,
+    mode 'reflect', anti-aliased when shrinking, as `engine._resize`): a Gaussian of σ = (f−1)/2
+    (f = n_in/n_out > 1, truncated at 4σ) then linear interpolation at the grid-mode
+    coordinates (j + ½)·f − ½ of `scipy.ndimage.zoom`, both mirrored at the edges. A plane
+    resamples as Ay @ plane @ Axᵀ, so any block of the result needs only the source block
+    under its rows and columns. Built row by row (the Gaussian folded into the two
+    interpolation taps), so its size grows with n_out only."""
+    from scipy import sparse
+
+    n_in, n_out = int(n_in), int(n_out)
+    f = n_in / n_out
+    x = (np.arange(n_out) + 0.5) * f - 0.5
+    i0 = np.floor(x).astype(np.int64)
+    t = (x - i0)[:, None]
+    g = np.ones(1)
+    if f > 1:  # the Gaussian of scipy.ndimage.gaussian_filter1d (truncate=4.0)
+        sigma = (f - 1) / 2
+        r = int(4.0 * sigma + 0.5)
+        g = np.exp(-0.5 * np.arange(-r, r + 1) ** 2 / sigma**2)
+        g /= g.sum()
+    r = g.size // 2
+    lower, upper = np.append(g, 0.0), np.insert(g, 0, 0.0)  # g[k] and g[k-1], k = -r..r+1
+    vals = (1.0 - t) * lower[None, :] + t * upper[None, :]
+    cols = _mirror(i0[:, None] + np.arange(-r, r + 2)[None, :], n_in)
+    rows = np.repeat(np.arange(n_out), 2 * r + 2)
+    op = sparse.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n_out, n_in))
+    op.sum_duplicates()
+    op.eliminate_zeros()  # a weight of exactly 0 must not make a row read one more pixel
+    return op
+
+
+def _support(op) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last source index each row of a CSR operator reads."""
+    starts = op.indptr[:-1]
+    return np.minimum.reduceat(op.indices, starts), np.maximum.reduceat(op.indices, starts) + 1
+
+
+def _resample_block(source, ay, ax, out=None, clip: tuple[float, float] | None = None):
+    """ay @ source @ axᵀ (float32, into `out` if given, clipped to `clip`), reading only the
+    source rows and columns the operators touch, a few output rows at a time: each step reads
+    and writes at most about `RESAMPLE_CHUNK` pixels."""
+    if out is None:
+        out = np.empty((ay.shape[0], ax.shape[0]), np.float32)
+    if not ay.shape[0] or not ax.shape[0]:
+        return out
+    lo_x, hi_x = _support(ax)
+    c0, c1 = int(lo_x.min()), int(hi_x.max())
+    axt = ax[:, c0:c1].T.tocsr()
+    lo, hi = _support(ay)
+    span = int((hi - lo).max()) + max(1, -(-ay.shape[1] // max(1, ay.shape[0])))
+    step = max(1, RESAMPLE_CHUNK // max((c1 - c0) * span, ax.shape[0]))
+    for r0 in range(0, ay.shape[0], step):
+        r1 = min(r0 + step, ay.shape[0])
+        s0, s1 = int(lo[r0:r1].min()), int(hi[r0:r1].max())
+        block = np.asarray(source[s0:s1, c0:c1], dtype=np.float64)
+        y = (ay[r0:r1, s0:s1] @ block) @ axt
+        if clip is not None:
+            np.clip(y, clip[0], clip[1], out=y)
+        out[r0:r1, :] = y
+    return out
+
+
+def _axis_index(key, n: int) -> np.ndarray:
+    if isinstance(key, slice):
+        return np.arange(n)[key]
+    idx = np.asarray(key).ravel()
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"resampled planes take slices or integer index arrays, not {key!r}")
+    return np.where(idx < 0, idx + n, idx)
+
+
+class ResampledPlane:
+    """A 2-D plane resampled to `shape` (as `engine._resize`), computed only where indexed:
+    `plane[y0:y1, x0:x1]`, `plane[np.ix_(iy, ix)]` and strided views read just the source pixels
+    under them. The tiler takes it as its input plane, so a pixel-size rescale streams tile by
+    tile instead of holding the whole resampled plane (up to 64× the input's pixels)."""
+
+    def __init__(self, source, shape: tuple[int, int]):
+        self.source = source
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+        self.ops = tuple(resample_operator(n, m) for n, m in zip(source.shape, self.shape))
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[0] is Ellipsis:
+            key = key[1:]
+        key = key + (slice(None),) * (2 - len(key))
+        iy, ix = (_axis_index(k, n) for k, n in zip(key, self.shape))
+        return _resample_block(self.source, self.ops[0][iy], self.ops[1][ix])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+class _RowWindow:
+    """`target` seen from row `y0` on: `window[r0:r1, :] = rows` writes target rows y0+r0.."""
+
+    def __init__(self, target, y0: int):
+        self.target, self.y0 = target, y0
+
+    def __setitem__(self, key, value) -> None:
+        rows, cols = key
+        self.target[self.y0 + rows.start : self.y0 + rows.stop, cols] = value
+
+
+class ResampleSink:
+    """Output that resamples as it fills: takes full-width row blocks of an `in_shape` plane top
+    to bottom (as `iter_predict_tiled` writes its bands), and writes each row of the plane
+    resampled to `target`'s shape (clipped to `clip`) into `target` as soon as the rows it
+    reads have arrived. Holds only the rows some output row still needs."""
+
+    def __init__(self, in_shape, target, clip: tuple[float, float] | None = None):
+        self.in_shape = (int(in_shape[0]), int(in_shape[1]))
+        self.shape = tuple(int(s) for s in target.shape)
+        self.target, self.clip = target, clip
+        self.ay = resample_operator(self.in_shape[0], self.shape[0])
+        self.ax = resample_operator(self.in_shape[1], self.shape[1])
+        lo, hi = _support(self.ay)
+        self.ready = np.maximum.accumulate(hi)  # rows received before output row j can go
+        self.keep = np.minimum.accumulate(lo[::-1])[::-1]  # first row rows j.. still read
+        self.buf = np.zeros((0, self.in_shape[1]), np.float32)
+        self.buf_y0 = self.received = self.done = 0
+
+    def __setitem__(self, key, block) -> None:
+        rows, cols = key
+        if rows.start != self.received or cols.start not in (0, None) or (
+            (cols.stop or self.in_shape[1]) != self.in_shape[1]
+        ):  # fmt: skip
+            raise ValueError("ResampleSink takes full-width row blocks in order, top to bottom")
+        self.buf = np.concatenate([self.buf, np.asarray(block, np.float32)])
+        self.received = rows.stop
+        j1 = int(np.searchsorted(self.ready, self.received, side="right"))
+        if j1 > self.done:
+            ay = self.ay[self.done : j1, self.buf_y0 : self.received]
+            rows = _RowWindow(self.target, self.done)
+            _resample_block(self.buf, ay, self.ax, out=rows, clip=self.clip)
+            self.done = j1
+        first = int(self.keep[self.done]) if self.done < self.shape[0] else self.received
+        if first > self.buf_y0:
+            self.buf = self.buf[first - self.buf_y0 :].copy()
+            self.buf_y0 = first
 
 
 def extract_tile(image: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
