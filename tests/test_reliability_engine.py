@@ -390,3 +390,17 @@ def test_bench_reports_the_peak_of_a_rescaled_big_image(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **k: seen.append(cmd) or Done)
     bench.big_stain_rss(16, "cpu", 32, 8, pixel_size=0.828)
     assert seen[0][-2:] == ["--pixel-size", "0.828"]
+
+
+def test_rescaled_stain_streams_into_a_zarr_output(fake):
+    """The rescaled stain is written band by band into a lazy output too (a zarr plane view has
+    no shape of its own), and equals staining into memory."""
+    import zarr
+
+    from napari_lcm_stain.engine import iter_stain
+
+    img = np.random.default_rng(6).normal(0.2, 0.3, (2, 50, 70)).astype(np.float32)
+    want = _drain(iter_stain(img, fake, pixel_size=0.6, **SMALL)).mean
+    out = zarr.zeros(img.shape, chunks=(1, 16, 16), dtype="f4")
+    _drain(iter_stain(img, fake, pixel_size=0.6, out=out, **SMALL))
+    np.testing.assert_array_equal(out[:], want)

@@ -502,7 +502,7 @@ def iter_stain(
                 target = _plane_target(mean_out, idx) if direct else None
                 if scale != 1.0:
                     y_small = target if direct else np.empty((h, w), np.float32)
-                    target = tiling.ResampleSink(work, y_small, clip)
+                    target = tiling.ResampleSink(work, y_small, clip, shape=(h, w))
                 if compute is not None:
                     lazy = tiling.predict_tiled_dask(
                         plane, pred, tile, overlap, noise, batch, loader=loader,

@@ -367,12 +367,13 @@ class _RowWindow:
 class ResampleSink:
     """Output that resamples as it fills: takes full-width row blocks of an `in_shape` plane top
     to bottom (as `iter_predict_tiled` writes its bands), and writes each row of the plane
-    resampled to `target`'s shape (clipped to `clip`) into `target` as soon as the rows it
+    resampled to `target`'s shape (or `shape`; clipped to `clip`) into `target` as soon as the rows it
     reads have arrived. Holds only the rows some output row still needs."""
 
-    def __init__(self, in_shape, target, clip: tuple[float, float] | None = None):
+    def __init__(self, in_shape, target, clip: tuple[float, float] | None = None, shape=None):
         self.in_shape = (int(in_shape[0]), int(in_shape[1]))
-        self.shape = tuple(int(s) for s in target.shape)
+        # `shape`: the output's, for targets without one (a write-through view of a zarr plane)
+        self.shape = tuple(int(s) for s in (target.shape if shape is None else shape))
         self.target, self.clip = target, clip
         self.ay = resample_operator(self.in_shape[0], self.shape[0])
         self.ax = resample_operator(self.in_shape[1], self.shape[1])
