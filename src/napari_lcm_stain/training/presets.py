@@ -209,10 +209,10 @@ TRANSFER["v4"] = TRANSFER["small"] = TRANSFER["default"]  # the same networks
 PRESETS["release"] = replace(PRESETS["default"], name="release")
 TRANSFER["release"] = dict(
     decoder_steps=400,
-    teacher_steps=12000,
-    lcm_steps=3000,
-    polish_steps=1000,
-    pix2pix_steps=2500,
+    teacher_steps=8000,
+    lcm_steps=2500,
+    polish_steps=800,
+    pix2pix_steps=1200,
     lr=1e-4,
 )
 
