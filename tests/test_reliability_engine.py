@@ -27,12 +27,15 @@ def _safetensors_with_header_length_low_byte(path, low: int) -> bytes:
     raise AssertionError("no padding gave the wanted header length")
 
 
-@pytest.mark.parametrize("where", ["in the header", "in the tensor data", "after 9 bytes"])
+@pytest.mark.parametrize(
+    "where", ["in the header", "in the tensor data", "after 9 bytes", "after 8 bytes"]
+)
 def test_truncated_checkpoint_is_called_truncated_not_a_pickle(tmp_path, where):
     path = tmp_path / "cut.safetensors"
     data = _safetensors_with_header_length_low_byte(path, 0x80)
     n = int.from_bytes(data[:8], "little")
-    cut = {"in the header": 8 + n // 2, "in the tensor data": len(data) - 100, "after 9 bytes": 9}
+    cut = {"in the header": 8 + n // 2, "in the tensor data": len(data) - 100}
+    cut.update({"after 9 bytes": 9, "after 8 bytes": 8})
     path.write_bytes(data[: cut[where]])
     (tmp_path / "cut.json").write_text(json.dumps({"format_version": ck.FORMAT_VERSION}))
     with pytest.raises(ck.CheckpointError, match=r"is truncated \(\d+ of \d+ bytes\)") as info:
