@@ -367,8 +367,8 @@ class _RowWindow:
 class ResampleSink:
     """Output that resamples as it fills: takes full-width row blocks of an `in_shape` plane top
     to bottom (as `iter_predict_tiled` writes its bands), and writes each row of the plane
-    resampled to `target`'s shape (or `shape`; clipped to `clip`) into `target` as soon as the rows it
-    reads have arrived. Holds only the rows some output row still needs."""
+    resampled to `target`'s shape (or `shape`), clipped to `clip`, into `target` as soon as the
+    rows it reads have arrived. Holds only the rows some output row still needs."""
 
     def __init__(self, in_shape, target, clip: tuple[float, float] | None = None, shape=None):
         self.in_shape = (int(in_shape[0]), int(in_shape[1]))
@@ -394,8 +394,8 @@ class ResampleSink:
         j1 = int(np.searchsorted(self.ready, self.received, side="right"))
         if j1 > self.done:
             ay = self.ay[self.done : j1, self.buf_y0 : self.received]
-            rows = _RowWindow(self.target, self.done)
-            _resample_block(self.buf, ay, self.ax, out=rows, clip=self.clip)
+            window = _RowWindow(self.target, self.done)
+            _resample_block(self.buf, ay, self.ax, out=window, clip=self.clip)
             self.done = j1
         first = int(self.keep[self.done]) if self.done < self.shape[0] else self.received
         if first > self.buf_y0:
