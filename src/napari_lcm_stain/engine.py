@@ -18,21 +18,15 @@ import numpy as np
 
 from . import ood, tiling
 from ._drain import drain
+from ._params import PIXEL_SIZE_TOLERANCE, RESCALE_RANGE, SEED_RANGE, rescale_factor  # noqa: F401
+from ._params import check_params as _check_params  # torch-free: the CLI checks before importing
 from ._version import __version__
 from .device import auto_batch
 
-#: Relative pixel-size mismatch below which we do not rescale (1 %).
-PIXEL_SIZE_TOLERANCE = 0.01
-#: Accepted rescale factors (input µm/px divided by the model's): 1/8 to 8. Beyond them the value is
-#: almost certainly wrong (a unit slip such as nm for µm), and would allocate gigabytes or shrink
-#: the image to a few pixels.
-RESCALE_RANGE = (0.125, 8.0)
 #: Largest |value| a qOBM phase image in radians plausibly holds; an integer image beyond it may be
 #: a raw camera frame (intensity, not phase), which gets a note.
 PHASE_LIMIT = 100.0
 MAX_NDIM = 5
-#: Seeds torch's generator accepts (a signed or unsigned 64-bit integer).
-SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -162,56 +156,6 @@ def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
         stacklevel=4,
     )
     return np.ma.filled(image.astype(dtype), np.nan)
-
-
-def _check_params(tile, overlap, samples, seed, pixel_size, steps):
-    for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0), ("samples", samples, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    lo, hi = SEED_RANGE
-    if not lo <= int(seed) <= hi - (int(samples) - 1):
-        raise ValueError(
-            f"seed {seed} is out of range: use an integer from {lo} to {hi} (with samples=K, "
-            "seed+K-1 must be in range too), e.g. seed % 2**32"
-        )
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
-    ):
-        raise ValueError(f"steps must be a positive integer or None (model default), got {steps!r}")
-    if pixel_size is not None:
-        try:
-            ps = float(pixel_size)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"pixel_size must be a number (µm/px) or None, got {pixel_size!r}"
-            ) from e
-        if not math.isfinite(ps) or ps <= 0:
-            raise ValueError(f"pixel_size must be a positive number of µm/px, got {pixel_size!r}")
-        return ps
-    return None
-
-
-def rescale_factor(pixel_size, model_pixel_size, source: str = "pixel_size") -> float:
-    """Input / model pixel-size ratio (1.0 within 1 % or when either is unknown).
-
-    A ratio outside `RESCALE_RANGE` is refused; `source` says where the value came from (a flag,
-    the file's metadata, the layer scale) so the message can name it.
-    """
-    if pixel_size is None or not model_pixel_size:
-        return 1.0
-    scale = float(pixel_size) / float(model_pixel_size)
-    if abs(scale - 1.0) <= PIXEL_SIZE_TOLERANCE:
-        return 1.0
-    lo, hi = RESCALE_RANGE
-    if not lo <= scale <= hi:
-        raise ValueError(
-            f"pixel size {float(pixel_size):g} µm/px (from {source}) is {scale:.3g} times the "
-            f"model's {float(model_pixel_size):g} µm/px, outside the supported {lo:g}-{hi:g}: "
-            "check the value and its unit (µm per pixel, not nm or mm)"
-        )
-    return scale
 
 
 def _check_phase_range(plane: np.ndarray, where: str, notes: list[str]) -> None:

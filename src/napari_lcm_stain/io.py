@@ -1075,8 +1075,7 @@ def stain_files(
     and skipped; a `BatchError` listing the failures is raised at the end. `texture`: True
     draws a texture decoder's grain (default: the smooth mean; see `engine.iter_stain`).
     """
-    from . import tiling
-    from .engine import _check_params, get_predictor
+    from ._params import check_grid, check_settings
 
     clock = time.perf_counter()
     say = (lambda msg: None) if quiet else print
@@ -1087,11 +1086,12 @@ def stain_files(
     for t in remove_stale_temps(targets):  # first: a restored previous output needs --overwrite
         notes.append(f"removed {t}, a temporary file left by a stopped run")
     _check_targets(targets, files, overwrite)
-    _check_params(tile, overlap, samples, seed, pixel_size, steps)
+    check_settings(model, tile, overlap, samples, seed, pixel_size, steps)  # before torch
+    from .engine import get_predictor
+
     pred = None if scheduler is not None else get_predictor(model, steps, device, texture=texture)
     if pred is not None:  # e.g. an overlap that leaves no stride: before any output exists
-        side = 4 * (int(tile) + int(overlap) + int(pred.multiple))
-        tiling.make_grid((side, side), pred.multiple, tile, overlap, tiling.model_context(pred))
+        check_grid(pred, tile, overlap)
     for note in notes:
         say(f"note: {note}")
     Path(plan[0][0]).parent.mkdir(parents=True, exist_ok=True)

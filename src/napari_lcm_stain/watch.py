@@ -5,13 +5,22 @@ File events come from `watchdog` (created / modified / moved into the folder). A
 when an event names it and is stained once its size and modification time have not changed for
 ``settle`` seconds, with `io.stain_files` (atomic OME-TIFF/OME-Zarr output with provenance, the
 core engine). A file that still cannot be read then (half-written, corrupt) gets a note and is tried
-again if it changes later; nothing stops the watch but Ctrl-C (or ``stop``), which ends cleanly:
-a file being stained leaves no partial output. No napari or Qt here.
+again if it changes later; nothing stops the watch but Ctrl-C, SIGTERM (or ``stop``), which end
+cleanly: a file being stained leaves no partial output, and the files still queued are counted,
+with the `lcm-stain stain` command that stains them.
+
+The settings are checked before anything starts (`_params.check_settings`, as `stain` does), and
+the folder is observed before the model is loaded, so a file that lands during startup is stained
+too (and so is every file modified since ``since``, the moment the command began). No napari or
+Qt here.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import TIFF_SUFFIXES, stain_files
+from ._params import check_settings
+from .io import TIFF_SUFFIXES, plan_outputs, stain_files
+
+#: Slack (s) for file systems whose modification times lag the clock a little.
+MTIME_SLACK = 0.1
 
 
 @dataclass
@@ -28,6 +41,7 @@ class WatchReport:
 
     written: list[Path] = field(default_factory=list)
     notes: dict[Path, str] = field(default_factory=dict)
+    queued: list[Path] = field(default_factory=list)  # seen but not yet stained when it stopped
     latencies: list[float] = field(default_factory=list)  # file complete -> output written (s)
 
 
@@ -65,6 +79,11 @@ class _Staging:
                     del self._files[path]
         return sorted(ready)
 
+    def waiting(self) -> list[Path]:
+        """Files still settling (named by an event, not yet stable)."""
+        with self._lock:
+            return sorted(p for p in self._files if p.exists())
+
 
 def _observer(folder: Path, staging: _Staging) -> Any:
     from watchdog.events import FileSystemEventHandler
@@ -93,17 +112,70 @@ def watch_folder(
     stop: threading.Event | None = None,
     log: Callable[[str], None] = print,
     on_written: Callable[[Path, list[Path]], None] | None = None,
+    since: float | None = None,
     **stain_kwargs: Any,
 ) -> WatchReport:
     """Stain every TIFF that appears in ``folder`` into ``output`` until ``stop`` or Ctrl-C.
 
     ``stain_kwargs`` go to `io.stain_files` (steps, tile, overlap, device, seed, pixel_size,
-    out_format, overwrite, texture); ``existing`` also stains the TIFFs already in the folder;
-    ``on_written(input, outputs)`` is called after each stained file.
+    out_format, overwrite, texture) and are checked here first, as `stain` checks them;
+    ``existing`` also stains the TIFFs already in the folder, else those modified since ``since``
+    (epoch s, e.g. when a command began; default: only files that change once the folder is
+    observed, which is before the model is loaded); ``on_written(input, outputs)`` is called
+    after each stained file. Ctrl-C returns the report; SIGTERM (`cli.Terminated`, a KeyboardInterrupt
+    subclass) is raised again after the summary. Files still queued then are in
+    ``report.queued`` and the log gives the `lcm-stain stain` command that stains them.
     """
-    from .engine import get_predictor
-
     folder, output = Path(folder), Path(output)
+    settings = _check_watch(folder, output, model, settle, poll, stain_kwargs)
+    output.mkdir(parents=True, exist_ok=True)
+    staging, report = _Staging(), WatchReport()
+    observer = _observer(folder, staging)
+    observer.start()  # before the model loads (seconds): a file landing meanwhile is seen
+    batch: list[Path] = []
+    stopped_by: KeyboardInterrupt | None = None
+    try:
+        for path in sorted(folder.iterdir()):
+            if existing or (since is not None and _modified_since(path, since)):
+                staging.add(path)
+        predictor = _load(model, settings)
+        log(f"watching {folder} for new TIFF files; stained files go to {output} (Ctrl-C stops)")
+        while stop is None or not stop.is_set():
+            batch = staging.stable(settle)
+            while batch:
+                path = batch[0]
+                written = _stain_one(
+                    path, output, report, log, settle, model=predictor, **stain_kwargs
+                )
+                batch.pop(0)
+                if written and on_written is not None:
+                    on_written(path, written)
+            time.sleep(poll)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI
+        stopped_by = exc
+        log("interrupted: stopping")
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    report.queued = sorted(set(batch) | set(staging.waiting()))
+    log(
+        f"stopped: {len(report.written)} file(s) stained, {len(report.notes)} not stained, "
+        f"{len(report.queued)} still queued"
+    )
+    if report.queued:
+        log("to stain the queued files:")
+        log("  " + stain_command(report.queued, output, model, stain_kwargs))
+    if stopped_by is not None and type(stopped_by) is not KeyboardInterrupt:
+        raise stopped_by  # SIGTERM: the CLI exits with 143
+    return report
+
+
+def _check_watch(
+    folder: Path, output: Path, model: Any, settle: float, poll: float, stain_kwargs: dict
+) -> dict[str, Any]:
+    """Everything `stain` would refuse for every file, refused once at startup (before torch is
+    imported): the folders, unknown options, and the settings (`_params.check_settings`).
+    Returns the settings with `stain_files`' defaults filled in."""
     if not folder.is_dir():
         raise FileNotFoundError(
             f"watch folder {folder} not found: create it or pass an existing folder"
@@ -113,35 +185,62 @@ def watch_folder(
             f"output folder {output} is the watched folder: choose another -o "
             "(outputs would be stained again)"
         )
-    if settle < 0 or poll <= 0:
+    if not (settle >= 0 and poll > 0):  # NaN too
         raise ValueError(f"settle must be >= 0 and poll > 0 seconds, got {settle} and {poll}")
-    output.mkdir(parents=True, exist_ok=True)
-    steps, device = stain_kwargs.get("steps"), stain_kwargs.get("device", "auto")
-    texture = stain_kwargs.get("texture", False)
-    predictor = get_predictor(model, steps, device, texture=texture)  # once, before the first file
-    staging, report = _Staging(), WatchReport()
-    observer = _observer(folder, staging)
-    observer.start()
-    if existing:
-        for path in sorted(folder.iterdir()):
-            staging.add(path)
-    log(f"watching {folder} for new TIFF files; stained files go to {output} (Ctrl-C stops)")
+    signature = inspect.signature(stain_files)
+    for name in ("inputs", "output", "model", "quiet", "progress", "pattern", "scheduler"):
+        if name in stain_kwargs:
+            raise TypeError(f"watch_folder does not take {name}=")
+    bound = signature.bind([], output, model=model, **stain_kwargs)  # unknown names: TypeError
+    bound.apply_defaults()
+    kw = bound.arguments
+    probe = folder / "probe.tif"
+    [(target, _fmt)] = plan_outputs([probe], output, kw["out_format"])  # e.g. --format
+    if target.parent != output:
+        raise ValueError(
+            f"-o {output} names a file: watch writes NAME_dapi.ome.tif per input into a folder"
+        )
+    check_settings(
+        model, kw["tile"], kw["overlap"], kw["samples"], kw["seed"], kw["pixel_size"], kw["steps"]
+    )
+    return kw
+
+
+def _load(model: Any, kw: dict[str, Any]) -> Any:
+    """The predictor, loaded once before the first file, and the tile grid it makes (the check
+    `stain` makes after loading)."""
+    from ._params import check_grid
+    from .engine import get_predictor
+
+    predictor = get_predictor(model, kw["steps"], kw["device"], texture=kw["texture"])
+    check_grid(predictor, kw["tile"], kw["overlap"])
+    return predictor
+
+
+def _modified_since(path: Path, since: float) -> bool:
     try:
-        while stop is None or not stop.is_set():
-            for path in staging.stable(settle):
-                written = _stain_one(
-                    path, output, report, log, settle, model=predictor, **stain_kwargs
-                )
-                if written and on_written is not None:
-                    on_written(path, written)
-            time.sleep(poll)
-    except KeyboardInterrupt:
-        log("interrupted: stopping")
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
-    log(f"stopped: {len(report.written)} file(s) stained, {len(report.notes)} not stained")
-    return report
+        return path.stat().st_mtime >= float(since) - MTIME_SLACK
+    except OSError:
+        return False
+
+
+#: `lcm-stain stain` flags for `stain_files` keywords, in the order `stain_command` writes them.
+_FLAGS = {
+    "steps": "--steps", "tile": "--tile", "overlap": "--overlap", "device": "--device",
+    "pixel_size": "--pixel-size", "seed": "--seed", "out_format": "--format",
+}  # fmt: skip
+
+
+def stain_command(files: list[Path], output: Path, model: Any, stain_kwargs: dict) -> str:
+    """The `lcm-stain stain` command line that stains ``files`` as this watch would have."""
+    name = str(model) if isinstance(model, (str, os.PathLike)) else "MODEL"
+    argv = ["lcm-stain", "stain", *map(str, files), "-o", str(output), "--model", name]
+    for key, flag in _FLAGS.items():
+        value = stain_kwargs.get(key)
+        if value is not None and value != "auto":
+            argv += [flag, str(value)]
+    argv += [f"--{key}" for key in ("texture", "overwrite") if stain_kwargs.get(key)]
+    return shlex.join(argv)
 
 
 def _stain_one(
@@ -203,8 +302,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(a: argparse.Namespace) -> int:
+    since = time.time()  # files modified from now on are stained even before the watch starts
     names = ("model", "steps", "tile", "overlap", "device", "seed", "pixel_size", "overwrite")
-    options = {name: getattr(a, name) for name in names + ("existing", "settle")}
-    options["texture"] = a.texture
-    watch_folder(Path(a.folder), Path(a.output), out_format=a.format, **options)
+    options = {name: getattr(a, name) for name in names + ("existing", "settle", "texture")}
+    watch_folder(Path(a.folder), Path(a.output), out_format=a.format, since=since, **options)
     return 0
