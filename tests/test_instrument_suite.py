@@ -23,7 +23,7 @@ def stub_stain(monkeypatch):
     def stub(image, **kw):
         calls.append({**kw, "shape": np.shape(image), "std": float(np.std(image))})
         truth = stub.truth[np.shape(image)]
-        if kw["pixel_size"] is None:
+        if kw["pixel_size"] == "auto":  # no metadata: the engine would estimate it
             return np.zeros(np.shape(image), np.float32)
         if kw["model"] == "pix2pix":
             from scipy import ndimage
@@ -82,6 +82,17 @@ def test_suite_json_shape_on_a_tiny_run(stub_stain, tmp_path, capsys):
     for line, v in zip(md[3:], E.INSTRUMENT_VARIANTS):
         assert line.startswith(f"| `{v.name}` | {v.description} |")
     assert "| no |" in next(ln for ln in md if ln.startswith("| `coarse-2x-nometa`"))
+    # the estimator is scored on every no-metadata variant, and pooled
+    nometa_names = [v.name for v in E.INSTRUMENT_VARIANTS if not v.pixel_size_known]
+    assert len(nometa_names) >= 4
+    for name in nometa_names:
+        pe = data["variants"][name]["pixel_size_estimator"]
+        assert len(pe["rel_errors"]) == 1 and pe["true_um"][0] > 0.2
+        assert pe["rel_errors"][0] == pytest.approx(
+            abs(pe["estimated_um"][0] / pe["true_um"][0] - 1), abs=1e-3
+        )
+    assert data["pixel_size_estimator"]["n"] == len(nometa_names)
+    assert "pixel-size estimator on the" in table
 
 
 def test_stain_gets_each_variant_as_a_user_would_give_it(stub_stain):
@@ -89,10 +100,14 @@ def test_stain_gets_each_variant_as_a_user_would_give_it(stub_stain):
     by_variant: dict[tuple, list] = {}
     for c in stub_stain:
         by_variant.setdefault((c["pixel_size"], c["shape"]), []).append(c)
-    # 0.414 µm/px fields of 64², 0.828 µm/px fields of 32² (same area) with and without metadata
-    assert {k for k in by_variant} == {(0.414, (64, 64)), (0.828, (32, 32)), (None, (32, 32))}
-    # four model rows (the oracle never calls stain) × five 0.414 groups
-    assert len(by_variant[(0.414, (64, 64))]) == 4 * 5
+    # 0.414 µm/px fields of 64²; the same area at 0.828, 0.25 and 1.24 µm/px, with and without
+    # metadata (without: "auto", the engine estimates it)
+    assert {k for k in by_variant} == {
+        (0.414, (64, 64)), (0.828, (32, 32)), ("auto", (32, 32)), (0.25, (106, 106)),
+        ("auto", (106, 106)), (1.24, (21, 21)), ("auto", (21, 21)),
+    }  # fmt: skip
+    # four model rows (the oracle never calls stain) × eight 0.414 groups
+    assert len(by_variant[(0.414, (64, 64))]) == 4 * 8
     assert {(c["model"], c["steps"]) for c in stub_stain} == {
         ("lcm", 1), ("lcm", 4), ("teacher", 1), ("pix2pix", None)
     }  # fmt: skip
@@ -136,6 +151,18 @@ def test_variants_lie_outside_the_training_ranges():
     assert v["phase-nm"].phase_scale > 100  # training phase is always in rad
     for x in E.INSTRUMENT_VARIANTS:
         assert x.description and "\n" not in x.description and len(x.description) < 120
+    # tissue: held-out families, through-focus settings and pixel sizes outside training's
+    from napari_lcm_stain.tissue import HELD_OUT_FAMILIES
+
+    T = S.TISSUE_RANGES
+    assert dict(v["rosettes"].overrides)["layout"] in HELD_OUT_FAMILIES
+    assert dict(v["perivascular-cuffs"].overrides)["layout"] in HELD_OUT_FAMILIES
+    tf = dict(E.TF_HELD_OUT)
+    assert tf["tf_defocus_um"] > T["tf_defocus_um"].hi and tf["tf_speckle"] > T["tf_speckle"].hi
+    assert tf["tf_residual_defocus_um"] > T["tf_residual_defocus_um"].hi
+    assert tf["tf_alpha"] > T["tf_alpha"].hi and tf["tf_lowcut_um"] < T["tf_lowcut_um"].lo
+    assert v["px-1.24-meta"].pixel_size_um > T["pixel_size"].hi
+    assert len(E.INSTRUMENT_VARIANTS) >= 12
 
 
 def test_suite_seeds_are_disjoint_from_training_and_benchmark():

@@ -109,3 +109,9 @@ def test_through_focus_residual_defocus_and_speckle_degrade_it():
     r_plain = np.corrcoef(plain.ravel(), clean.ravel())[0, 1]
     r_speckled = np.corrcoef(speckled.ravel(), clean.ravel())[0, 1]
     assert r_speckled < r_plain - 0.05, (r_plain, r_speckled)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "scattered"])
+def test_every_family_fits_a_small_field(family):
+    a = arrange(family, np.random.default_rng(2), 26.0, 26.0, 4.0)
+    assert np.all(np.isfinite(a.x)) and np.all(a.a >= a.b)

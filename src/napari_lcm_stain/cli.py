@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pixel-size",
         type=float,
         default=None,
-        help="input µm/px (default: from the file's metadata, else the model's)",
+        help="input µm/px (default: from the file's metadata, else estimated from the image)",
     )
     s.add_argument(
         "--samples",

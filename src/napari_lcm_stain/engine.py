@@ -158,6 +158,22 @@ def _unmask(image: np.ma.MaskedArray) -> np.ndarray:
     return np.ma.filled(image.astype(dtype), np.nan)
 
 
+def estimate_input_pixel_size(arr) -> tuple[float, str]:
+    """µm/px of an image without a pixel size, read from its first plane's content
+    (`pixel_size_estimate`), and the note that says so."""
+    from .pixel_size_estimate import CROP, estimate_pixel_size, load_estimator
+
+    first = arr[(0,) * (arr.ndim - 2)] if arr.ndim > 2 else arr
+    h, w = first.shape[-2:]  # only the central crop the features use is read (dask, zarr)
+    y0, x0 = max(0, (h - CROP) // 2), max(0, (w - CROP) // 2)
+    est = estimate_pixel_size(np.asarray(first[y0 : y0 + CROP, x0 : x0 + CROP], np.float32))
+    err = load_estimator()["held_out"]["median_rel_error"]
+    return est, (
+        f"no pixel size given: estimated {est:.3g} µm/px from the image (the estimator's median "
+        f"error on held-out simulated fields is {err:.0%}); give the pixel size to override"
+    )
+
+
 def _check_phase_range(plane: np.ndarray, where: str, notes: list[str]) -> None:
     """Note an integer image far beyond a phase image's radians: maybe a raw camera frame."""
     if plane.dtype.kind not in "iu":
@@ -325,7 +341,9 @@ def iter_stain(
     `model`: 'lcm' | 'pix2pix' | 'teacher' | checkpoint path | loaded Predictor (reused as is).
     `steps`: sampling steps; None = the model's default (LCM 1, teacher 50).
     `pixel_size`: input µm/px; if it differs from the model's training pixel size by > 1 %, each
-    plane is resized to the training pixel size, stained, and resized back.
+    plane is resized to the training pixel size, stained, and resized back. "auto" = estimate
+    it from the image (`pixel_size_estimate`; `info["pixel_size_estimated"]`, with a note);
+    None = assume the model's.
     `samples`: K > 1 draws K noise canvases (seeds seed..seed+K-1) -> mean and per-pixel std.
     `out` / `out_std`: optional pre-allocated outputs with the input's shape (tifffile memmap,
     zarr) that planes are written into as they finish, so big stacks never sit in memory twice.
@@ -353,6 +371,12 @@ def iter_stain(
     notes: list[str] = []
 
     model_px = getattr(pred, "pixel_size", None)
+    px_estimate = None
+    if px == "auto":
+        px, note = estimate_input_pixel_size(arr)
+        px_estimate = px
+        notes.append(note)
+        pixel_size_source = "the pixel-size estimator"
     scale = rescale_factor(px, model_px, pixel_size_source)
     work = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
     if scale != 1.0:
@@ -512,6 +536,8 @@ def iter_stain(
         "planes": n_planes,
         "device": str(getattr(pred, "device", device)),
         "pixel_size": px,
+        # µm/px read from the image when none was given (pixel_size="auto"); None otherwise
+        "pixel_size_estimated": px_estimate,
         "model_pixel_size": None if model_px is None else float(model_px),
         "rescale": scale,
         "work_shape": list(work),

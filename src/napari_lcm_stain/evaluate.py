@@ -244,7 +244,7 @@ def _predict(
         sample.qobm,
         model=_resolve_model(row.model, weights_dir),
         steps=row.steps,
-        pixel_size=sample.pixel_size if pixel_size_known else None,
+        pixel_size=sample.pixel_size if pixel_size_known else "auto",
         seed=0,
         device=device,
         texture=row.texture,
@@ -685,8 +685,10 @@ def _require_a_model(rows: Sequence[Row], skipped: dict[str, str]) -> None:
 
 # ------------------------------------------------------------------ held-out instrument suite
 
-#: Bump when a variant, the seeds or the fields change.
-SUITE_VERSION = 1
+#: Bump when a variant, the seeds or the fields change. v2: held-out tissue families,
+#: through-focus retrieval outside training's settings, 0.25 and 1.24 µm/px with and without
+#: metadata (without: the pixel-size estimator), everything at once.
+SUITE_VERSION = 2
 #: Field i of every variant uses seed SUITE_SEED0 + i and preset BENCHMARK_PRESETS[i % 2]: the
 #: same tissue under every instrument. Disjoint from training (seed·100 000 + i, i < a few
 #: hundred) and from the v1 benchmark (900 000 + i).
@@ -713,8 +715,20 @@ class InstrumentVariant:
     overrides: tuple[tuple[str, Any], ...] = ()  # SimParams fields replaced on each preset
     phase_scale: float = 1.0  # the phase handed to the model is multiplied by this (units)
     coarsen: int = 1  # native sampling this many times coarser, over the same area
-    pixel_size_known: bool = True  # False: stain() gets no pixel size (no metadata)
+    # False: stain() gets no pixel size (no metadata) and estimates it (pixel_size="auto")
+    pixel_size_known: bool = True
+    pixel_size_um: float | None = None  # native µm/px over the same area (instead of coarsen)
 
+
+#: Through-focus settings outside `simulate.TISSUE_RANGES` (the suite's held-out retrieval).
+TF_HELD_OUT: tuple[tuple[str, Any], ...] = (
+    ("reconstruction", "through-focus"),
+    ("tf_defocus_um", 6.0),
+    ("tf_residual_defocus_um", 1.0),
+    ("tf_speckle", 0.12),
+    ("tf_alpha", 0.08),
+    ("tf_lowcut_um", 5.0),
+)
 
 IN_DOMAIN = InstrumentVariant(
     "in-domain",
@@ -754,11 +768,60 @@ INSTRUMENT_VARIANTS: tuple[InstrumentVariant, ...] = (
         "300 photons per pixel and capture, 8 e⁻ read noise (training 2 000–30 000, ≤ 6 e⁻)",
         overrides=(("photons", 300.0), ("read_noise_e", 8.0)),
     ),
+    InstrumentVariant(
+        "rosettes",
+        "tissue family never trained on: rings of radially oriented nuclei around a fibrillary "
+        "core (tissue.HELD_OUT_FAMILIES)",
+        overrides=(("layout", "rosette"),),
+    ),
+    InstrumentVariant(
+        "perivascular-cuffs",
+        "tissue family never trained on: vessels wrapped in layers of packed small round "
+        "lymphocytes",
+        overrides=(("layout", "cuff"),),
+    ),
+    InstrumentVariant(
+        "through-focus",
+        "through-focus stack at ±6 µm (training ±1–4), focus error 1 µm, speckle 0.12, α 0.08, "
+        "low cut 5 µm",
+        overrides=TF_HELD_OUT,
+    ),
+    InstrumentVariant(
+        "px-0.25-meta",
+        "0.25 µm/px (40×-class) with the pixel size given: the engine resamples",
+        pixel_size_um=0.25,
+    ),
+    InstrumentVariant(
+        "px-0.25-nometa",
+        "0.25 µm/px with no pixel size: the engine estimates it",
+        pixel_size_um=0.25,
+        pixel_size_known=False,
+    ),
+    InstrumentVariant(
+        "px-1.24-meta",
+        "1.24 µm/px (3× the model's, training ≤ 1.0) with the pixel size given",
+        pixel_size_um=1.24,
+    ),
+    InstrumentVariant(
+        "px-1.24-nometa",
+        "1.24 µm/px with no pixel size: the engine estimates it",
+        pixel_size_um=1.24,
+        pixel_size_known=False,
+    ),
+    InstrumentVariant(
+        "everything",
+        "rosettes, the held-out through-focus retrieval, 0.83 µm/px without metadata and 1 000 "
+        "photons, at once",
+        overrides=(("layout", "rosette"), *TF_HELD_OUT, ("photons", 1000.0)),
+        pixel_size_um=0.828,
+        pixel_size_known=False,
+    ),
 )
 
 
 def suite_fields(variant: InstrumentVariant, n: int, size: int) -> list[Any]:
-    """The ``n`` fields of one variant: ``size``² at 0.414 µm/px, or the same area coarser."""
+    """The ``n`` fields of one variant: ``size``² at 0.414 µm/px, or the same area at the
+    variant's pixel size."""
     import dataclasses
 
     from . import simulate
@@ -766,14 +829,30 @@ def suite_fields(variant: InstrumentVariant, n: int, size: int) -> list[Any]:
     out = []
     for i in range(n):
         base = simulate.get_preset(BENCHMARK_PRESETS[i % len(BENCHMARK_PRESETS)])
-        p = dataclasses.replace(
-            base, pixel_size=base.pixel_size * variant.coarsen, **dict(variant.overrides)
-        )
-        s = simulate.simulate_pair(p, size=max(8, size // variant.coarsen), seed=SUITE_SEED0 + i)
+        px = variant.pixel_size_um or base.pixel_size * variant.coarsen
+        p = dataclasses.replace(base, pixel_size=px, **dict(variant.overrides))
+        side = max(8, round(size * base.pixel_size / px))
+        s = simulate.simulate_pair(p, size=side, seed=SUITE_SEED0 + i)
         if variant.phase_scale != 1.0:
             s = dataclasses.replace(s, qobm=(s.qobm * variant.phase_scale).astype(np.float32))
         out.append(s)
     return out
+
+
+def _estimator_errors(samples: Sequence[Any]) -> dict[str, Any]:
+    """The pixel-size estimator on fields whose true pixel size is known: relative errors."""
+    from .pixel_size_estimate import estimate_pixel_size
+
+    samples = [s for s in samples if min(np.shape(s.qobm)[-2:]) >= 32]  # (tiny test fields)
+    est = [estimate_pixel_size(s.qobm) for s in samples]
+    err = [abs(e / s.pixel_size - 1) for e, s in zip(est, samples)]
+    return {
+        "true_um": [float(s.pixel_size) for s in samples],
+        "estimated_um": [round(float(e), 4) for e in est],
+        "rel_errors": [round(float(e), 4) for e in err],
+        "median_rel_error": float(np.median(err)) if err else None,
+        "p90_rel_error": float(np.quantile(err, 0.9)) if err else None,
+    }
 
 
 def _suite_summary(in_domain: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:
@@ -831,6 +910,13 @@ def format_suite_table(result: dict[str, Any]) -> str:
         "cells: nuclei F1 / SSIM (mean over fields); rel.F1 = LCM-1 F1 / oracle F1; ÷in-dom = "
         "that over the in-domain rel.F1; ok = ÷in-dom ≥ 0.8 and LCM-1 F1 > Pix2Pix F1."
     )
+    pe = result.get("pixel_size_estimator")
+    if pe:
+        lines.append(
+            f"pixel-size estimator on the {pe['n']} fields without metadata: median error "
+            f"{pe['median_rel_error']:.1%}, 90th percentile {pe['p90_rel_error']:.1%} "
+            "(target ≤ 10 % / ≤ 25 %)"
+        )
     for name, g in groups.items():
         lines.append(f"  {name}: {g['description']}")
         for row, why in g.get("skipped", {}).items():
@@ -876,7 +962,7 @@ def run_instrument_suite(
     cache: dict[tuple[Any, ...], list[Any]] = {}
     groups: dict[str, dict[str, Any]] = {}
     for v in (IN_DOMAIN, *INSTRUMENT_VARIANTS):
-        key = (v.overrides, v.coarsen, v.phase_scale)
+        key = (v.overrides, v.coarsen, v.phase_scale, v.pixel_size_um)
         if key not in cache:
             cache[key] = suite_fields(v, n, size)
         _log(f"lcm-stain evaluate --suite instruments: {v.name} ({n} fields)")
@@ -885,6 +971,8 @@ def run_instrument_suite(
             pixel_size_known=v.pixel_size_known,
         )  # fmt: skip
         groups[v.name] = {"description": v.description, "models": models, "skipped": skipped}
+        if not v.pixel_size_known:
+            groups[v.name]["pixel_size_estimator"] = _estimator_errors(cache[key])
     in_domain = groups.pop(IN_DOMAIN.name)
     for g in groups.values():
         g["summary"] = _suite_summary(in_domain["models"], g["models"])
@@ -902,6 +990,14 @@ def run_instrument_suite(
         "weights_dir": str(wdir) if wdir else None,
         "device": dev,
     }
+    pooled = [e for g in groups.values() for e in g.get("pixel_size_estimator", {}).get(
+        "rel_errors", [])]  # fmt: skip
+    if pooled:  # target: median ≤ 10 %, 90th percentile ≤ 25 %
+        result["pixel_size_estimator"] = {
+            "n": len(pooled),
+            "median_rel_error": float(np.median(pooled)),
+            "p90_rel_error": float(np.quantile(pooled, 0.9)),
+        }
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     print(format_suite_table(result), flush=True)
     if json_path is not None:

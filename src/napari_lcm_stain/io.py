@@ -997,6 +997,7 @@ def _provenance(info: dict, source: Path, kind: str, samples: int) -> str:
         "texture": info.get("texture"),
         "overlap": info.get("overlap"),
         **{k: info.get(k) for k in ("pixel_size", "model_pixel_size", "rescale", "warnings")},
+        "pixel_size_estimated": info.get("pixel_size_estimated"),
     }
     if kind == "std":
         prov["note"] = f"per-pixel standard deviation of {samples} one-step samples (ddof=1)"
@@ -1130,7 +1131,7 @@ def stain_files(
 
 def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, **kw):
     """Stain one file into `o` (and its `_std`); both outputs are committed together or neither."""
-    from .engine import iter_stain, rescale_factor, validate_image
+    from .engine import estimate_input_pixel_size, iter_stain, rescale_factor, validate_image
 
     arr, meta = read_image(f)
     handle = meta.pop("_handle", None)
@@ -1144,6 +1145,13 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
         else:
             ps, source = meta.get("pixel_size"), f"the metadata of {f.name}"
             arr = _square_pixels(arr, meta, f.name)
+            if ps is None:  # no metadata: read the scale from the image (a note says so)
+                try:
+                    ps, note = estimate_input_pixel_size(arr)
+                    source = f"the pixel-size estimator ({f.name} has no pixel size)"
+                    meta["notes"].append(note)
+                except ValueError:  # nothing to read a scale from: the engine says why
+                    ps = None
         rescale_factor(ps, getattr(model, "pixel_size", None), source)  # before any output
         shape = tuple(int(s) for s in arr.shape)
         out_meta = {"pixel_size": ps, "axes": meta.get("axes")}  # square pixels now

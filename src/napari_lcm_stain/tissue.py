@@ -277,7 +277,8 @@ def _necrosis(rng, W, H, depth, b: _Builder) -> dict:
     regions, exclude, blobs = [], [], []
     holes = []
     for _ in range(int(rng.integers(1, 3))):
-        ra, rb = rng.uniform(15, 0.45 * max(W, 30)), rng.uniform(15, 0.35 * max(H, 30))
+        ha, hb = 0.45 * max(W, 30), 0.35 * max(H, 30)  # small fields: smaller cavities
+        ra, rb = rng.uniform(min(15, ha), ha), rng.uniform(min(15, hb), hb)
         holes.append((rng.uniform(0, W), rng.uniform(0, H), ra, rb, rng.uniform(0, np.pi)))
     sub = _Builder(b.overlap)
     _sheet(rng, W, H, depth, sub, coverage=1.0)

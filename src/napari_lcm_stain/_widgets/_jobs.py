@@ -58,6 +58,7 @@ class StainOutcome:
     devices: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # engine remarks (e.g. rescaled pixel size)
     ood: dict | None = None  # the engine's out-of-distribution result, when it flagged the input
+    pixel_size_estimated: float | None = None  # µm/px the engine read from the image, if any
     seconds: float = 0.0
     #: (role, label) -> what the writer stores with that layer (see `provenance`)
     provenance: dict[tuple[str, str], dict] = field(default_factory=dict)
@@ -202,11 +203,16 @@ def stain_job(
             ood = info.get("ood") if isinstance(info, dict) else None
             if out.ood is None and ood and ood.get("flag"):
                 out.ood = ood
+            if isinstance(info, dict) and info.get("pixel_size_estimated"):
+                out.pixel_size_estimated = float(info["pixel_size_estimated"])
             dev = getattr(predictor, "device", None)
             if dev is not None and str(dev) not in out.devices:
                 out.devices.append(str(dev))
             if truth is not None:
-                ps = pixel_size or getattr(predictor, "pixel_size", None)
+                ps = (info.get("pixel_size") if isinstance(info, dict) else None) or (
+                    None if pixel_size == "auto" else pixel_size
+                )
+                ps = ps or getattr(predictor, "pixel_size", None)
                 try:  # a bad ground truth must not cost the user their stained layers
                     out.metrics[job.label] = yield from _score(
                         mean, truth, truth_labels, ps, job.label, offset, overall

@@ -56,6 +56,8 @@ class StainWidget(DockBase):
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
         self._cache: dict = {}  # loaded predictors, reused across runs
+        # layer name -> µm/px the engine estimated for it (layers without a µm scale)
+        self._px_estimates: dict[str, float] = {}
         self._grid = SideBySide(self.viewer)
         # "current plane only": the source being followed, the plane shown, the plane running
         self._follow: str | None = None
@@ -173,7 +175,7 @@ class StainWidget(DockBase):
             step=0.01,
             decimals=4,
             tip="Pixel size of the qOBM image. 'auto' uses the layer's µm scale or metadata, else "
-            "assumes the model's training pixel size.",
+            "estimates it from the image (shown here after staining); type a value to override.",
         )
         self.pixel_spin.setSpecialValueText("auto")
         self.pixel_spin.setSuffix(" µm/px")
@@ -299,9 +301,14 @@ class StainWidget(DockBase):
     def _on_source_changed(self, layer: Layer | None) -> None:
         self.plane_check.setEnabled(layer is not None and layer.ndim > 2)
         known = layer_pixel_size(layer) if layer is not None else None
-        self.pixel_spin.setSpecialValueText(
-            f"auto ({known:.4g} µm/px from the layer)" if known else "auto (model's pixel size)"
-        )
+        est = self._px_estimates.get(layer.name) if layer is not None else None
+        if known:
+            text = f"auto ({known:.4g} µm/px from the layer)"
+        elif est:
+            text = f"auto (≈{est:.3g} µm/px, estimated from the image)"
+        else:
+            text = "auto (estimated from the image)"
+        self.pixel_spin.setSpecialValueText(text)
         self.truth_combo.refresh()
         self._update_layer_note()
 
@@ -335,9 +342,13 @@ class StainWidget(DockBase):
         choice = self.model_combo.currentData()
         return choice if isinstance(choice, ModelChoice) else ModelChoice("LCM", "lcm")
 
-    def _pixel_size(self, layer: Layer) -> float | None:
+    def _pixel_size(self, layer: Layer) -> float | str:
+        """The box's value, else the layer's µm scale, else this layer's estimate from an earlier
+        run (live frames reuse it), else "auto": the engine estimates it from the image."""
         value = self.pixel_spin.value()
-        return float(value) if value > 0 else layer_pixel_size(layer)
+        if value > 0:
+            return float(value)
+        return layer_pixel_size(layer) or self._px_estimates.get(layer.name) or "auto"
 
     # ------------------------------------------------------------------ running
     def _source_to_stain(self) -> Layer | None:
@@ -501,6 +512,9 @@ class StainWidget(DockBase):
                 provenance=outcome.provenance.get((role, label)),
             )
         self.last_outcome = outcome
+        if outcome.pixel_size_estimated:  # shown in the Pixel size box; typing a value overrides
+            self._px_estimates[info["source"]] = outcome.pixel_size_estimated
+            self._on_source_changed(self.layer_combo.layer())
         self._shown_plane = info["plane"] if self._follow else None
         self._show_metrics(outcome.metrics)
         devices = ", ".join(outcome.devices) or "?"

@@ -43,6 +43,21 @@ def package_weights(run_dir: Path) -> None:
             ckpt.atomic_write_bytes(ckpt.WEIGHTS_DIR / f"{name}{ext}", src.read_bytes())
         rf = calibrate_receptive_field(ckpt.WEIGHTS_DIR / f"{name}.safetensors")
         print(f"packaged {name}: receptive_field {rf} px")
+    stamp_release()
+
+
+def stamp_release(version: str | None = None) -> None:
+    """Record the release the packaged checkpoints ship in (`release`, the package version;
+    `version` keeps the version each stage was trained under) and re-hash them. Run by
+    `package_weights`; on its own after copying a finished run's packaged files in."""
+    from .._version import __version__
+
+    for name in ("lcm", "teacher", "pix2pix"):
+        path = ckpt.WEIGHTS_DIR / f"{name}.json"
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            cfg["release"] = version or __version__
+            ckpt.atomic_write_bytes(path, json.dumps(cfg, indent=2, sort_keys=True).encode())
     ckpt.record_packaged_hashes()
 
 
