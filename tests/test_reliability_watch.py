@@ -211,3 +211,17 @@ def test_argument_errors_are_refused_before_torch_is_imported(tmp_path, args, me
     last, stderr = _probe(tmp_path, *args)
     assert last == "RC 2 HEAVY -", (last, stderr)
     assert message in stderr, stderr
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_dock_makes_openmp_threads_sleep_unless_the_user_chose(given, expected):
+    """Item 21 (measured in docs/engine.md): the docks' jobs module sets OMP_WAIT_POLICY before
+    torch loads; a policy the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"PYTHONPATH": SRC, **({"OMP_WAIT_POLICY": given} if given else {})})
+    code = (
+        "import os, sys; import napari_lcm_stain._widgets._jobs; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == [expected, "False"], done.stderr

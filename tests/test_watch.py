@@ -60,7 +60,8 @@ def watcher(tmp_path):
 
 
 def _expected(a: np.ndarray) -> np.ndarray:
-    return stain(a, FakePredictor(), None, TILE, OVERLAP, "auto", 0, None)
+    # a TIFF without a pixel size is stained at its estimated one, as `stain` does
+    return stain(a, FakePredictor(), None, TILE, OVERLAP, "auto", 0, "auto")
 
 
 def test_watch_stains_files_once_complete_and_survives_half_written_ones(watcher):

@@ -189,11 +189,13 @@ def run_bench(
     precision: str = "auto",
     compile: bool = False,
     big_rescale: float = BIG_RESCALE,
+    models: list[str] | None = None,
 ) -> dict:
     """Benchmark the models on one size² image; optional streamed big² CLI run for peak RSS,
     and the same image given `big_rescale` times the LCM's pixel size (0 skips that run).
 
-    `predictors` (name -> loaded Predictor) replaces the packaged models (tests use fakes).
+    `predictors` (name -> loaded Predictor) replaces the packaged models (tests use fakes);
+    `models` picks some of `MODELS` (e.g. ["lcm-1"] for a quick thread-policy comparison).
     On CUDA every timing is bracketed by `torch.cuda.synchronize`, the reference is the card's
     measured bf16 matmul rate, and each model's peak GPU memory is recorded.
     """
@@ -216,6 +218,11 @@ def run_bench(
 
     if size < 1 or repeats < 1 or big < 0:
         raise ValueError("size and repeats must be >= 1 and big >= 0 (0 skips the memory run)")
+    unknown = sorted(set(models or ()) - set(MODELS))
+    if unknown:
+        raise ValueError(
+            f"unknown bench model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}"
+        )
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     img = bench_image(size)
     mp = size * size / 1e6
@@ -225,7 +232,7 @@ def run_bench(
         probes = [1000.0 * cuda_matmul_tflops(dev)]
     else:
         probes = [cpu_matmul_gflops(matmul_n)]
-    names = list(predictors) if predictors is not None else list(MODELS)
+    names = list(predictors) if predictors is not None else list(models or MODELS)
     models: dict[str, dict] = {}
     dev_name = None
     loaded = {}

@@ -157,6 +157,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         device=a.device,
         precision=a.precision,
         compile=a.compile,
+        models=a.models,
     )
     return 0
 
@@ -487,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="network dtype: auto = fp16 on CUDA, fp32 elsewhere" + _DEFAULT,
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
+    s.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time only these: lcm-1 lcm-4 teacher-50 pix2pix (default: all)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     s.set_defaults(func=_cmd_bench)
 

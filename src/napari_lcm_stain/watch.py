@@ -210,6 +210,9 @@ def _load(model: Any, kw: dict[str, Any]) -> Any:
     """The predictor, loaded once before the first file, and the tile grid it makes (the check
     `stain` makes after loading)."""
     from ._params import check_grid
+    from ._threads import use_passive_wait
+
+    use_passive_wait()  # before torch loads: OpenMP threads sleep, not spin (docs/engine.md)
     from .engine import get_predictor
 
     predictor = get_predictor(model, kw["steps"], kw["device"], texture=kw["texture"])

@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from .._threads import use_passive_wait
+
 logger = logging.getLogger(__name__)
+#: The docks load torch only in their jobs (after this import): its OpenMP threads then sleep while
+#: they wait instead of spinning beside napari's own threads (docs/engine.md, thread policy).
+use_passive_wait()
 
 #: Keys of `metrics.image_metrics` shown in the Stain dock (pixel agreement, then nuclei).
 METRIC_KEYS = ("pearson", "ssim", "recall", "precision", "f1")
