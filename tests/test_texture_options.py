@@ -24,6 +24,13 @@ TILE, OVERLAP = 64, 16
 T = ["--tile", str(TILE), "--overlap", str(OVERLAP), "--device", "cpu"]
 
 
+def _write_at_model_pixel_size(path, image):
+    """A TIFF whose metadata gives the test model's 0.414 µm/px (without one, the CLI would
+    estimate the pixel size from these random blobs and rescale)."""
+    meta = {"axes": "YX", "PhysicalSizeX": 0.414, "PhysicalSizeY": 0.414}
+    tifffile.imwrite(path, image, ome=True, metadata=meta)
+
+
 @pytest.fixture(scope="module")
 def tex(tmp_path_factory):
     return texture_lcm(tmp_path_factory.mktemp("ckpt") / "tex.safetensors")
@@ -57,7 +64,7 @@ def description(path) -> dict:
 
 def test_cli_texture_draws_grain_and_the_default_is_smooth(tmp_path, tex, image, expected, capsys):
     src = tmp_path / "field.tif"
-    tifffile.imwrite(src, image)
+    _write_at_model_pixel_size(src, image)
     args = ["stain", str(src), "--model", str(tex), *T]
     on, off = tmp_path / "on.ome.tif", tmp_path / "off.ome.tif"
     assert cli.main([*args, "-o", str(on), "--texture"]) == 0
@@ -125,7 +132,7 @@ def test_cli_watch_passes_texture_to_the_watch(monkeypatch, tmp_path):
 def test_watch_folder_texture_switch_reaches_the_files(tmp_path, tex, image, expected):
     src = tmp_path / "in"
     src.mkdir()
-    tifffile.imwrite(src / "field.tif", image)
+    _write_at_model_pixel_size(src / "field.tif", image)
     outs = {}
     for texture in (True, False):
         out, stop = tmp_path / f"out-{texture}", threading.Event()

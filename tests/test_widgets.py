@@ -248,7 +248,8 @@ def test_texture_box_off_by_default_and_on_draws_the_grain(make_napari_viewer, q
     grainy = np.asarray(out.data)
     assert out.metadata[PLUGIN_KEY]["provenance"]["texture"] is True
 
-    kw = {"steps": 1, "tile": 128, "overlap": 16, "device": "auto", "seed": 0}
+    # the layer has no µm scale: the dock estimates the pixel size, as pixel_size="auto" does
+    kw = {"steps": 1, "tile": 128, "overlap": 16, "device": "auto", "seed": 0, "pixel_size": "auto"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random blobs are out of distribution: not the point
         expected = {t: stain(image, ckpt, texture=t, **kw) for t in (True, False)}

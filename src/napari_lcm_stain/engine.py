@@ -373,10 +373,13 @@ def iter_stain(
     model_px = getattr(pred, "pixel_size", None)
     px_estimate = None
     if px == "auto":
-        px, note = estimate_input_pixel_size(arr)
-        px_estimate = px
+        try:
+            px, note = estimate_input_pixel_size(arr)
+            px_estimate = px
+            pixel_size_source = "the pixel-size estimator"
+        except ValueError as exc:  # too small or no finite pixels: the checks below say more
+            px, note = None, f"pixel size unknown and not estimable ({exc}): assumed the model's"
         notes.append(note)
-        pixel_size_source = "the pixel-size estimator"
     scale = rescale_factor(px, model_px, pixel_size_source)
     work = (max(1, round(h * scale)), max(1, round(w * scale))) if scale != 1.0 else (h, w)
     if scale != 1.0:

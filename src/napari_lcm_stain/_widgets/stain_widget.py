@@ -384,10 +384,15 @@ class StainWidget(DockBase):
         }
 
     def _live_settings(self, source: Layer | None) -> dict[str, Any]:
-        """Model, steps and engine settings of live staining (one model, no extras)."""
+        """Model, steps and engine settings of live staining (one model, no extras). A layer
+        with no known pixel size is stained at the model's (or an earlier run's estimate):
+        estimating it on every frame would cost latency and could differ between frames."""
         choice = self.model_choice()
         steps = self.steps_spin.value() if choice.uses_steps else None
-        return {"model": choice.model, "steps": steps, **self._engine_settings(source)}
+        settings = {"model": choice.model, "steps": steps, **self._engine_settings(source)}
+        if settings["pixel_size"] == "auto":
+            settings["pixel_size"] = None
+        return settings
 
     def run(self, plane_only: bool | None = None) -> Any:
         """Start staining the chosen layer; returns the worker (None if nothing was started)."""
