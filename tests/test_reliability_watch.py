@@ -225,3 +225,36 @@ def test_the_dock_makes_openmp_threads_sleep_unless_the_user_chose(given, expect
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.stdout.split() == [expected, "False"], done.stderr
+
+
+def test_dock_watch_stains_a_file_that_lands_while_the_model_loads(tmp_path, monkeypatch):
+    """The dock's Watch folder… loads the model before watching: a file written meanwhile is
+    stained (it is newer than the job's start)."""
+    import threading
+    import time
+
+    import numpy as np
+    import tifffile
+
+    from _fake_predictor import FakePredictor
+    from napari_lcm_stain._drain import drain
+    from napari_lcm_stain._widgets import _jobs
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    meta = {"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+
+    def slow_load(cache, model, steps, device, texture=False):
+        tifffile.imwrite(src / "early.tif", np.random.default_rng(0).random((64, 64), np.float32),
+                         ome=True, metadata=meta)  # fmt: skip
+        time.sleep(0.3)
+        return FakePredictor()
+
+    monkeypatch.setattr(_jobs, "get_predictor", slow_load)
+    stop = threading.Event()
+    timer = threading.Timer(3.0, stop.set)
+    timer.start()
+    report = drain(_jobs.watch_job(src, out, stop, model="lcm", cache={}, settle=0.2, poll=0.05,
+                                   tile=64, overlap=0, device="cpu"))  # fmt: skip
+    timer.join()
+    assert [p.name for p in report.written] == ["early_dapi.ome.tif"], report.notes

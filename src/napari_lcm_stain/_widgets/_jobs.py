@@ -438,12 +438,14 @@ def watch_job(
     def run() -> None:
         from napari_lcm_stain.watch import watch_folder
 
+        started = time.time()  # files landing while the model loads are stained too
         try:
             steps, device = kwargs.get("steps"), kwargs.get("device")
             predictor = get_predictor(cache, model, steps, device, kwargs.get("texture", False))
             result["report"] = watch_folder(
                 folder, output, model=predictor, stop=stop, log=events.put,
-                on_written=lambda src, outs: events.put((src, outs)), **kwargs,
+                on_written=lambda src, outs: events.put((src, outs)),
+                **{"since": started, **kwargs},
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - see module doc
             logger.exception("watching a folder failed")
