@@ -14,7 +14,7 @@ if step package; then
   lcm-stain train --preset default --out "$RUN" --seed 0 --package > "$M/package.txt" 2>&1
 fi
 if step evaluate; then
-  lcm-stain evaluate --json docs/results/evaluate.json > "$M/evaluate.txt" 2> "$M/evaluate.err"
+  lcm-stain evaluate --json "$M/evaluate.json" > "$M/evaluate.txt" 2> "$M/evaluate.err"
   lcm-stain evaluate --n 64 --json docs/results/evaluate-n64.json > "$M/evaluate-n64.txt" 2> "$M/evaluate-n64.err"
 fi
 if step suite; then

@@ -6,6 +6,7 @@ import pytest
 
 from napari_lcm_stain import checkpoints as ck
 from napari_lcm_stain import metrics, stain
+from napari_lcm_stain._version import __version__
 from napari_lcm_stain.evaluate import benchmark_fields, threshold_phase
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,10 @@ def test_packaged_weights_verified_and_provenanced():
     assert set(hashes) == {f"{n}{ext}" for n in names for ext in (".safetensors", ".json")}
     for name in names:
         cfg = ck.load_packaged(name).config
-        assert cfg["provenance"]["preset"]["name"] == "default"
+        # 0.2.0: the default preset's data mix, trained by transfer (preset "release")
+        assert cfg["provenance"]["preset"]["name"] in ("default", "release")
+        assert "tissue-random" in cfg["provenance"]["data_presets"]
+        assert cfg["release"] == __version__
         assert "command" in cfg["provenance"] and cfg["pixel_size"] == pytest.approx(0.414)
 
 
