@@ -199,7 +199,8 @@ def test_other_data_and_preset_are_refused_on_the_command_line(tmp_path, capsys)
     argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(out)]
     assert cli.main([*argv, "--stages", "vae"]) == 2
     err = _err(capsys)
-    assert "preset 'default' there, 'tiny' now" in err
+    packaged = json.loads((out / "lcm.json").read_text())["provenance"]["preset"]["name"]
+    assert f"preset {packaged!r} there, 'tiny' now" in err
     assert f"data simulated fields there, the pairs in {data} now" in err
     assert "--overwrite" in err
     assert (out / "validation.json").read_text() == '{"old": true}'

@@ -294,7 +294,9 @@ class Recipe:
         v = self.inference_vae()
         for name in ("teacher", "lcm"):
             if (self.out / f"{name}.safetensors").exists():
-                self.save_latent_model(name, self.load_unet(name), v)
+                unet = self.load_unet(name)
+                barrier()  # under torchrun every rank has read it before rank 0 rewrites it
+                self.save_latent_model(name, unet, v)
 
     # -- the stages in order
 
