@@ -55,9 +55,11 @@ def _plane(image: np.ndarray) -> np.ndarray:
         raise ValueError("the pixel-size estimator found no finite pixels to read a scale from")
     if not finite.all():  # NaN/Inf pixels: the plane's finite median, as the engine does
         a = np.where(finite, a, np.median(a[finite]))
-    med = np.median(a)
-    mad = np.median(np.abs(a - med)) * 1.4826
-    return (a - med) / (mad if mad > 0 else (a.std() or 1.0))
+    # the OOD score's affine-invariant normalisation (the features are invariant to the spread
+    # anyway: log spectra and blob energies with their means removed)
+    from .ood import _normalise
+
+    return _normalise(a)
 
 
 def features(image: np.ndarray) -> np.ndarray:

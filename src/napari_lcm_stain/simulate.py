@@ -774,14 +774,12 @@ def make_scene(params: SimParams | str, width_um: float, height_um: float, rng,
     lobe = np.ones(n_tot)
     lay = None
     if p.layout != "scattered":
-        from .tissue import arrange
+        from .tissue import arrange, inside_ellipse
 
         lay = arrange(p.layout, rng, W, H, p.dapi_label_depth_um, p.nucleus_size_scale)
         keep = np.ones(n_tot, bool)
-        for cx_, cy_, ea_, eb_, et_ in lay.exclude:  # cavities: no stroma nuclei either
-            u_ = ((x - cx_) * np.cos(et_) + (y - cy_) * np.sin(et_)) / ea_
-            v_ = (-(x - cx_) * np.sin(et_) + (y - cy_) * np.cos(et_)) / eb_
-            keep &= u_ * u_ + v_ * v_ >= 1
+        for ex in lay.exclude:  # cavities: no stroma nuclei either
+            keep &= ~inside_ellipse(x, y, *ex)
         lk = np.where(lay.kind >= 0, lay.kind, rng.choice(len(fr), size=len(lay), p=fr))
         lk = np.where(lk == NEURON, GLIA, lk)  # a layout's nuclei are not neurons
         # the same structure continues above and below the section: a jittered copy of half

@@ -114,7 +114,7 @@ class _Builder:
         return Arrangement(x, y, z, a, b, th, lobe, kind.astype(int), **extra)
 
 
-def _shape(rng, long_um, aspect):
+def _shape(long_um, aspect):
     """Semi-axes (a ≥ b) of a nucleus of long diameter ``long_um`` and ``aspect`` = a/b."""
     a = float(np.clip(long_um / 2, 2.0, 7.5))  # long diameters 4–15 µm
     return a, a / max(aspect, 1.0)
@@ -179,7 +179,7 @@ def _gland(rng, W, H, depth, b: _Builder, ring_like=False) -> dict:
             regions.append((cx, cy, ra, rb, th, float(rng.uniform(0.0, 0.006))))
         for layer in range(layers):
             asp = rng.uniform(1.6, 4.0) if not ring_like else rng.uniform(1.3, 2.5)
-            a, bb = _shape(rng, long_um * rng.uniform(0.85, 1.1), asp)
+            a, bb = _shape(long_um * rng.uniform(0.85, 1.1), asp)
             off = apical + a + layer * 2 * a * rng.uniform(0.8, 0.95)
             X, Y, ang = _ring(cx, cy, ra, rb, th, off, 2 * bb * rng.uniform(0.95, 1.3))
             for x, y, t in zip(X, Y, ang):
@@ -209,7 +209,7 @@ def _sheet(rng, W, H, depth, b: _Builder, coverage=None) -> dict:
             if mask_field[mi, mj] < thr:
                 continue
             asp = rng.uniform(1.0, 2.2)
-            a, bb = _shape(rng, 2 * r0 * rng.uniform(0.8, 1.25) * math.sqrt(asp), asp)
+            a, bb = _shape(2 * r0 * rng.uniform(0.8, 1.25) * math.sqrt(asp), asp)
             b.add(x, y, _z(rng, depth), a, bb, rng.uniform(0, np.pi), _lobe(rng, 0.35), -1)
     return {}
 
@@ -244,7 +244,7 @@ def _stream(rng, W, H, depth, b: _Builder) -> dict:
             for _ in range(40):
                 t = at(px_, py_)
                 asp = rng.uniform(2.5, asp_hi)
-                a, bb = _shape(rng, long_um * rng.uniform(0.8, 1.1), asp)
+                a, bb = _shape(long_um * rng.uniform(0.8, 1.1), asp)
                 if not b.add(px_, py_, _z(rng, depth), a, bb, t + rng.normal(0, 0.08),
                              _lobe(rng, 0.1), -1):  # fmt: skip
                     break
@@ -266,7 +266,7 @@ def _cluster(rng, W, H, depth, b: _Builder) -> dict:
         for _ in range(int(rng.uniform(6, 40))):
             x, y = cx + rng.normal(0, sig), cy + rng.normal(0, sig)
             asp = rng.uniform(1.0, 1.6)
-            a, bb = _shape(rng, 2 * r0 * rng.uniform(0.85, 1.2) * math.sqrt(asp), asp)
+            a, bb = _shape(2 * r0 * rng.uniform(0.85, 1.2) * math.sqrt(asp), asp)
             b.add(x, y, _z(rng, depth), a, bb, rng.uniform(0, np.pi), _lobe(rng, 0.3), -1)
     return {}
 
@@ -283,7 +283,7 @@ def _necrosis(rng, W, H, depth, b: _Builder) -> dict:
     sub = _Builder(b.overlap)
     _sheet(rng, W, H, depth, sub, coverage=1.0)
     for row in sub.rows:
-        if not any(_inside(row[0], row[1], *h) for h in holes):
+        if not any(inside_ellipse(row[0], row[1], *h) for h in holes):
             b.add(*row, check=False)
     for cx, cy, ra, rb, th in holes:
         regions.append((cx, cy, ra, rb, th, float(rng.uniform(-0.012, -0.003))))
@@ -332,7 +332,9 @@ def _cuff(rng, W, H, depth, b: _Builder) -> dict:
     return {"tubes": tubes, "blobs": blobs}
 
 
-def _inside(x, y, cx, cy, a, b, th) -> bool:
+def inside_ellipse(x, y, cx, cy, a, b, th):
+    """Whether (x, y) (scalars or arrays) lies inside the ellipse centred (cx, cy), semi-axes
+    a, b, rotated by th."""
     c, s = math.cos(th), math.sin(th)
     u = ((x - cx) * c + (y - cy) * s) / a
     v = (-(x - cx) * s + (y - cy) * c) / b
