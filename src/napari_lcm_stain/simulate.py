@@ -1618,7 +1618,7 @@ TISSUE_RANGES: dict[str, DomainRange] = {
     "tf_residual_defocus_um": DomainRange(-0.5, 0.5, False, "through-focus: focus error the inversion does not know"),  # noqa: E501
     "tf_alpha": DomainRange(5e-3, 5e-2, True, "through-focus: Tikhonov regulariser"),  # noqa: E501
     "tf_lowcut_um": DomainRange(6.0, 20.0, True, "through-focus: σ of the low-frequency cut (DPC: 15–40)"),  # noqa: E501
-    "tf_speckle": DomainRange(0.0, 0.08, False, "through-focus: multiplicative speckle rms"),  # noqa: E501
+    "tf_speckle": DomainRange(0.0, 0.02, False, "through-focus: multiplicative speckle rms; above ~0.04 it drowns the phase (docs/simulator.md)"),  # noqa: E501
 }  # fmt: skip
 #: Layout families and their shares in :func:`sample_tissue` (tissue.TRAIN_FAMILIES).
 TISSUE_FAMILY_P: dict[str, float] = {
