@@ -207,19 +207,28 @@ def test_guided_distillation_trains_the_guidance_input(data, tmp_path):
 # ------------------------------------------------------------------- all switches in a recipe
 
 
-def test_recipe_with_every_switch_saves_and_loads(tmp_path):
-    p = tiny(
-        cond_dropout=0.2,
-        min_snr_gamma=5.0,
-        unit_latents=True,
-        guidance_embed=True,
-        guidance_default=2.0,
-        teacher_steps=15,
-        lcm_steps=10,
-        polish_steps=5,
-    )
-    paths = train.run_recipe(p, tmp_path, stages=["vae", "decoder", "teacher", "lcm", "polish"],
-                             quiet=True)  # fmt: skip
+EVERY_SWITCH = tiny(
+    cond_dropout=0.2,
+    min_snr_gamma=5.0,
+    unit_latents=True,
+    guidance_embed=True,
+    guidance_default=2.0,
+    teacher_steps=15,
+    lcm_steps=10,
+    polish_steps=5,
+)
+
+
+@pytest.fixture(scope="module")
+def every_switch(tmp_path_factory):
+    """A tiny run with every switch on: a condition-dropout teacher and a guided LCM."""
+    out = tmp_path_factory.mktemp("every-switch")
+    return train.run_recipe(EVERY_SWITCH, out, stages=["vae", "decoder", "teacher", "lcm",
+                            "polish"], quiet=True)  # fmt: skip
+
+
+def test_recipe_with_every_switch_saves_and_loads(every_switch):
+    p, paths = EVERY_SWITCH, every_switch
     teacher = ck.load_checkpoint(paths["teacher"])
     lcm = ck.load_checkpoint(paths["lcm"])
     assert "guidance_embed" not in teacher.config["architecture"]["unet"]["kwargs"]
@@ -248,6 +257,64 @@ def test_recipe_with_every_switch_saves_and_loads(tmp_path):
         assert y.shape == (1, 1, 64, 64) and torch.isfinite(y).all()
     moved = presets_mod.transfer_preset(TINY, lcm.config, None)
     assert moved.guidance_embed  # transfer keeps the guidance input (its weights must load)
+    # what each accepts is recorded: the guided LCM its trained range, the teacher CFG from 1
+    assert lcm.config["guidance"] == {"min": 1.0, "max": 3.0, "default": 2.0}
+    assert teacher.config["guidance"] == {"min": 1.0, "max": 3.0, "default": 1.0}
+
+
+def _run(pred, seed=0):
+    noise = torch.randn(1, *pred.noise_shape(64, 64), generator=torch.Generator().manual_seed(seed))
+    q = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(seed + 1))
+    return pred(q, noise)
+
+
+def test_guided_lcm_takes_the_guidance_as_an_input(every_switch):
+    pred = load_predictor(every_switch["lcm"], device="cpu")
+    assert pred.guidance == 2.0  # the trained default
+    low, high = pred.with_guidance(1.0), pred.with_guidance(3.0)
+    assert (low.guidance, high.guidance, pred.guidance) == (1.0, 3.0, 2.0)  # copies
+    assert low.unet is pred.unet  # sharing the networks
+    assert not torch.equal(_run(low), _run(high))
+    assert torch.equal(_run(pred), _run(load_predictor(every_switch["lcm"], device="cpu",
+                                                       guidance=2.0)))  # fmt: skip
+    for bad in (0.5, 3.5, float("nan")):
+        with pytest.raises(ValueError, match="guidance must be 1-3 for this model"):
+            pred.with_guidance(bad)
+    with pytest.raises(ValueError, match="guidance must be a number"):
+        load_predictor(every_switch["lcm"], device="cpu", guidance="strong")
+
+
+def test_dropout_teacher_samples_with_classifier_free_guidance(every_switch, monkeypatch):
+    pred = load_predictor(every_switch["teacher"], steps=2, device="cpu")
+    assert pred.guidance == 1.0
+    calls = []
+    real = pred.unet.forward
+
+    def spy(z, t, q, *rest):
+        calls.append(len(z))
+        return real(z, t, q, *rest)
+
+    monkeypatch.setattr(pred.unet, "forward", spy)
+    plain = _run(pred)
+    assert calls == [1, 1]  # w = 1: the conditional model alone, one pass a step
+    guided = pred.with_guidance(2.5)
+    calls.clear()
+    y = _run(guided)
+    assert calls == [2, 2]  # conditional and unconditional branches in one batch
+    assert not torch.allclose(y, plain)
+    with pytest.raises(ValueError, match="guidance must be 1-3"):
+        pred.with_guidance(4.0)
+
+
+def test_models_without_guidance_accept_only_one(tmp_path):
+    paths = train.run_recipe(tiny(teacher_steps=3, lcm_steps=3), tmp_path,
+                             stages=["vae", "decoder", "teacher", "lcm"], quiet=True)  # fmt: skip
+    for name in ("teacher", "lcm"):
+        pred = load_predictor(paths[name], steps=1, device="cpu")
+        assert pred.guidance is None
+        assert pred.with_guidance(1.0) is pred and pred.with_guidance(None) is pred
+        with pytest.raises(ValueError, match="has no guidance control"):
+            pred.with_guidance(2.0)
 
 
 def test_unit_latents_need_a_thin_decoder(tmp_path):

@@ -168,6 +168,23 @@ class _Config(_Open):
     weights_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] = ""
 
 
+class _Guidance(_Closed):
+    """The guidance a latent model accepts (`sampling.check_guidance`): a guided LCM's trained
+    range of w, or a teacher trained with condition dropout (classifier-free guidance)."""
+
+    min: _float(0.0, 100.0, lo_open=False) = 1.0
+    max: _float(0.0, 100.0, lo_open=False) = 1.0
+    default: _float(0.0, 100.0, lo_open=False) = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.min <= self.default <= self.max:
+            raise ValueError(
+                f"needs min <= default <= max, got {self.min:g}, {self.default:g}, {self.max:g}"
+            )
+        return self
+
+
 class _LatentArch(_Open):
     unet: _Arch
     vae: _Arch
@@ -178,6 +195,7 @@ class _LatentConfig(_Config):
     # training sets 1 / (std of the latents + 1e-6): at most 1e6
     latent_scale: Annotated[_float(0.0, 1e6), _at_least(1e-6)]
     scheduler: _Scheduler = _Scheduler()
+    guidance: _Guidance | None = None
 
 
 class _PixelArch(_Open):

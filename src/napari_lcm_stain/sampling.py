@@ -118,6 +118,40 @@ def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
     return _scheduler(DDIMScheduler, config)
 
 
+def check_guidance(config: dict, guidance, mode: str) -> float | None:
+    """The guidance scale w a latent model runs with, checked against what it was trained for
+    (`config["guidance"]`: a guided LCM's range of w, or a teacher trained with condition
+    dropout, which then samples with classifier-free guidance). None = the model's default
+    (its trained default; None for a model without guidance, which accepts only 1)."""
+    g = config.get("guidance") or None
+    if mode == "lcm" and not config["architecture"]["unet"].get("kwargs", {}).get(
+        "guidance_embed", False
+    ):
+        g = None  # only a guidance input guides a consistency model
+    if guidance is None:
+        return None if g is None else float(g.get("default", 1.0))
+    if isinstance(guidance, bool):
+        raise ValueError(f"guidance must be a number, got {guidance!r}")
+    try:
+        w = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be a number, got {guidance!r}") from None
+    if g is None:
+        if w == 1.0:  # the plain conditional model
+            return None
+        raise ValueError(
+            f"guidance {w:g}: this model has no guidance control (trained without condition "
+            "dropout or a guidance input); leave guidance unset or use 1"
+        )
+    lo, hi = float(g.get("min", 1.0)), float(g.get("max", 1.0))
+    if not lo <= w <= hi:  # also NaN
+        raise ValueError(
+            f"guidance must be {lo:g}-{hi:g} for this model (the range it was trained for), "
+            f"got {guidance!r}"
+        )
+    return w
+
+
 class Predictor:
     """What the tiling engine calls: normalised qOBM tile(s) in, DAPI in 0-1 out.
 
@@ -131,6 +165,7 @@ class Predictor:
     n_noise = 0
     has_texture = False  # a texture decoder (LatentPredictor sets it from its decoder)
     texture = False  # its grain is drawn
+    guidance: float | None = None  # the guidance scale it samples with (None: no guidance)
 
     def __init__(self, config: dict, device: torch.device, dtype: torch.dtype | None = None):
         self.config = config
@@ -192,6 +227,13 @@ class Predictor:
         clone.texture = want
         return clone
 
+    def with_guidance(self, guidance) -> Predictor:
+        """This predictor sampling at guidance `guidance` (None: the model's default), checked
+        by `check_guidance`: itself when nothing changes, else a shallow copy sharing the
+        networks. A model without guidance (Pix2Pix) accepts only None or 1."""
+        check_guidance({}, guidance, self.name)
+        return self
+
 
 class LatentPredictor(Predictor):
     """Latent U-Net + thin VAE decoder; `mode` 'lcm' (1-8 steps) or 'ddim' (teacher, N steps).
@@ -203,9 +245,10 @@ class LatentPredictor(Predictor):
 
     def __init__(
         self, unet, decoder, config: dict, device, mode: str, steps: int, dtype=None, compile=False,
-        texture: bool = False,
+        texture: bool = False, guidance: float | None = None,
     ):  # fmt: skip
         super().__init__(config, device, dtype)
+        self.guidance = check_guidance(config, guidance, mode)
         self.has_texture = bool(getattr(decoder, "texture", False))
         self.texture = bool(texture) and self.has_texture
         self.unet = prepare_module(unet, device, self.dtype, compile)
@@ -227,6 +270,25 @@ class LatentPredictor(Predictor):
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         self.name = f"LCM-{self.steps}" if mode == "lcm" else f"teacher DDIM-{self.steps}"
 
+    def with_guidance(self, guidance) -> Predictor:
+        w = check_guidance(self.config, guidance, self.mode)
+        if w == self.guidance:
+            return self
+        clone = copy.copy(self)
+        clone.guidance = w
+        return clone
+
+    def _velocity(self, z, t, x):
+        """The U-Net's v: a guided LCM gets w as an input; a teacher trained with condition
+        dropout is guided classifier-free, uncond + w·(cond − uncond), both branches in one
+        batch (the unconditional one sees a zero qOBM, as in training)."""
+        w = self.guidance
+        if self.mode == "lcm" or w is None or w == 1.0:
+            return self.unet(z, t, x) if w is None or self.mode != "lcm" else self.unet(z, t, x, w)
+        both = self.unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([x, torch.zeros_like(x)]))
+        cond, uncond = both.chunk(2)
+        return uncond + w * (cond - uncond)
+
     def _forward(self, x, noise, eps):
         if noise is None:
             raise ValueError("latent models need a noise tensor (the engine draws it per canvas)")
@@ -235,7 +297,7 @@ class LatentPredictor(Predictor):
         z = noise[:, 0]
         for i, t in enumerate(self.timesteps):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            v = self.unet(z, tt, x)
+            v = self._velocity(z, tt, x)
             if self.mode == "lcm":
                 denoised = sched.step(v, t, z).denoised
                 if i + 1 < len(self.timesteps):
@@ -274,12 +336,14 @@ def predictor_from_checkpoint(
     precision: str = "auto",
     compile: bool = False,
     texture: bool = False,
+    guidance: float | None = None,
 ) -> Predictor:
     """Build the right predictor for a checkpoint's `kind` ('lcm', 'teacher' or 'pix2pix').
 
     `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
     `compile`: `torch.compile` the networks on CUDA; `texture`: True = draw a texture decoder's
-    grain (`LatentPredictor`; no effect on other models)."""
+    grain (`LatentPredictor`; no effect on other models); `guidance`: the guidance scale
+    (`check_guidance`; None = the model's default)."""
     dev = resolve_device(device)
     dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config
@@ -287,7 +351,7 @@ def predictor_from_checkpoint(
     if kind == "pix2pix":
         gen = build(cfg["architecture"]["generator"])
         ckpt.load_into(gen, checkpoint.sub("generator"), "Pix2Pix generator")
-        return PixelPredictor(gen, cfg, dev, dtype, compile)
+        return PixelPredictor(gen, cfg, dev, dtype, compile).with_guidance(guidance)
     if kind in ("lcm", "teacher"):
         unet = build(cfg["architecture"]["unet"])
         vae = build(cfg["architecture"]["vae"])
@@ -299,7 +363,9 @@ def predictor_from_checkpoint(
         if kind == "teacher" and not 1 <= n <= 1000:
             raise ValueError(f"teacher DDIM steps must be 1-1000, got {n}")
         mode = "lcm" if kind == "lcm" else "ddim"
-        return LatentPredictor(unet, vae.decoder, cfg, dev, mode, n, dtype, compile, texture)
+        return LatentPredictor(
+            unet, vae.decoder, cfg, dev, mode, n, dtype, compile, texture, guidance
+        )
     raise ckpt.CheckpointError(
         f"checkpoint kind {kind!r} is not a stain model (expected 'lcm', 'teacher' or 'pix2pix')"
     )
@@ -312,11 +378,12 @@ def load_predictor(
     precision="auto",
     compile=False,
     texture: bool = False,
+    guidance: float | None = None,
 ) -> Predictor:
     """'lcm' | 'pix2pix' | 'teacher' (packaged, hash-verified) or a path to a .safetensors checkpoint."""
     if isinstance(model, Predictor):
         return model
-    opts = {"precision": precision, "compile": compile, "texture": texture}
+    opts = {"precision": precision, "compile": compile, "texture": texture, "guidance": guidance}
     if isinstance(model, str) and model.lower() in ckpt.PACKAGED:
         return predictor_from_checkpoint(ckpt.load_packaged(model.lower()), steps, device, **opts)
     if isinstance(model, (str, Path)):

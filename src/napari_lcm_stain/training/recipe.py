@@ -285,6 +285,9 @@ class Recipe:
         )
         if self.latent_standardisation is not None:
             cfg["latent_standardisation"] = self.latent_standardisation
+        guidance = st.guidance_config(self.p, name)
+        if guidance is not None:
+            cfg["guidance"] = guidance
         cfg["provenance"]["stage_seconds"] = self.timings
         self.save(name, {"unet": unet, "decoder": v.decoder, "encoder": v.encoder}, cfg)
 
