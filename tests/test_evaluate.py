@@ -354,12 +354,15 @@ def test_edge_sharpness_in_json_table_and_comparisons(fake_bench, tmp_path, caps
 def test_edge_sharpness_nan_fields_are_skipped_in_means_and_comparisons():
     base = {k: 0.5 for k in E.COLUMNS + E.EXTRA_COLUMNS + E._COUNTS}
     bins = [{"lo": 0.0, "hi": None, "n_true": 0, "n_matched": 0}]
-    per = [dict(base, edge_sharpness=v, _bins=bins) for v in (0.4, float("nan"), 0.8)]
+    bright = {k: {"pred": 0.5, "truth": 1.0, "n": 1} for k in ("clear", "all")}
+    base.update(_bins=bins, _bright=bright)
+    per = [dict(base, edge_sharpness=v) for v in (0.4, float("nan"), 0.8)]
     row = E._aggregate(per, 1.0)
+    assert row["brightness_clear"] == pytest.approx(0.5)
     assert row["edge_sharpness"] == pytest.approx(0.6)
     assert row["std"]["edge_sharpness"] == pytest.approx(np.std([0.4, 0.8], ddof=1))
     assert row["f1"] == 0.5
-    empty = E._aggregate([dict(base, edge_sharpness=float("nan"), _bins=bins)], 1.0)
+    empty = E._aggregate([dict(base, edge_sharpness=float("nan"))], 1.0)
     assert np.isnan(empty["edge_sharpness"])
     assert E._cell("edge_sharpness", empty["edge_sharpness"], 0.0) == "n/a"
 
@@ -370,3 +373,38 @@ def test_edge_sharpness_nan_fields_are_skipped_in_means_and_comparisons():
     assert c["edge_sharpness"] == {"diff": pytest.approx(0.4), "lo": None, "hi": None}  # 1 field
     del a["per_field"]["edge_sharpness"]  # a row scored before the column existed
     assert "edge_sharpness" not in E.compare_rows(a, b, n_resamples=200)
+
+
+def test_guidance_rows_follow_the_checkpoints(tmp_path):
+    """Rows at other guidances exist only for models that accept guidance: the trained range's
+    ends for LCM-1/2/4, the middle and top for teacher-50; none for the weights before."""
+    import json
+    import shutil
+
+    from napari_lcm_stain import checkpoints as ck
+
+    src = Path(ck.__file__).parent / "weights"
+    for name in ("lcm", "teacher"):
+        for ext in ("safetensors", "json"):
+            shutil.copy(src / f"{name}.{ext}", tmp_path / f"{name}.{ext}")
+    unguided = {
+        n: json.loads((tmp_path / f"{n}.json").read_text()).get("guidance")
+        for n in ("lcm", "teacher")
+    }
+    if any(unguided.values()):  # a guided release: the packaged weights give rows themselves
+        assert E.guidance_rows(None)
+        return
+    assert E.guidance_rows(tmp_path) == ()
+    cfg = json.loads((tmp_path / "teacher.json").read_text())
+    cfg["guidance"] = {"min": 1.0, "max": 3.0, "default": 1.0}
+    (tmp_path / "teacher.json").write_text(json.dumps(cfg))
+    rows = E.guidance_rows(tmp_path)
+    assert [(r.name, r.model, r.steps, r.guidance) for r in rows] == [
+        ("teacher-50-g2", "teacher", 50, 2.0),
+        ("teacher-50-g3", "teacher", 50, 3.0),
+    ]
+    # an LCM without a guidance input gets no rows even if its config names a range
+    cfg = json.loads((tmp_path / "lcm.json").read_text())
+    cfg["guidance"] = {"min": 1.0, "max": 3.0, "default": 1.5}
+    (tmp_path / "lcm.json").write_text(json.dumps(cfg))
+    assert [r.model for r in E.guidance_rows(tmp_path)] == ["teacher", "teacher"]

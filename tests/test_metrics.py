@@ -446,3 +446,22 @@ def test_stack_samples_need_one_plane():
     assert M.hard_subset_scores(plane, s.nuclei)["hard_recall"] == 1.0
     with pytest.raises(ValueError, match="not a Z stack"):
         M.sample_plane(s, 0)
+
+
+def test_nuclear_brightness_measures_how_bright_true_nuclei_are_painted():
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1  # clear in the phase
+    labels[25:35, 25:35] = 2  # faint in the phase
+    truth = np.where(labels > 0, 0.9, 0.1)
+    cnr = [6.0, -0.5]
+    half = np.where(labels == 1, 0.5, np.where(labels == 2, 0.9, 0.1))  # clear at half contrast
+    d = M.nuclear_brightness(half, truth, labels, cnr)
+    assert d["clear"] == {"pred": pytest.approx(0.4), "truth": pytest.approx(0.8), "n": 1}
+    assert d["all"]["n"] == 2 and d["all"]["pred"] == pytest.approx(1.2)
+    pooled = M.pool_brightness([d, M.nuclear_brightness(truth, truth, labels, cnr)])
+    assert pooled["clear"] == pytest.approx((0.4 + 0.8) / 1.6)
+    assert pooled["all"] == pytest.approx((1.2 + 1.6) / 3.2)
+    assert M.pool_brightness([M.nuclear_brightness(truth, truth, labels * 0, cnr)]) == {
+        "clear": None, "all": None}  # fmt: skip
+    with pytest.raises(ValueError, match="nucleus_cnr"):
+        M.nuclear_brightness(truth, truth, labels, [6.0])

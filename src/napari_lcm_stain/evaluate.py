@@ -145,14 +145,15 @@ _COUNTS = (
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: JSON key, the `stain` model name (None: computed here), its steps, and
+    """One table row: JSON key, the `stain` model name (None: computed here), its steps,
     whether a texture decoder draws its grain (True; default False: the smooth mean, as
-    `engine.iter_stain` gives it)."""
+    `engine.iter_stain` gives it) and its guidance (None: the run's, else the model's default)."""
 
     name: str
     model: str | None = None
     steps: int | None = None
     texture: bool = False
+    guidance: float | None = None
 
 
 ORACLE = Row("oracle")
@@ -178,6 +179,30 @@ QUICK_ROWS: tuple[Row, ...] = (
     Row("teacher-4", "teacher", 4),
     Row("pix2pix", "pix2pix", None),
 )
+
+
+def guidance_rows(weights_dir: Path | None = None) -> tuple[Row, ...]:
+    """Rows at other guidances than the default for the latent models that accept guidance
+    (checkpoint config `guidance`): LCM-1/2/4 at the trained range's ends, teacher-50 at its
+    middle and top; none for models without guidance (so older weights evaluate as before)."""
+    from . import checkpoints as ck
+
+    rows: list[Row] = []
+    for kind, steps in (("lcm", (1, 2, 4)), ("teacher", (50,))):
+        try:
+            path = _resolve_model(kind, weights_dir)
+            c = ck.load_packaged(path) if path in ck.PACKAGED else ck.load_checkpoint(Path(path))
+        except (FileNotFoundError, ck.CheckpointError):
+            continue  # its plain rows report why
+        g = c.config.get("guidance")
+        if not g or (kind == "lcm" and not c.config["architecture"]["unet"]["kwargs"].get(
+                "guidance_embed")):  # fmt: skip
+            continue
+        lo, hi, default = float(g["min"]), float(g["max"]), float(g["default"])
+        ends = (lo, hi) if kind == "lcm" else ((lo + hi) / 2, hi)
+        for w in sorted({w for w in ends if w != default}):
+            rows += [Row(f"{kind}-{n}-g{w:g}", kind, n, guidance=w) for n in steps]
+    return tuple(sorted(rows, key=lambda r: (r.model != "lcm", r.steps, r.guidance)))
 
 
 # --------------------------------------------------------------------------- benchmark fields
@@ -230,7 +255,12 @@ def _resolve_model(model: str, weights_dir: Path | None) -> str:
 
 
 def _predict(
-    row: Row, sample: Any, device: str, weights_dir: Path | None, pixel_size_known: bool = True
+    row: Row,
+    sample: Any,
+    device: str,
+    weights_dir: Path | None,
+    pixel_size_known: bool = True,
+    guidance: float | None = None,
 ) -> np.ndarray:
     if row is ORACLE or row.name == ORACLE.name:
         return np.asarray(sample.dapi, dtype=np.float32)
@@ -240,6 +270,8 @@ def _predict(
         return vae_reconstruction(sample.dapi, _resolve_model("lcm", weights_dir))
     if row.model is None:
         raise ValueError(f"row {row.name!r} has no model to run")
+    g = row.guidance if row.guidance is not None else guidance
+    guided = {} if g is None else {"guidance": g}  # None: the model's default
     out = _stain(
         sample.qobm,
         model=_resolve_model(row.model, weights_dir),
@@ -248,6 +280,7 @@ def _predict(
         seed=0,
         device=device,
         texture=row.texture,
+        **guided,
     )
     out = np.asarray(out, dtype=np.float32)
     if out.shape != np.shape(sample.dapi):
@@ -298,6 +331,7 @@ def _score(pred: np.ndarray, sample: Any, ignore: np.ndarray | None) -> dict[str
     d = M.image_metrics(pred, sample.dapi, sample=sample, pred_labels=labels, ignore=ignore)
     m = M.match_nuclei(labels, sample.nuclei, ignore=ignore)
     d["_bins"] = M.recall_by_contrast(m, sample.nucleus_cnr)
+    d["_bright"] = M.nuclear_brightness(pred, sample.dapi, sample.nuclei, sample.nucleus_cnr)
     return d
 
 
@@ -334,6 +368,9 @@ def _aggregate(per_image: list[dict[str, Any]], seconds: float) -> dict[str, Any
             }
         )
     row["recall_by_contrast"] = bins
+    # prediction ÷ truth contrast of the true nuclei, pooled: "clear" = |CNR| >= 4 (issue #24)
+    bright = M.pool_brightness([d["_bright"] for d in per_image])
+    row["brightness_clear"], row["brightness_all"] = bright["clear"], bright["all"]
     row["seconds"] = float(seconds)
     return row
 
@@ -428,11 +465,13 @@ def evaluate_rows(
     weights_dir: Path | None = None,
     log: Any = None,
     pixel_size_known: bool = True,
+    guidance: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Score every row on every sample: ``({name: aggregated row}, {name: reason skipped})``.
 
     ``pixel_size_known=False`` stains without a pixel size (an image with no metadata); scoring
-    always uses the true one."""
+    always uses the true one. ``guidance``: the latent models' guidance where a row sets none
+    (None: each model's default); Pix2Pix rows never get one."""
     models: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     # DAPI-visible objects the labels do not list depend only on the field: compute them once.
@@ -443,7 +482,8 @@ def evaluate_rows(
         try:
             for s, ignore in zip(samples, ignores):
                 t0 = time.perf_counter()
-                pred = _predict(row, s, device, weights_dir, pixel_size_known)
+                g = guidance if row.model in ("lcm", "teacher") else None
+                pred = _predict(row, s, device, weights_dir, pixel_size_known, g)
                 seconds += time.perf_counter() - t0
                 per_image.append(_score(pred, s, ignore))
         except Exception as e:
@@ -477,6 +517,7 @@ _HEAD = {
     "rim_slope": "rim slope",
     "hard_recall": "hard rec.",
     "hallu_near_distractors": "FP@distr.",
+    "brightness_clear": "bright",
 }
 
 
@@ -485,6 +526,8 @@ def _cell(key: str, mean: float | None, sd: float | None) -> str:
         return "n/a"
     if key == "psnr":
         return f"{mean:.1f}±{sd:.1f}"
+    if sd is None:  # pooled over fields: no per-field spread
+        return f"{mean:.2f}"
     if key in ("realism", "hallu_near_distractors"):
         return f"{mean:.2f}±{sd:.2f}"
     return f"{mean:.3f}±{sd:.3f}"
@@ -493,19 +536,22 @@ def _cell(key: str, mean: float | None, sd: float | None) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The benchmark as one text table: rows = models (oracle first), cells = mean±std per image."""
     models = result["models"]
+    cols = (*COLUMNS, "brightness_clear")
     cells = {
-        name: [_cell(k, r.get(k), r["std"].get(k)) for k in COLUMNS] for name, r in models.items()
+        name: [_cell(k, r.get(k), r["std"].get(k)) for k in COLUMNS]
+        + [_cell("brightness_clear", r.get("brightness_clear"), None)]
+        for name, r in models.items()
     }
     w0 = max([len("model")] + [len(n) for n in models])
     widths = [
         max(len(_HEAD[k]), *(len(c[i]) for c in cells.values())) if cells else len(_HEAD[k])
-        for i, k in enumerate(COLUMNS)
+        for i, k in enumerate(cols)
     ]
     presets = ", ".join(dict.fromkeys(f["preset"] for f in result.get("fields", [])))
     lines = [
         f"lcm-stain evaluate · benchmark v{result['benchmark_version']} · {result['n']} fields "
         f"of {result['size']}² ({presets}) · device {result['device']}",
-        "  ".join(["model".ljust(w0)] + [_HEAD[k].rjust(w) for k, w in zip(COLUMNS, widths)]),
+        "  ".join(["model".ljust(w0)] + [_HEAD[k].rjust(w) for k, w in zip(cols, widths)]),
     ]
     lines.append("-" * len(lines[-1]))
     for name, c in cells.items():
@@ -516,7 +562,8 @@ def format_table(result: dict[str, Any]) -> str:
         "on the true nuclear rims, prediction ÷ truth (1 = as sharp, <1 blurrier or fainter); rim slope = "
         "the same along the rims' normal (noise averages out); hard rec. = recall "
         f"of nuclei with |CNR|<{M.HARD_CNR_THRESHOLD:g} or in-section<{M.HARD_IN_SECTION_THRESHOLD:g}; "
-        f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field."
+        f"FP@distr. = unmatched objects within {M.DISTRACTOR_RADIUS_UM:g} µm of a distractor, per field; "
+        f"bright = contrast of the true nuclei with |CNR|≥{M.CLEAR_CNR:g}, prediction ÷ truth, pooled."
     )
     for pair, diffs in result.get("comparisons", {}).items():
         lines.append(
@@ -608,20 +655,24 @@ def run_evaluate(
     device: str = "auto",
     quick: bool = False,
     weights_dir: str | os.PathLike | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print the table, optionally write JSON (atomically); return the result.
 
     ``quick`` uses ``QUICK_N`` fields of ``QUICK_SIZE``² and ``QUICK_ROWS`` (unless n/size are given);
     ``weights_dir`` evaluates ``lcm/teacher/pix2pix.safetensors`` from a training run instead of the
-    packaged weights.
+    packaged weights; ``guidance``: the latent rows' guidance (None: each model's default; the
+    full table adds rows at other guidances, `guidance_rows`).
     """
     t_start = time.perf_counter()
     n, size, wdir, dev = _run_settings(n, size, quick, weights_dir, device, DEFAULT_N, DEFAULT_SIZE)
-    rows = QUICK_ROWS if quick else FULL_ROWS
+    rows = QUICK_ROWS if quick else FULL_ROWS + guidance_rows(wdir)
     _log(f"lcm-stain evaluate: generating {n} benchmark fields of {size}² (v{BENCHMARK_VERSION})")
     fields = list(benchmark_fields(n, size))
     samples = [s for _, _, s in fields]
-    models, skipped = evaluate_rows(samples, rows, device=device, weights_dir=wdir, log=_log)
+    models, skipped = evaluate_rows(
+        samples, rows, device=device, weights_dir=wdir, log=_log, guidance=guidance
+    )
     result: dict[str, Any] = {
         "benchmark_version": BENCHMARK_VERSION,
         "n": n,
@@ -654,6 +705,7 @@ def run_evaluate(
             },
             "weights_dir": str(wdir) if wdir else None,
             "quick": bool(quick),
+            "guidance": guidance,
         },
         "comparisons": {
             f"{a} - {b}": compare_rows(models[a], models[b])
@@ -955,9 +1007,11 @@ def run_instrument_suite(
     device: str = "auto",
     quick: bool = False,
     weights_dir: str | os.PathLike | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
     """Score ``SUITE_ROWS`` on the in-domain fields and every held-out instrument variant; print
-    the table, optionally write JSON (atomically); return the result."""
+    the table, optionally write JSON (atomically); return the result. ``guidance``: the latent
+    rows' guidance (None: each model's default)."""
     t_start = time.perf_counter()
     n, size, wdir, dev = _run_settings(
         n, size, quick, weights_dir, device, SUITE_DEFAULT_N, SUITE_DEFAULT_SIZE
@@ -971,7 +1025,7 @@ def run_instrument_suite(
         _log(f"lcm-stain evaluate --suite instruments: {v.name} ({n} fields)")
         models, skipped = evaluate_rows(
             cache[key], SUITE_ROWS, device=device, weights_dir=wdir, log=_log,
-            pixel_size_known=v.pixel_size_known,
+            pixel_size_known=v.pixel_size_known, guidance=guidance,
         )  # fmt: skip
         groups[v.name] = {"description": v.description, "models": models, "skipped": skipped}
         if not v.pixel_size_known:
@@ -991,6 +1045,7 @@ def run_instrument_suite(
         "variants": groups,
         "in_domain": in_domain,
         "weights_dir": str(wdir) if wdir else None,
+        "guidance": guidance,
         "device": dev,
     }
     pooled = [e for g in groups.values() for e in g.get("pixel_size_estimator", {}).get(

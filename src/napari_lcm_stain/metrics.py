@@ -687,6 +687,45 @@ def recall_by_contrast(
     return out
 
 
+#: |phase CNR| at and above which a nucleus counts as clear in the phase (`nuclear_brightness`).
+CLEAR_CNR = 4.0
+
+
+def nuclear_brightness(pred: Any, target: Any, true_labels: Any, nucleus_cnr: Any) -> dict:
+    """How bright a prediction paints the true nuclei, for nuclei clear in the phase
+    (|CNR| >= `CLEAR_CNR`) and for all: the summed contrast of each nucleus (its mean inside its
+    true mask minus the background mean, background = outside every nucleus) in the prediction
+    and in the truth, and the count. Sums, so that fields pool (`pool_brightness`): a model that
+    paints clearly visible nuclei at half their brightness is regressing to a mean, not missing
+    information (docs/teacher-diagnosis.md)."""
+    p, t = _pair(pred, target)
+    labels = _as_labels(true_labels, "true_labels")
+    ids = np.arange(1, int(labels.max()) + 1) if labels.size else np.zeros(0, int)
+    cnr = np.abs(_per_nucleus(nucleus_cnr, "nucleus_cnr", labels))[: len(ids)]
+    out = {k: {"pred": 0.0, "truth": 0.0, "n": 0} for k in ("clear", "all")}
+    bg = labels == 0
+    if not len(ids) or not bg.any():
+        return out
+    present = ndi.sum(np.ones_like(labels), labels, ids) > 0
+    truth = ndi.mean(t, labels, ids) - float(t[bg].mean())
+    painted = ndi.mean(p, labels, ids) - float(p[bg].mean())
+    for key, sel in (("clear", present & (cnr >= CLEAR_CNR)), ("all", present)):
+        out[key] = {"pred": float(painted[sel].sum()), "truth": float(truth[sel].sum()),
+                    "n": int(sel.sum())}  # fmt: skip
+    return out
+
+
+def pool_brightness(parts: Sequence[dict]) -> dict[str, float | None]:
+    """`nuclear_brightness` of several fields pooled: summed painted ÷ summed true contrast
+    (1 = as bright as the truth), per group; None where a group has no nuclei."""
+    pooled = {}
+    for key in ("clear", "all"):
+        pr = sum(d[key]["pred"] for d in parts)
+        tr = sum(d[key]["truth"] for d in parts)
+        pooled[key] = pr / tr if sum(d[key]["n"] for d in parts) and tr > 0 else None
+    return pooled
+
+
 def hard_nuclei_mask(
     nucleus_cnr: Any,
     nucleus_in_section: Any,
