@@ -400,11 +400,13 @@ def test_guidance_rows_follow_the_checkpoints(tmp_path):
     (tmp_path / "teacher.json").write_text(json.dumps(cfg))
     rows = E.guidance_rows(tmp_path)
     assert [(r.name, r.model, r.steps, r.guidance) for r in rows] == [
-        ("teacher-50-g2", "teacher", 50, 2.0),
-        ("teacher-50-g3", "teacher", 50, 3.0),
+        ("teacher-50-g3", "teacher", 50, 3.0)  # unguided by default: once at the top
     ]
+    cfg["guidance"]["default"] = 2.0
+    (tmp_path / "teacher.json").write_text(json.dumps(cfg))
+    assert [(r.name, r.guidance) for r in E.guidance_rows(tmp_path)] == [("teacher-50-g1", 1.0)]
     # an LCM without a guidance input gets no rows even if its config names a range
     cfg = json.loads((tmp_path / "lcm.json").read_text())
     cfg["guidance"] = {"min": 1.0, "max": 3.0, "default": 1.5}
     (tmp_path / "lcm.json").write_text(json.dumps(cfg))
-    assert [r.model for r in E.guidance_rows(tmp_path)] == ["teacher", "teacher"]
+    assert [r.model for r in E.guidance_rows(tmp_path)] == ["teacher"]

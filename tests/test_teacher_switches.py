@@ -259,7 +259,7 @@ def test_recipe_with_every_switch_saves_and_loads(every_switch):
     assert moved.guidance_embed  # transfer keeps the guidance input (its weights must load)
     # what each accepts is recorded: the guided LCM its trained range, the teacher CFG from 1
     assert lcm.config["guidance"] == {"min": 1.0, "max": 3.0, "default": 2.0}
-    assert teacher.config["guidance"] == {"min": 1.0, "max": 3.0, "default": 1.0}
+    assert teacher.config["guidance"] == {"min": 1.0, "max": 3.0, "default": 2.0}
 
 
 def _run(pred, seed=0):
@@ -285,8 +285,9 @@ def test_guided_lcm_takes_the_guidance_as_an_input(every_switch):
 
 
 def test_dropout_teacher_samples_with_classifier_free_guidance(every_switch, monkeypatch):
-    pred = load_predictor(every_switch["teacher"], steps=2, device="cpu")
+    pred = load_predictor(every_switch["teacher"], steps=2, device="cpu", guidance=1.0)
     assert pred.guidance == 1.0
+    assert load_predictor(every_switch["teacher"], steps=2, device="cpu").guidance == 2.0
     calls = []
     real = pred.unet.forward
 

@@ -183,8 +183,8 @@ QUICK_ROWS: tuple[Row, ...] = (
 
 def guidance_rows(weights_dir: Path | None = None) -> tuple[Row, ...]:
     """Rows at other guidances than the default for the latent models that accept guidance
-    (checkpoint config `guidance`): LCM-1/2/4 at the trained range's ends, teacher-50 at its
-    middle and top; none for models without guidance (so older weights evaluate as before)."""
+    (checkpoint config `guidance`): LCM-1/2/4 at the trained range's ends, teacher-50 at one
+    more; none for models without guidance (so older weights evaluate as before)."""
     from . import checkpoints as ck
 
     rows: list[Row] = []
@@ -199,7 +199,9 @@ def guidance_rows(weights_dir: Path | None = None) -> tuple[Row, ...]:
                 "guidance_embed")):  # fmt: skip
             continue
         lo, hi, default = float(g["min"]), float(g["max"]), float(g["default"])
-        ends = (lo, hi) if kind == "lcm" else ((lo + hi) / 2, hi)
+        # the teacher (two branches a step at 50 steps: the costly rows) once more: unguided
+        # when its default is guided, else at the top of the range
+        ends = (lo, hi) if kind == "lcm" else ((lo,) if default != lo else (hi,))
         for w in sorted({w for w in ends if w != default}):
             rows += [Row(f"{kind}-{n}-g{w:g}", kind, n, guidance=w) for n in steps]
     return tuple(sorted(rows, key=lambda r: (r.model != "lcm", r.steps, r.guidance)))

@@ -61,13 +61,11 @@ def unet_arch(p: TrainPreset, stage: str = "teacher") -> dict:
 
 def guidance_config(p: TrainPreset, stage: str) -> dict | None:
     """What a latent checkpoint records of the guidance it accepts (`sampling.check_guidance`):
-    a guided LCM its trained range of w; a teacher trained with condition dropout a
-    classifier-free range (default 1, the conditional model, until a measurement picks one);
-    None for every other model."""
-    if stage == "lcm" and p.guidance_embed:
+    a guided LCM its trained range of w, a teacher trained with condition dropout the same
+    range for classifier-free guidance (the LCM learns to give at w what the guided teacher
+    gives at w, so one default serves both); None for every other model."""
+    if (stage == "lcm" and p.guidance_embed) or (stage == "teacher" and p.cond_dropout > 0):
         return {"min": p.guidance_min, "max": p.guidance_max, "default": p.guidance_default}
-    if stage == "teacher" and p.cond_dropout > 0:
-        return {"min": 1.0, "max": p.guidance_max, "default": 1.0}
     return None
 
 
