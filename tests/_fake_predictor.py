@@ -114,32 +114,50 @@ def texture_lcm(path, seed: int = 0):
     """A small LCM checkpoint whose decoder has a texture head (`models.Decoder(texture=True)`):
     random, untrained weights with a visible grain amplitude, loaded by the real loader. The
     packaged weights may not have a texture head, so texture tests build their own model."""
+    return small_lcm(path, seed, texture=True)
+
+
+def guided_lcm(path, seed: int = 0, guidance=None):
+    """A small guided LCM checkpoint (a guidance input, issue #24): random, untrained weights,
+    its config accepting `guidance` (default: w from 1 to 3, default 2). The packaged LCM has
+    no guidance control yet, so guidance tests build their own model."""
+    return small_lcm(path, seed, guidance=guidance or {"min": 1.0, "max": 3.0, "default": 2.0})
+
+
+def small_lcm(path, seed: int = 0, *, texture: bool = False, guidance: dict | None = None):
+    """A small random LCM checkpoint (non-trivial weights: the zero-initialised convolutions
+    are perturbed too), optionally with a texture head or a guidance input and range."""
     from napari_lcm_stain import checkpoints
     from napari_lcm_stain.models import VAE, LatentUNet
     from napari_lcm_stain.normalization import robust_config
 
+    unet_kwargs = {"latent_channels": 4, "factor": 4, "channels": [8, 16]}
+    if guidance:
+        unet_kwargs.update(guidance_embed=True, guidance_default=float(guidance["default"]))
+    vae_kwargs = {"latent_channels": 4, "enc_channels": 8, "dec_channels": 8, "factor": 4}
+    if texture:
+        vae_kwargs["dec_texture"] = True
     with torch.random.fork_rng():  # the global RNG of the other tests is left alone
         torch.manual_seed(seed)
-        unet = LatentUNet(4, 4, (8, 16))
-        vae = VAE(4, 8, 8, 4, dec_texture=True)
-        nn.init.constant_(vae.decoder.amplitude[0].bias, -0.2)  # amplitude ~exp(-2) = 0.13
+        unet = LatentUNet(**{**unet_kwargs, "channels": tuple(unet_kwargs["channels"])})
+        vae = VAE(**vae_kwargs)
+        if texture:
+            nn.init.constant_(vae.decoder.amplitude[0].bias, -0.2)  # amplitude ~exp(-2) = 0.13
         nn.init.constant_(vae.decoder.up2[0].bias, 0.5)  # a mean inside 0-1, not clipped
         for m in (unet, vae.decoder):
             for p in m.parameters():  # non-trivial weights (zero-initialised convs too)
                 p.data += 0.05 * torch.randn_like(p)
-    vae_kwargs = {"latent_channels": 4, "enc_channels": 8, "dec_channels": 8, "factor": 4}
     cfg = {
         "kind": "lcm",
         "architecture": {
-            "unet": {
-                "class": "LatentUNet",
-                "kwargs": {"latent_channels": 4, "factor": 4, "channels": [8, 16]},
-            },
-            "vae": {"class": "VAE", "kwargs": {**vae_kwargs, "dec_texture": True}},
+            "unet": {"class": "LatentUNet", "kwargs": unet_kwargs},
+            "vae": {"class": "VAE", "kwargs": vae_kwargs},
         },
         "latent_scale": 1.0,
         "normalization": robust_config(),
         "pixel_size": 0.414,
         "receptive_field": 16,
     }
+    if guidance:
+        cfg["guidance"] = dict(guidance)
     return checkpoints.save_checkpoint(path, {"unet": unet, "decoder": vae.decoder}, cfg)

@@ -244,7 +244,7 @@ def test_dock_watch_stains_a_file_that_lands_while_the_model_loads(tmp_path, mon
     src.mkdir()
     meta = {"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
 
-    def slow_load(cache, model, steps, device, texture=False):
+    def slow_load(cache, model, steps, device, texture=False, guidance=None):
         tifffile.imwrite(src / "early.tif", np.random.default_rng(0).random((64, 64), np.float32),
                          ome=True, metadata=meta)  # fmt: skip
         time.sleep(0.3)

@@ -161,7 +161,8 @@ def test_job_cache_key_includes_texture_and_never_mutates_a_cached_predictor(tex
     assert _jobs.get_predictor(cache, str(tex), 1, "cpu", True) is on  # reused, unchanged
     assert _jobs.get_predictor(cache, str(tex), 1, "cpu") is off  # the default is smooth
     assert on.texture is True
-    assert (str(tex), 1, "cpu", True) in cache and (str(tex), 1, "cpu", False) in cache
+    # the key: model, steps, device, texture, guidance (None: the model's default)
+    assert (str(tex), 1, "cpu", True, None) in cache and (str(tex), 1, "cpu", False, None) in cache
 
 
 def test_in_memory_predictor_follows_texture_through_a_copy(tex, image, expected):

@@ -76,7 +76,7 @@ def models(monkeypatch):
         return {}
     made: dict = {}
 
-    def fake(cache, model, steps, device, texture=False):
+    def fake(cache, model, steps, device, texture=False, guidance=None):
         if not isinstance(model, str):
             return model
         key = str(model)
@@ -85,7 +85,8 @@ def models(monkeypatch):
                 from napari_lcm_stain.sampling import load_predictor
 
                 # real loading errors
-                return load_predictor(model, steps=steps, device=device, texture=texture)
+                return load_predictor(model, steps=steps, device=device, texture=texture,
+                                      guidance=guidance)  # fmt: skip
             made[key] = TinyPredictor(key, stochastic=key != "pix2pix")
         return made[key]
 
@@ -98,7 +99,7 @@ def slow_models(monkeypatch):
     """Always TinyPredictors that take 50 ms per call, so a run can be cancelled midway."""
     made: dict = {}
 
-    def fake(cache, model, steps, device, texture=False):
+    def fake(cache, model, steps, device, texture=False, guidance=None):
         made.setdefault(str(model), TinyPredictor(str(model), str(model) != "pix2pix", 0.05))
         return made[str(model)]
 
@@ -129,6 +130,16 @@ def _click_and_wait(qtbot, widget, button=None):
     (button or widget.stain_button).click()
     assert widget.is_running
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+
+
+def _live_one_frame(qtbot, widget):
+    """Live staining of the dock's layer with its settings: one frame, then stopped, no error."""
+    widget.set_live(True)
+    live = widget.live
+    qtbot.waitUntil(lambda: len(live.stained) == 1, timeout=TIMEOUT)
+    widget.set_live(False)
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
+    assert widget.last_error is None, widget.last_error
 
 
 def _errors_since(n: int) -> list[str]:
@@ -258,16 +269,11 @@ def test_texture_box_off_by_default_and_on_draws_the_grain(make_napari_viewer, q
     assert np.abs(grainy - smooth).max() > 0.1  # the grain is there now, and was not
     np.testing.assert_array_equal(q.data, image)  # the input is never touched
 
-    preds = {k[3]: v for k, v in widget._cache.items() if len(k) == 4 and k[0] == ckpt}
+    preds = {k[3]: v for k, v in widget._cache.items() if len(k) == 5 and k[0] == ckpt}
     assert set(preds) == {True, False} and preds[True] is not preds[False]
     assert preds[True].texture is True and preds[False].texture is False
 
-    widget.set_live(True)  # live staining uses the same box
-    live = widget.live
-    qtbot.waitUntil(lambda: len(live.stained) == 1, timeout=TIMEOUT)
-    widget.set_live(False)
-    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT)
-    assert widget.last_error is None, widget.last_error
+    _live_one_frame(qtbot, widget)  # live staining uses the same box
     shown = viewer.layers["qOBM phase · DAPI live (grain)"]
     np.testing.assert_allclose(shown.data, expected[True], atol=1e-5)
     assert shown.metadata[PLUGIN_KEY]["provenance"]["texture"] is True

@@ -169,7 +169,7 @@ def _fake_engine(monkeypatch, behaviour):
     monkeypatch.setattr(
         _jobs,
         "get_predictor",
-        lambda cache, model, steps, device, texture=False: types.SimpleNamespace(
+        lambda cache, model, steps, device, texture=False, guidance=None: types.SimpleNamespace(
             name=str(model), device="cpu", pixel_size=0.5
         ),
     )
@@ -295,7 +295,7 @@ def test_get_predictor_caches_by_model_steps_device_texture(monkeypatch):
     monkeypatch.setattr(
         engine,
         "get_predictor",
-        lambda m, steps, device, texture: loads.append((m, steps, texture)) or object(),
+        lambda m, steps, device, texture, guidance: loads.append((m, steps, texture)) or object(),
     )
     cache: dict = {}
     a = _jobs.get_predictor(cache, "x.safetensors", 1, "cpu")
@@ -505,7 +505,7 @@ def test_live_job_passes_the_texture_setting(monkeypatch):
     )  # fmt: skip
     box.put(_jobs.LiveFrame((0, 0), np.ones((4, 4), np.float32), 0.0))
     first = next(gen)
-    assert loads == [(False,)] and seen == [False]
+    assert loads == [(False, None)] and seen == [False]
     assert first.provenance["texture"] is False
     stop.set()
     _run(gen)

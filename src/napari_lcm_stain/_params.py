@@ -25,7 +25,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 PACKAGED_NAMES = ("lcm", "pix2pix", "teacher")
 
 
-def check_params(tile, overlap, samples, seed, pixel_size, steps):
+def check_params(tile, overlap, samples, seed, pixel_size, steps, guidance=None):
     for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0), ("samples", samples, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -41,6 +41,7 @@ def check_params(tile, overlap, samples, seed, pixel_size, steps):
         isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
     ):
         raise ValueError(f"steps must be a positive integer or None (model default), got {steps!r}")
+    guidance_number(guidance)  # a number or None; its range is the model's (check_settings)
     if isinstance(pixel_size, str) and pixel_size.strip().lower() == "auto":
         return "auto"  # estimated from the image (pixel_size_estimate) once it is validated
     if pixel_size is not None:
@@ -77,29 +78,97 @@ def rescale_factor(pixel_size, model_pixel_size, source: str = "pixel_size") -> 
     return scale
 
 
+def model_config(model) -> dict | None:
+    """A model's JSON config, read without loading its weights (a loaded predictor: its
+    `config`). None when unknown or unreadable: loading the model reports that."""
+    if not isinstance(model, (str, os.PathLike)):
+        config = getattr(model, "config", None)
+        return config if isinstance(config, dict) else None
+    name = str(model).lower()
+    if name in PACKAGED_NAMES:
+        path = Path(__file__).parent / "weights" / f"{name}.json"
+    else:
+        path = Path(model).with_suffix(".json")  # checkpoints.config_path
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def model_pixel_size(model) -> float | None:
     """The µm/px a model was trained at, read from its JSON config without loading it (a loaded
     predictor: its attribute). None when unknown or unreadable: loading the model reports that."""
     if not isinstance(model, (str, os.PathLike)):
         return getattr(model, "pixel_size", None)
-    name = str(model).lower()
-    if name in PACKAGED_NAMES:
-        config = Path(__file__).parent / "weights" / f"{name}.json"
-    else:
-        config = Path(model).with_suffix(".json")  # checkpoints.config_path
     try:
-        value = float(json.loads(config.read_text()).get("pixel_size", 0.414))  # schema default
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        value = float(model_config(model).get("pixel_size", 0.414))  # schema default
+    except (ValueError, TypeError, AttributeError):
         return None
     return value if math.isfinite(value) and value > 0 else None
 
 
-def check_settings(model, tile, overlap, samples, seed, pixel_size, steps) -> None:
-    """Every check `stain` makes before it loads the model: the numbers, and a `--pixel-size`
-    the model's pixel size makes implausible (the message `stain` gives for each file)."""
-    px = check_params(tile, overlap, samples, seed, pixel_size, steps)
+def guidance_range(config: dict | None) -> dict[str, float] | None:
+    """The guidance a model accepts, {"min", "max", "default"} from its config, or None for a
+    model without a guidance control (Pix2Pix; an LCM without a guidance input; a teacher
+    trained without condition dropout), which accepts only 1 (`sampling.check_guidance`)."""
+    g = (config or {}).get("guidance") or None
+    if not isinstance(g, dict) or config.get("kind") == "pix2pix":
+        return None
+    if config.get("kind") == "lcm":
+        unet = (config.get("architecture") or {}).get("unet") or {}
+        if not (unet.get("kwargs") or {}).get("guidance_embed", False):
+            return None  # only a guidance input guides a consistency model
+    try:
+        return {k: float(g.get(k, 1.0)) for k in ("min", "max", "default")}
+    except (TypeError, ValueError):
+        return None  # a malformed config: loading the checkpoint says what is wrong
+
+
+def guidance_number(guidance) -> float | None:
+    """`guidance` as a float (None stays None): the check that needs no model."""
+    if guidance is None:
+        return None
+    if isinstance(guidance, bool):
+        raise ValueError(f"guidance must be a number, got {guidance!r}")
+    try:
+        return float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be a number, got {guidance!r}") from None
+
+
+def check_guidance(guidance, accepted: dict[str, float] | None) -> float | None:
+    """The guidance scale to sample with: `guidance` checked against `accepted` (from
+    `guidance_range`; the messages of `sampling.check_guidance`). None = the model's default."""
+    w = guidance_number(guidance)
+    if w is None:
+        return None if accepted is None else accepted["default"]
+    if accepted is None:
+        if w == 1.0:  # the plain conditional model
+            return None
+        raise ValueError(
+            f"guidance {w:g}: this model has no guidance control (trained without condition "
+            "dropout or a guidance input); leave guidance unset or use 1"
+        )
+    lo, hi = accepted["min"], accepted["max"]
+    if not lo <= w <= hi:  # also NaN
+        raise ValueError(
+            f"guidance must be {lo:g}-{hi:g} for this model (the range it was trained for), "
+            f"got {guidance!r}"
+        )
+    return w
+
+
+def check_settings(model, tile, overlap, samples, seed, pixel_size, steps, guidance=None) -> None:
+    """Every check `stain` makes before it loads the model: the numbers, a `--pixel-size`
+    the model's pixel size makes implausible (the message `stain` gives for each file), and a
+    `--guidance` outside what the model's config accepts."""
+    px = check_params(tile, overlap, samples, seed, pixel_size, steps, guidance)
     if isinstance(px, float):
         rescale_factor(px, model_pixel_size(model), "--pixel-size")
+    config = model_config(model) if isinstance(model, (str, os.PathLike)) else None
+    if guidance is not None and config is not None:  # unreadable: loading the model says why
+        check_guidance(guidance, guidance_range(config))
 
 
 def check_grid(pred, tile, overlap) -> None:

@@ -82,6 +82,7 @@ def _cmd_stain(a: argparse.Namespace) -> int:
         scheduler=a.scheduler,
         pattern=a.pattern,
         texture=a.texture,
+        guidance=a.guidance,
     )
     return 0
 
@@ -140,6 +141,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         device=a.device,
         quick=a.quick,
         weights_dir=Path(a.weights_dir) if a.weights_dir else None,
+        guidance=a.guidance,
     )
     return 0
 
@@ -183,7 +185,7 @@ _DEFAULT = " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .watch import TEXTURE_HELP
+    from .watch import GUIDANCE_HELP, TEXTURE_HELP
     from .watch import add_arguments as watch_arguments
 
     p = argparse.ArgumentParser(
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", **seed)
     s.add_argument("--texture", action="store_true", help=TEXTURE_HELP)
+    s.add_argument("--guidance", type=float, default=None, metavar="G", help=GUIDANCE_HELP)
     s.add_argument(
         "--format",
         choices=["auto", "tiff", "zarr"],
@@ -461,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights-dir",
         default=None,
         help="folder with lcm/teacher/pix2pix checkpoints (default: the packaged weights)",
+    )
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="guidance scale of the LCM and teacher rows, for models trained for it (the range "
+        "is the model's: a value outside it is refused with that range; models without "
+        "guidance accept only 1) (default: each model's own)",
     )
     s.set_defaults(func=_cmd_evaluate)
 

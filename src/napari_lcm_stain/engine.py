@@ -18,7 +18,13 @@ import numpy as np
 
 from . import ood, tiling
 from ._drain import drain
-from ._params import PIXEL_SIZE_TOLERANCE, RESCALE_RANGE, SEED_RANGE, rescale_factor  # noqa: F401
+from ._params import (  # noqa: F401
+    PIXEL_SIZE_TOLERANCE,
+    RESCALE_RANGE,
+    SEED_RANGE,
+    guidance_number,
+    rescale_factor,
+)
 from ._params import check_params as _check_params  # torch-free: the CLI checks before importing
 from ._version import __version__
 from .device import auto_batch
@@ -197,10 +203,12 @@ def _is_predictor(obj) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_packaged(name: str, steps, device: str, precision: str = "auto", texture=False):
+def _cached_packaged(
+    name: str, steps, device: str, precision: str = "auto", texture=False, guidance=None
+):
     from .sampling import load_predictor
 
-    return load_predictor(name, steps, device, precision, texture=texture)
+    return load_predictor(name, steps, device, precision, texture=texture, guidance=guidance)
 
 
 def with_texture(predictor, texture: bool):
@@ -210,20 +218,40 @@ def with_texture(predictor, texture: bool):
     return follow(bool(texture)) if callable(follow) else predictor
 
 
-def get_predictor(model="lcm", steps=None, device="auto", precision="auto", texture=None):
+def with_guidance(predictor, guidance):
+    """`predictor` sampling at guidance `guidance`, via `Predictor.with_guidance` (a copy when
+    that changes anything; ValueError outside the model's range); objects without that method
+    have no guidance control: they are returned as they are for None or 1, else refused."""
+    follow = getattr(predictor, "with_guidance", None)
+    if callable(follow):
+        return follow(guidance)
+    from ._params import check_guidance
+
+    check_guidance(guidance, None)
+    return predictor
+
+
+def get_predictor(
+    model="lcm", steps=None, device="auto", precision="auto", texture=None, guidance=None
+):
     """A loaded Predictor: passed through, or packaged ('lcm', 'pix2pix', 'teacher', cached) or a
     path. `texture`: True/False = draw a texture decoder's grain or its smooth mean; None = the
     default (loaded here: smooth; a passed Predictor: as it is). A passed Predictor follows a
-    True/False through `Predictor.with_texture`, which never changes the caller's object."""
+    True/False through `Predictor.with_texture`, which never changes the caller's object.
+    `guidance`: the guidance scale (`sampling.check_guidance`); None = the model's default (a
+    passed Predictor: as it is); a passed Predictor follows a number through
+    `Predictor.with_guidance` (a copy, too)."""
+    guidance = guidance_number(guidance)  # a number (also the cache key) before any loading
     if _is_predictor(model):
-        return model if texture is None else with_texture(model, texture)
+        pred = model if texture is None else with_texture(model, texture)
+        return pred if guidance is None else with_guidance(pred, guidance)
     texture = bool(texture)  # None: smooth
     if isinstance(model, str) and model.lower() in ("lcm", "pix2pix", "teacher"):
-        return _cached_packaged(model.lower(), steps, str(device), precision, texture)
+        return _cached_packaged(model.lower(), steps, str(device), precision, texture, guidance)
     if isinstance(model, (str, os.PathLike)):
         from .sampling import load_predictor
 
-        return load_predictor(model, steps, device, precision, texture=texture)
+        return load_predictor(model, steps, device, precision, texture=texture, guidance=guidance)
     raise TypeError(
         f"model must be 'lcm', 'pix2pix', 'teacher', a checkpoint path or a loaded Predictor, "
         f"not {type(model).__name__}"
@@ -334,6 +362,7 @@ def iter_stain(
     context: int | None = None,
     pixel_size_source: str = "pixel_size",
     texture: bool | None = None,
+    guidance: float | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Generator: yields (done, total) over planes × samples × tiles; returns a `StainResult`.
 
@@ -360,11 +389,18 @@ def iter_stain(
     default) = smooth for a model loaded here, a passed Predictor as it is. Other models ignore
     it. The grain costs SSIM and nuclei F1 and adds no rim (docs/model-card.md).
     `info["texture"]` says whether grain was drawn (False for models without a texture decoder).
+    `guidance`: the guidance scale of a model trained for it (a guided LCM, or a teacher trained
+    with condition dropout, which then samples with classifier-free guidance): lower values give
+    a faithful, softer stain; higher ones crisper, bolder nuclei. It costs nothing for a guided
+    LCM (an input to the network; the guided teacher runs two branches per step). None (the
+    default) = the model's default (a passed Predictor: as it is); outside the range the model
+    was trained for it is refused with that range; models without guidance accept only None or
+    1. `info["guidance"]` is the scale used (None for a model without guidance).
     """
     t_start = time.perf_counter()
     arr = validate_image(image)
-    px = _check_params(tile, overlap, samples, seed, pixel_size, steps)
-    pred = get_predictor(model, steps, device, precision, texture)
+    px = _check_params(tile, overlap, samples, seed, pixel_size, steps, guidance)
+    pred = get_predictor(model, steps, device, precision, texture, guidance)
     shape = tuple(int(s) for s in arr.shape)
     lead, (h, w) = shape[:-2], shape[-2:]
     n_planes = int(np.prod(lead)) if lead else 1
@@ -429,8 +465,9 @@ def iter_stain(
             from .sampling import load_predictor
 
             loader = functools.partial(
-                load_predictor, str(model), steps, str(device), texture=bool(texture)
-            )
+                load_predictor, str(model), steps, str(device), texture=bool(texture),
+                guidance=getattr(pred, "guidance", None),
+            )  # fmt: skip
     else:
         compute, close = None, (lambda: None)
 
@@ -529,6 +566,8 @@ def iter_stain(
         "steps": getattr(pred, "steps", steps),
         # whether the stain was drawn with grain: only a texture decoder with texture on
         "texture": bool(getattr(pred, "texture", False)),
+        # the guidance scale it sampled with (None: a model without guidance)
+        "guidance": getattr(pred, "guidance", None),
         "seed": int(seed),
         "samples": int(samples),
         "tile": list(grid.tile),
@@ -564,18 +603,23 @@ def stain(
     pixel_size: float | None = None,
     samples: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    guidance: float | None = None,
     **kwargs,
 ) -> np.ndarray:
     """Virtual DAPI (float32, 0–1, the input's shape) from a qOBM phase image or stack.
 
     Same arguments as `iter_stain`; `progress(done, total)` is called as tiles finish.
     With `samples > 1` this returns the mean; use `iter_stain` to get the std as well.
+    `guidance` (models trained for it): lower = a faithful, softer stain; higher = crisper,
+    bolder nuclei; None = the model's default (see `iter_stain`).
     """
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable(done, total) or None, not {progress!r}")
     gen = iter_stain(
-        image, model, steps, tile, overlap, device, seed, pixel_size, samples, **kwargs
-    )
+        image, model, steps, tile, overlap, device, seed, pixel_size, samples,
+        guidance=guidance, **kwargs,
+    )  # fmt: skip
     result = drain(gen, None if progress is None else lambda ev: progress(*ev))
     note = (result.info.get("ood") or {}).get("note")
     if note:  # stain() returns no info: the out-of-distribution note becomes a warning

@@ -995,6 +995,7 @@ def _provenance(info: dict, source: Path, kind: str, samples: int) -> str:
         "source": str(source),
         **{k: info.get(k) for k in ("model", "checkpoint", "steps", "seed", "samples", "tile")},
         "texture": info.get("texture"),
+        "guidance": info.get("guidance"),
         "overlap": info.get("overlap"),
         **{k: info.get(k) for k in ("pixel_size", "model_pixel_size", "rescale", "warnings")},
         "pixel_size_estimated": info.get("pixel_size_estimated"),
@@ -1066,6 +1067,7 @@ def stain_files(
     quiet: bool = False,
     pattern: str | None = None,
     texture: bool = False,
+    guidance: float | None = None,
 ) -> list[Path]:
     """Stain files / folders / globs; write OME-TIFF or OME-Zarr (+ `_std` with samples > 1).
 
@@ -1075,6 +1077,8 @@ def stain_files(
     `pattern` (a glob on file names) picks the files. In a batch, an input that fails is named
     and skipped; a `BatchError` listing the failures is raised at the end. `texture`: True
     draws a texture decoder's grain (default: the smooth mean; see `engine.iter_stain`).
+    `guidance`: the guidance scale of a model trained for it (None: the model's default; checked
+    against the range in the model's config before torch is imported; see `engine.iter_stain`).
     """
     from ._params import check_grid, check_settings
 
@@ -1087,10 +1091,12 @@ def stain_files(
     for t in remove_stale_temps(targets):  # first: a restored previous output needs --overwrite
         notes.append(f"removed {t}, a temporary file left by a stopped run")
     _check_targets(targets, files, overwrite)
-    check_settings(model, tile, overlap, samples, seed, pixel_size, steps)  # before torch
+    check_settings(model, tile, overlap, samples, seed, pixel_size, steps, guidance)  # before torch
     from .engine import get_predictor
 
-    pred = None if scheduler is not None else get_predictor(model, steps, device, texture=texture)
+    pred = None
+    if scheduler is None:
+        pred = get_predictor(model, steps, device, texture=texture, guidance=guidance)
     if pred is not None:  # e.g. an overlap that leaves no stride: before any output exists
         check_grid(pred, tile, overlap)
     for note in notes:
@@ -1105,7 +1111,7 @@ def stain_files(
                 f, o, fmt, pred if pred is not None else model, bar,
                 steps=steps, tile=tile, overlap=overlap, device=device, seed=seed,
                 pixel_size=pixel_size, samples=samples, scheduler=scheduler,
-                checkpoint=_checkpoint(model), texture=texture,
+                checkpoint=_checkpoint(model), texture=texture, guidance=guidance,
             )  # fmt: skip
         except (ValueError, TypeError) as e:
             if len(files) == 1:
@@ -1163,6 +1169,7 @@ def _stain_one(f: Path, o: Path, fmt: str, model, bar, *, pixel_size, samples, *
                 arr, model, kw["steps"], kw["tile"], kw["overlap"], kw["device"], kw["seed"],
                 ps, samples, out=outs[0].array, out_std=outs[1].array if samples > 1 else None,
                 scheduler=kw["scheduler"], pixel_size_source=source, texture=kw["texture"],
+                guidance=kw["guidance"],
             )  # fmt: skip
             # the engine's warnings are printed once, as notes under the "wrote" line
             with warnings.catch_warnings(record=True) as caught:

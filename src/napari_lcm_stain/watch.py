@@ -118,7 +118,7 @@ def watch_folder(
     """Stain every TIFF that appears in ``folder`` into ``output`` until ``stop`` or Ctrl-C.
 
     ``stain_kwargs`` go to `io.stain_files` (steps, tile, overlap, device, seed, pixel_size,
-    out_format, overwrite, texture) and are checked here first, as `stain` checks them;
+    out_format, overwrite, texture, guidance) and are checked here first, as `stain` checks them;
     ``existing`` also stains the TIFFs already in the folder, else those modified since ``since``
     (epoch s, e.g. when a command began; default: only files that change once the folder is
     observed, which is before the model is loaded); ``on_written(input, outputs)`` is called
@@ -201,8 +201,9 @@ def _check_watch(
             f"-o {output} names a file: watch writes NAME_dapi.ome.tif per input into a folder"
         )
     check_settings(
-        model, kw["tile"], kw["overlap"], kw["samples"], kw["seed"], kw["pixel_size"], kw["steps"]
-    )
+        model, kw["tile"], kw["overlap"], kw["samples"], kw["seed"], kw["pixel_size"], kw["steps"],
+        kw["guidance"],
+    )  # fmt: skip
     return kw
 
 
@@ -215,7 +216,9 @@ def _load(model: Any, kw: dict[str, Any]) -> Any:
     use_passive_wait()  # before torch loads: OpenMP threads sleep, not spin (docs/engine.md)
     from .engine import get_predictor
 
-    predictor = get_predictor(model, kw["steps"], kw["device"], texture=kw["texture"])
+    predictor = get_predictor(
+        model, kw["steps"], kw["device"], texture=kw["texture"], guidance=kw["guidance"]
+    )
     check_grid(predictor, kw["tile"], kw["overlap"])
     return predictor
 
@@ -230,7 +233,8 @@ def _modified_since(path: Path, since: float) -> bool:
 #: `lcm-stain stain` flags for `stain_files` keywords, in the order `stain_command` writes them.
 _FLAGS = {
     "steps": "--steps", "tile": "--tile", "overlap": "--overlap", "device": "--device",
-    "pixel_size": "--pixel-size", "seed": "--seed", "out_format": "--format",
+    "pixel_size": "--pixel-size", "seed": "--seed", "guidance": "--guidance",
+    "out_format": "--format",
 }  # fmt: skip
 
 
@@ -273,6 +277,16 @@ TEXTURE_HELP = (
 )
 
 
+#: `--guidance` of `lcm-stain stain` and `lcm-stain watch`.
+GUIDANCE_HELP = (
+    "guidance scale, for models trained for it (a guided LCM; a teacher trained with condition "
+    "dropout): lower gives a faithful, softer stain, higher crisper, bolder nuclei; it costs "
+    "nothing for a guided LCM. The range depends on the model (recorded in its checkpoint; a "
+    "value outside it is refused with that range); models without guidance, such as Pix2Pix, "
+    "accept only 1 (default: the model's own, recorded with each output)"
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `lcm-stain watch` options (kept here so the CLI stays one call per subcommand)."""
     p.add_argument("folder", help="folder the acquisition writes TIFF files into")
@@ -300,6 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="output format; auto follows the input (default: %(default)s)",
     )
     p.add_argument("--texture", action="store_true", help=TEXTURE_HELP)
+    p.add_argument("--guidance", type=float, default=None, metavar="G", help=GUIDANCE_HELP)
     p.add_argument("--existing", action="store_true", help="also stain the TIFFs already there")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -307,6 +322,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     since = time.time()  # files modified from now on are stained even before the watch starts
     names = ("model", "steps", "tile", "overlap", "device", "seed", "pixel_size", "overwrite")
-    options = {name: getattr(a, name) for name in names + ("existing", "settle", "texture")}
+    extra = ("existing", "settle", "texture", "guidance")
+    options = {name: getattr(a, name) for name in names + extra}
     watch_folder(Path(a.folder), Path(a.output), out_format=a.format, since=since, **options)
     return 0

@@ -47,13 +47,15 @@ class JobFailure:
 
 @dataclass(frozen=True)
 class StainJob:
-    """One model to run: output role, model label, what `load_predictor` gets, steps, samples."""
+    """One model to run: output role, model label, what `load_predictor` gets, steps, samples,
+    and its guidance scale (None: the model's default)."""
 
     role: str
     label: str
     model: Any
     steps: int | None
     samples: int = 1
+    guidance: float | None = None
 
 
 @dataclass
@@ -96,22 +98,34 @@ def _relay(gen: Iterator[Any], label: str, offset: int, remaining: int) -> Gener
 
 
 def get_predictor(
-    cache: dict, model: Any, steps: int | None, device: str, texture: bool = False
+    cache: dict,
+    model: Any,
+    steps: int | None,
+    device: str,
+    texture: bool = False,
+    guidance: float | None = None,
 ) -> Any:
     """Load (or reuse) a predictor; an already-loaded Predictor object is used as is, or as a
-    copy that follows ``texture`` (`engine.with_texture`).
+    copy that follows ``texture`` (`engine.with_texture`) and ``guidance``
+    (`engine.with_guidance`; None: as it is).
 
-    ``texture`` is part of the cache key: toggling it gives another predictor object, and a
-    cached one is never changed."""
+    ``texture`` and ``guidance`` are part of the cache key: changing either gives another
+    predictor object, and a cached one is never changed."""
+    from napari_lcm_stain._params import guidance_number
+
+    guidance = guidance_number(guidance)
     if not isinstance(model, str):
-        from napari_lcm_stain.engine import with_texture
+        from napari_lcm_stain.engine import with_guidance, with_texture
 
-        return with_texture(model, texture)
-    key = (model, steps, device, bool(texture))
+        model = with_texture(model, texture)
+        return model if guidance is None else with_guidance(model, guidance)
+    key = (model, steps, device, bool(texture), guidance)
     if key not in cache:
         from napari_lcm_stain.engine import get_predictor as load
 
-        cache[key] = load(model, steps=steps, device=device, texture=bool(texture))
+        cache[key] = load(
+            model, steps=steps, device=device, texture=bool(texture), guidance=guidance
+        )
     return cache[key]
 
 
@@ -173,7 +187,7 @@ def stain_job(
         for i, job in enumerate(jobs):
             name = f"{job.label}" + (f" ×{job.samples}" if job.samples > 1 else "")
             yield Progress(f"loading {job.label}", offset, overall)
-            predictor = get_predictor(cache, job.model, job.steps, device, texture)
+            predictor = get_predictor(cache, job.model, job.steps, device, texture, job.guidance)
             gen = iter_stain(
                 image,
                 model=predictor,
@@ -186,6 +200,7 @@ def stain_job(
                 samples=job.samples,
                 pixel_size_source=pixel_size_source,
                 texture=texture,
+                guidance=job.guidance,
             )
             result, total, overall = yield from _relay(gen, name, offset, len(jobs) - 1 - i)
             offset += total
@@ -396,13 +411,14 @@ def live_job(
     source: str = "",
     pixel_size_source: str = "pixel_size",
     texture: bool = False,
+    guidance: float | None = None,
 ) -> Generator[LiveResult, None, JobFailure | None]:
     """Stain each frame the mailbox hands over with the core engine, until ``stop`` is set."""
     try:
         from napari_lcm_stain._drain import drain
         from napari_lcm_stain.engine import iter_stain
 
-        predictor = get_predictor(cache, model, steps, device, texture)
+        predictor = get_predictor(cache, model, steps, device, texture, guidance)
         while not stop.is_set():
             frame = mailbox.take(timeout=0.05)
             if frame is None:
@@ -411,7 +427,7 @@ def live_job(
             result = drain(
                 iter_stain(
                     frame.data, predictor, steps, tile, overlap, device, seed, pixel_size,
-                    pixel_size_source=pixel_size_source, texture=texture,
+                    pixel_size_source=pixel_size_source, texture=texture, guidance=guidance,
                 )
             )  # fmt: skip
             prov = provenance(result.info, model, source, "mean", cache)
@@ -441,7 +457,8 @@ def watch_job(
         started = time.time()  # files landing while the model loads are stained too
         try:
             steps, device = kwargs.get("steps"), kwargs.get("device")
-            predictor = get_predictor(cache, model, steps, device, kwargs.get("texture", False))
+            texture, guidance = kwargs.get("texture", False), kwargs.get("guidance")
+            predictor = get_predictor(cache, model, steps, device, texture, guidance)
             result["report"] = watch_folder(
                 folder, output, model=predictor, stop=stop, log=events.put,
                 on_written=lambda src, outs: events.put((src, outs)),

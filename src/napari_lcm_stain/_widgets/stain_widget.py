@@ -40,6 +40,12 @@ from ._layers import (
 from ._live import FolderWatch, LiveStain
 from ._qt_helpers import LayerCombo, fit_table_height
 
+#: The Guidance box's tooltip (the model's range and default are added to it).
+GUIDANCE_TIP = (
+    "Lower: faithful and soft; higher: crisper, bolder nuclei. Costs nothing: it is an input to "
+    "the network."
+)
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -109,6 +115,10 @@ class StainWidget(DockBase):
             checked=False,
         )
         form.addRow(self.texture_check)
+
+        self.guidance_spin = ui.float_box(1.0, 1.0, 1.0, step=0.1, tip=GUIDANCE_TIP)
+        self.guidance_spin.setEnabled(False)
+        form.addRow("Guidance", self.guidance_spin)
 
         self.pix2pix_check = ui.check_box(
             "Compare with Pix2Pix", "Also run the packaged Pix2Pix baseline.", checked=True
@@ -240,6 +250,8 @@ class StainWidget(DockBase):
 
         self.layer_combo.layerChanged.connect(self._on_source_changed)
         self.model_combo.currentIndexChanged.connect(self._update_steps_enabled)
+        self.model_combo.currentIndexChanged.connect(self._update_guidance)
+        self._update_guidance()
         self._update_device_label()
         self._on_source_changed(self.layer_combo.layer())
 
@@ -279,6 +291,33 @@ class StainWidget(DockBase):
     def _update_steps_enabled(self, *_args: Any) -> None:
         choice = self.model_combo.currentData()
         self.steps_spin.setEnabled(isinstance(choice, ModelChoice) and choice.uses_steps)
+
+    def _update_guidance(self, *_args: Any) -> None:
+        """The Guidance box follows the selected model: its trained range and default (read
+        from the checkpoint's config, no weights loaded), or disabled at 1 for a model without
+        a guidance control (the packaged models today, Pix2Pix)."""
+        from napari_lcm_stain._params import guidance_range, model_config
+
+        accepted = guidance_range(model_config(self.model_choice().model))
+        box = self.guidance_spin
+        box.blockSignals(True)
+        if accepted is None:
+            box.setRange(1.0, 1.0)
+            box.setValue(1.0)
+            box.setToolTip(f"{GUIDANCE_TIP}\nThis model has no guidance control.")
+        else:
+            lo, hi, default = accepted["min"], accepted["max"], accepted["default"]
+            box.setRange(lo, hi)
+            box.setValue(default)
+            box.setToolTip(f"{GUIDANCE_TIP}\nThis model: {lo:g}-{hi:g}, default {default:g}.")
+        box.blockSignals(False)
+        box.setEnabled(accepted is not None)
+
+    def guidance(self) -> float | None:
+        """The Guidance box's value, or None (the model's default) while it is disabled."""
+        if not self.guidance_spin.isEnabled():
+            return None
+        return round(float(self.guidance_spin.value()), 6)
 
     def layer_combos(self) -> list[LayerCombo]:
         return [self.layer_combo, self.truth_combo]
@@ -336,6 +375,7 @@ class StainWidget(DockBase):
         self.model_combo.insertItem(index, label, ModelChoice(label, model, uses_steps))
         self.model_combo.setCurrentIndex(index)
         self._model_index = index
+        self._update_guidance()  # also when a checkpoint replaced one of the same label
         return index
 
     def model_choice(self) -> ModelChoice:
@@ -390,6 +430,7 @@ class StainWidget(DockBase):
         choice = self.model_choice()
         steps = self.steps_spin.value() if choice.uses_steps else None
         settings = {"model": choice.model, "steps": steps, **self._engine_settings(source)}
+        settings["guidance"] = self.guidance()
         if settings["pixel_size"] == "auto":
             settings["pixel_size"] = None
         return settings
@@ -414,7 +455,8 @@ class StainWidget(DockBase):
         choice = self.model_choice()
         steps = self.steps_spin.value() if choice.uses_steps else None
         samples = self.samples_spin.value() if self.uncertainty_check.isChecked() else 1
-        jobs = [_jobs.StainJob(ROLE_STAIN, choice.label, choice.model, steps, samples)]
+        guidance = self.guidance()
+        jobs = [_jobs.StainJob(ROLE_STAIN, choice.label, choice.model, steps, samples, guidance)]
         if self.pix2pix_check.isChecked():
             jobs.append(_jobs.StainJob(ROLE_PIX2PIX, "Pix2Pix", self.baseline_model, None, 1))
 
