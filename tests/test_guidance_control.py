@@ -22,7 +22,7 @@ from _fake_predictor import FakePredictor, blobs, guided_lcm
 from napari_lcm_stain import _params, cli, engine, watch
 from napari_lcm_stain._drain import drain
 from napari_lcm_stain._widgets import _jobs
-from napari_lcm_stain.sampling import check_guidance, load_predictor
+from napari_lcm_stain.sampling import load_predictor
 from test_reliability_watch import _probe
 from test_texture_options import _write_at_model_pixel_size, description
 
@@ -117,32 +117,42 @@ def test_a_passed_predictor_follows_guidance_through_a_copy(guided, image, expec
     assert loaded.guidance == 2.0  # the caller's object is never changed
 
 
-def test_the_torch_free_check_agrees_with_the_core(guided):
-    """`_params.check_guidance` (the CLI's check before torch) gives the core's values and
-    messages for every model kind."""
+def test_the_one_check_for_every_model_kind(guided):
+    """`_params.check_guidance` (what the core, the CLI before torch and the dock call) with
+    the range `guidance_range` reads from each kind of config."""
     import json
     from pathlib import Path
 
     configs = {
         "guided": json.loads(Path(guided).with_suffix(".json").read_text()),
-        "lcm": _params.model_config("lcm"),
         "pix2pix": _params.model_config("pix2pix"),
         "teacher-cfg": {"kind": "teacher", "guidance": {"min": 1, "max": 4, "default": 1}},
+        "lcm-no-input": {
+            "kind": "lcm",
+            "guidance": {"min": 1, "max": 3, "default": 2},
+            "architecture": {"unet": {"kwargs": {}}},
+        },  # fmt: skip
     }
-    modes = {"guided": "lcm", "lcm": "lcm", "pix2pix": "Pix2Pix", "teacher-cfg": "ddim"}
-    for name, config in configs.items():
-        core_config = {} if name == "pix2pix" else config  # PixelPredictor checks with {}
-        for g in (None, 1, 1.0, 2.5, 3.9, 0.5, 7, math.nan, "2", "x", True, [1]):
-            want = got = None
-            try:
-                want = check_guidance(core_config, g, modes[name])
-            except ValueError as e:
-                want = str(e)
-            try:
-                got = _params.check_guidance(g, _params.guidance_range(config))
-            except ValueError as e:
-                got = str(e)
-            assert got == want or (got != got and want != want), (name, g, got, want)
+    accepted = {name: _params.guidance_range(c) for name, c in configs.items()}
+    assert accepted["guided"] == {"min": 1.0, "max": 3.0, "default": 2.0}
+    assert accepted["teacher-cfg"] == {"min": 1.0, "max": 4.0, "default": 1.0}
+    assert accepted["pix2pix"] is None and accepted["lcm-no-input"] is None
+
+    def check(name, g):
+        try:
+            return _params.check_guidance(g, accepted[name])
+        except ValueError as e:
+            return str(e)
+
+    assert [check("guided", g) for g in (None, 1, 2.5, "2")] == [2.0, 1.0, 2.5, 2.0]
+    assert check("teacher-cfg", 3.9) == 3.9 and check("teacher-cfg", None) == 1.0
+    for name in ("pix2pix", "lcm-no-input"):
+        assert check(name, None) is None and check(name, 1.0) is None
+        assert "has no guidance control" in check(name, 2.5)
+    for g in (0.5, 7, math.nan):
+        assert check("guided", g).startswith("guidance must be 1-3 for this model")
+    for g in ("x", True, [1]):
+        assert check("guided", g).startswith("guidance must be a number")
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -111,7 +111,7 @@ def model_pixel_size(model) -> float | None:
 def guidance_range(config: dict | None) -> dict[str, float] | None:
     """The guidance a model accepts, {"min", "max", "default"} from its config, or None for a
     model without a guidance control (Pix2Pix; an LCM without a guidance input; a teacher
-    trained without condition dropout), which accepts only 1 (`sampling.check_guidance`)."""
+    trained without condition dropout), which accepts only 1 (`check_guidance`)."""
     g = (config or {}).get("guidance") or None
     if not isinstance(g, dict) or config.get("kind") == "pix2pix":
         return None
@@ -139,7 +139,8 @@ def guidance_number(guidance) -> float | None:
 
 def check_guidance(guidance, accepted: dict[str, float] | None) -> float | None:
     """The guidance scale to sample with: `guidance` checked against `accepted` (from
-    `guidance_range`; the messages of `sampling.check_guidance`). None = the model's default."""
+    `guidance_range`). Torch-free, so the core, the CLI (before importing torch) and the dock
+    share this one check. None = the model's default."""
     w = guidance_number(guidance)
     if w is None:
         return None if accepted is None else accepted["default"]

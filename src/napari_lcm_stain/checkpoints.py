@@ -169,7 +169,7 @@ class _Config(_Open):
 
 
 class _Guidance(_Closed):
-    """The guidance a latent model accepts (`sampling.check_guidance`): a guided LCM's trained
+    """The guidance a latent model accepts (`_params.check_guidance`): a guided LCM's trained
     range of w, or a teacher trained with condition dropout (classifier-free guidance)."""
 
     min: _float(0.0, 100.0, lo_open=False) = 1.0

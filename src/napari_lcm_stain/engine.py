@@ -238,7 +238,7 @@ def get_predictor(
     path. `texture`: True/False = draw a texture decoder's grain or its smooth mean; None = the
     default (loaded here: smooth; a passed Predictor: as it is). A passed Predictor follows a
     True/False through `Predictor.with_texture`, which never changes the caller's object.
-    `guidance`: the guidance scale (`sampling.check_guidance`); None = the model's default (a
+    `guidance`: the guidance scale (`_params.check_guidance`); None = the model's default (a
     passed Predictor: as it is); a passed Predictor follows a number through
     `Predictor.with_guidance` (a copy, too)."""
     guidance = guidance_number(guidance)  # a number (also the cache key) before any loading

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from . import checkpoints as ckpt
 from . import normalization
+from ._params import check_guidance, guidance_range
 from .device import inference_dtype, prepare_module, resolve_device, to_device
 from .models import build
 
@@ -118,40 +119,6 @@ def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
     return _scheduler(DDIMScheduler, config)
 
 
-def check_guidance(config: dict, guidance, mode: str) -> float | None:
-    """The guidance scale w a latent model runs with, checked against what it was trained for
-    (`config["guidance"]`: a guided LCM's range of w, or a teacher trained with condition
-    dropout, which then samples with classifier-free guidance). None = the model's default
-    (its trained default; None for a model without guidance, which accepts only 1)."""
-    g = config.get("guidance") or None
-    if mode == "lcm" and not config["architecture"]["unet"].get("kwargs", {}).get(
-        "guidance_embed", False
-    ):
-        g = None  # only a guidance input guides a consistency model
-    if guidance is None:
-        return None if g is None else float(g.get("default", 1.0))
-    if isinstance(guidance, bool):
-        raise ValueError(f"guidance must be a number, got {guidance!r}")
-    try:
-        w = float(guidance)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance must be a number, got {guidance!r}") from None
-    if g is None:
-        if w == 1.0:  # the plain conditional model
-            return None
-        raise ValueError(
-            f"guidance {w:g}: this model has no guidance control (trained without condition "
-            "dropout or a guidance input); leave guidance unset or use 1"
-        )
-    lo, hi = float(g.get("min", 1.0)), float(g.get("max", 1.0))
-    if not lo <= w <= hi:  # also NaN
-        raise ValueError(
-            f"guidance must be {lo:g}-{hi:g} for this model (the range it was trained for), "
-            f"got {guidance!r}"
-        )
-    return w
-
-
 class Predictor:
     """What the tiling engine calls: normalised qOBM tile(s) in, DAPI in 0-1 out.
 
@@ -229,9 +196,9 @@ class Predictor:
 
     def with_guidance(self, guidance) -> Predictor:
         """This predictor sampling at guidance `guidance` (None: the model's default), checked
-        by `check_guidance`: itself when nothing changes, else a shallow copy sharing the
+        by `_params.check_guidance`: itself when nothing changes, else a shallow copy sharing the
         networks. A model without guidance (Pix2Pix) accepts only None or 1."""
-        check_guidance({}, guidance, self.name)
+        check_guidance(guidance, None)
         return self
 
 
@@ -248,7 +215,7 @@ class LatentPredictor(Predictor):
         texture: bool = False, guidance: float | None = None,
     ):  # fmt: skip
         super().__init__(config, device, dtype)
-        self.guidance = check_guidance(config, guidance, mode)
+        self.guidance = check_guidance(guidance, guidance_range(config))
         self.has_texture = bool(getattr(decoder, "texture", False))
         self.texture = bool(texture) and self.has_texture
         self.unet = prepare_module(unet, device, self.dtype, compile)
@@ -271,7 +238,7 @@ class LatentPredictor(Predictor):
         self.name = f"LCM-{self.steps}" if mode == "lcm" else f"teacher DDIM-{self.steps}"
 
     def with_guidance(self, guidance) -> Predictor:
-        w = check_guidance(self.config, guidance, self.mode)
+        w = check_guidance(guidance, guidance_range(self.config))
         if w == self.guidance:
             return self
         clone = copy.copy(self)
@@ -343,7 +310,7 @@ def predictor_from_checkpoint(
     `precision`: 'auto' (fp16 on CUDA, fp32 elsewhere), 'fp32', 'bf16' or 'fp16' (GPU only);
     `compile`: `torch.compile` the networks on CUDA; `texture`: True = draw a texture decoder's
     grain (`LatentPredictor`; no effect on other models); `guidance`: the guidance scale
-    (`check_guidance`; None = the model's default)."""
+    (`_params.check_guidance`; None = the model's default)."""
     dev = resolve_device(device)
     dtype = inference_dtype(dev, precision)
     cfg = checkpoint.config

@@ -60,7 +60,7 @@ def unet_arch(p: TrainPreset, stage: str = "teacher") -> dict:
 
 
 def guidance_config(p: TrainPreset, stage: str) -> dict | None:
-    """What a latent checkpoint records of the guidance it accepts (`sampling.check_guidance`):
+    """What a latent checkpoint records of the guidance it accepts (`_params.check_guidance`):
     a guided LCM its trained range of w, a teacher trained with condition dropout the same
     range for classifier-free guidance (the LCM learns to give at w what the guided teacher
     gives at w, so one default serves both); None for every other model."""
