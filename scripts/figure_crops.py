@@ -1,4 +1,5 @@
-"""Crops at 1:1 pixels for the docs: truth | LCM-1 | LCM-1 texture | LCM-4 | teacher-50 | Pix2Pix.
+"""Crops at 1:1 pixels for the docs: truth | LCM-1 | LCM-1 at other guidances | LCM-1 texture |
+LCM-4 | teacher-50 | Pix2Pix.
 
     python scripts/figure_crops.py                          # writes docs/images/crops.png
     python scripts/figure_crops.py --weights-dir runs/v5    # another run's checkpoints
@@ -11,7 +12,9 @@ so ``--weights-dir`` finds ``lcm/teacher/pix2pix.safetensors`` exactly as `evalu
 Crops are pasted without resampling (one image pixel = one figure pixel); every crop of a row
 shares one grey scale, the truth's 1-99.8 % mapped to black-white (`metrics.normalize_pair`), so a
 fainter prediction looks fainter. Under each crop: the field's edge sharpness
-(`metrics.edge_sharpness`, prediction ÷ truth on the true nuclear rims; 1 = as sharp).
+(`metrics.edge_sharpness`, prediction ÷ truth on the true nuclear rims; 1 = as sharp). A guided
+LCM (one that accepts guidance) gets a column at each end of its trained range beside LCM-1,
+which is at its default guidance (`evaluate.guidance_rows`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "images" / "crops.png"
 COLUMNS: tuple[tuple[str, str | None], ...] = (
     ("truth", None),
-    ("LCM-1", "lcm-1"),
+    ("LCM-1", "lcm-1"),  # at the model's default guidance
     ("LCM-1 texture", "lcm-1-texture"),  # with the texture decoder's grain (texture=True)
     ("LCM-4", "lcm-4"),
     ("teacher-50", "teacher-50"),
@@ -51,14 +54,21 @@ def densest_window(labels: np.ndarray, crop: int, step: int = 16) -> tuple[int, 
     return corner
 
 
+def columns(weights_dir: Path | None) -> tuple[tuple[str, str | None], ...]:
+    """COLUMNS with LCM-1 at the other guidances a guided LCM accepts after the LCM-1 column."""
+    extra = [(f"LCM-1 g{r.guidance:g}", r.name) for r in E.guidance_rows(weights_dir)
+             if r.model == "lcm" and r.steps == 1]  # fmt: skip
+    return COLUMNS[:2] + tuple(extra) + COLUMNS[2:]
+
+
 def field_crops(
     sample, crop: int, device: str, weights_dir: Path | None
 ) -> list[tuple[np.ndarray, float]]:
     """One (8-bit crop, edge sharpness) per column for one benchmark field."""
-    rows = {r.name: r for r in E.FULL_ROWS}
+    rows = {r.name: r for r in E.FULL_ROWS + E.guidance_rows(weights_dir)}
     y, x = densest_window(np.asarray(sample.nuclei), crop)
     out = []
-    for _title, name in COLUMNS:
+    for _title, name in columns(weights_dir):
         if name is None:
             pred = np.asarray(sample.dapi, np.float32)
         else:
@@ -85,11 +95,12 @@ def make_figure(
         print(f"field {seed} ({preset})", flush=True)
         grid.append(field_crops(sample, crop, device, weights_dir))
         labels.append((preset, f"seed {seed}"))
+    cols = columns(weights_dir)
     cell_h = crop + FOOT + GAP
-    width = SIDE + len(COLUMNS) * (crop + GAP)
+    width = SIDE + len(cols) * (crop + GAP)
     fig = Image.new("L", (width, HEAD + len(grid) * cell_h), 255)
     draw = ImageDraw.Draw(fig)
-    for j, (title, _name) in enumerate(COLUMNS):
+    for j, (title, _name) in enumerate(cols):
         draw.text((SIDE + j * (crop + GAP) + 2, 3), title, fill=0)
     for i, (row, (preset, seed_txt)) in enumerate(zip(grid, labels)):
         top = HEAD + i * cell_h

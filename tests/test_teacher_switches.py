@@ -322,3 +322,31 @@ def test_unit_latents_need_a_thin_decoder(tmp_path):
     with pytest.raises(ValueError, match="decoder_steps"):
         train.run_recipe(tiny(unit_latents=True, decoder_steps=0, vae_steps=2), tmp_path,
                          stages=["vae"], quiet=True)  # fmt: skip
+
+
+def test_guidance_projection_learns_at_its_own_rate():
+    from napari_lcm_stain.training.loop import cosine_lr
+
+    student = st.guided_student(_unet(0), tiny(guidance_embed=True, cond_dropout=0.1))
+    groups = st.lcm_param_groups(student, tiny(guidance_embed=True, guidance_lr_mult=10.0))
+    assert len(groups) == 2 and groups[1]["lr_mult"] == 10.0
+    assert groups[1]["params"] == [student.guidance_proj.weight]
+    assert sum(t.numel() for g in groups for t in g["params"]) == sum(
+        t.numel() for t in student.parameters()
+    )
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    cosine_lr(opt, 1e-4, step=100, total=200, warmup=10)
+    assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
+    assert len(st.lcm_param_groups(_unet(0), TINY)) == 1  # unguided: one group, as before
+
+
+def test_anchor_fade_changes_only_guided_distillation(data, tmp_path):
+    losses = {}
+    for fade in (False, True):
+        out = tmp_path / f"fade{fade}"
+        out.mkdir()
+        p = tiny(guidance_embed=True, cond_dropout=0.1, lcm_steps=10, anchor_fade=fade)
+        st.distill_lcm(data, _unet(0), p, 0, out, quiet=True)
+        losses[fade] = np.loadtxt(out / "lcm_loss.csv", delimiter=",", skiprows=1, ndmin=2)
+    # the same batches, w and timesteps: the faded anchor (weight <= 1 per sample) lowers the loss
+    assert losses[True][0, 1] < losses[False][0, 1]

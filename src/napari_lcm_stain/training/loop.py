@@ -132,8 +132,8 @@ def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -
 
 def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 50):
     f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1)))
-    for g in opt.param_groups:
-        g["lr"] = base * max(f, 0.02)
+    for g in opt.param_groups:  # a group may run at a multiple of the base rate ("lr_mult")
+        g["lr"] = base * g.get("lr_mult", 1.0) * max(f, 0.02)
 
 
 def optimise(

@@ -88,6 +88,14 @@ class TrainPreset:
     guidance_min: float = 1.0
     guidance_max: float = 3.0
     guidance_default: float = 1.5
+    # guided distillation: the zero-initialised guidance projection learns at this multiple of
+    # the LCM stage's rate (at the transfer rate it barely moved in 400 steps: w had no effect)
+    guidance_lr_mult: float = 10.0
+    # guided distillation: the anchor to the true latent is weighted by (w_max - w) /
+    # (w_max - w_min), full at the lowest guidance (the faithful stain it gives without
+    # guidance) and none at the highest (the guided teacher's own crisper target). False: the
+    # anchor at every w, which pulls every guidance to the same conditional mean.
+    anchor_fade: bool = False
     # Texture decoder (models.Decoder(texture=True)): a second head learns, by Gaussian likelihood
     # of the residual the latent cannot explain (encoder latents only), a per-pixel amplitude of
     # the noise the stain is drawn with. False: the deterministic decoder before it.
@@ -202,15 +210,28 @@ TRANSFER = {
     "tiny": dict(lr=1e-4),
 }
 TRANSFER["v4"] = TRANSFER["small"] = TRANSFER["default"]  # the same networks
-#: The 0.2.0 release: the 0.1.0 networks (VAE kept) trained on the default preset's wider data
-#: mix, `lcm-stain train --preset release --init packaged --out runs/release --package`
-#: (docs/model-card.md): long enough for the new tissue to be learned, not a user's quick
-#: transfer.
-PRESETS["release"] = replace(PRESETS["default"], name="release")
+#: The release recipe: the packaged networks (VAE and decoder kept) trained on the default
+#: preset's data mix, long enough for new data to be learned, not a user's quick transfer.
+#: 0.2.0 (`--stages` all, from 0.1.0): decoder 400, teacher 8000, LCM 2500, polish 800, Pix2Pix
+#: 1200 steps on 768 fields. 0.3.0 (from 0.2.0, `scripts/train_release.sh`): a guided teacher and
+#: LCM (issue #24): condition dropout 0.1 in the teacher, guided consistency distillation with
+#: w ~ U[1, 3], the default guidance picked on validation fields by
+#: `experiments/ablate_teacher.py` (docs/experiments.md); twice the fields, so that the longer
+#: teacher does not memorise them; stages teacher, LCM and polish (decoder and Pix2Pix kept).
+PRESETS["release"] = replace(
+    PRESETS["default"],
+    name="release",
+    n_fields=1536,
+    cond_dropout=0.1,
+    guidance_embed=True,
+    guidance_min=1.0,
+    guidance_max=3.0,
+    guidance_default=1.5,
+)
 TRANSFER["release"] = dict(
     decoder_steps=400,
     teacher_steps=8000,
-    lcm_steps=2500,
+    lcm_steps=3000,
     polish_steps=800,
     pix2pix_steps=1200,
     lr=1e-4,

@@ -425,7 +425,8 @@ def distill_lcm(
         init = target.with_guidance_defaults(init)
         unwrap(student).load_state_dict(init)
         target.load_state_dict(init)
-    opt = torch.optim.AdamW(student.parameters(), lr=p.lr * 0.2, weight_decay=1e-4)
+    opt = torch.optim.AdamW(lcm_param_groups(unwrap(student), p), lr=p.lr * 0.2,
+                            weight_decay=1e-4)  # fmt: skip
     c = p.huber_c
     critic = RealismCritic.for_lcm(p, p.lcm_steps, dev)
     pixel_weight = float(p.lcm_pixel_weight)
@@ -449,7 +450,11 @@ def distill_lcm(
         pred = consistency(lcm, sched, student, z_start, start_t, q, w)
         tgt = lcd_target(lcm, sched, teacher, target, z_start, start_t, t, q, w)
         loss = torch.mean(torch.sqrt((pred - tgt) ** 2 + c**2) - c)
-        if anchor_weight:
+        if anchor_weight and guide and p.anchor_fade:
+            fade = ((p.guidance_max - w) / (p.guidance_max - p.guidance_min)).clamp(0, 1)
+            per_sample = (pred - z0).abs().mean(dim=(1, 2, 3))
+            loss = loss + anchor_weight * (fade * per_sample).mean()
+        elif anchor_weight:
             loss = loss + anchor_weight * F.l1_loss(pred, z0)
         if critic.on or pixel_weight > 0:
             image = decoder(pred / latent_scale)  # a texture decoder's mean: no grain here
@@ -465,6 +470,17 @@ def distill_lcm(
     )  # fmt: skip
     critic.save(out, "lcm")
     return target
+
+
+def lcm_param_groups(student: LatentUNet, p: TrainPreset) -> list[dict]:
+    """The student's parameters for the optimiser: one group, or with a guidance input its
+    zero-initialised projection in a second group at `p.guidance_lr_mult` times the rate."""
+    if not p.guidance_embed:
+        return [{"params": list(student.parameters())}]
+    proj = list(student.guidance_proj.parameters())
+    ids = {id(t) for t in proj}
+    rest = [t for t in student.parameters() if id(t) not in ids]
+    return [{"params": rest}, {"params": proj, "lr_mult": float(p.guidance_lr_mult)}]
 
 
 def guided_student(teacher: LatentUNet, p: TrainPreset) -> LatentUNet:
