@@ -22,7 +22,15 @@ from .presets import TrainPreset
 
 #: Seed offsets per stage: stage S seeds torch with `seed + offset` and draws its batches from a
 #: numpy generator seeded `seed + offset + 1` (rank-shifted under torchrun).
-SEED_OFFSETS = {"vae": 0, "teacher": 2, "lcm": 4, "pix2pix": 6, "decoder": 8, "polish": 10}
+SEED_OFFSETS = {
+    "vae": 0,
+    "teacher": 2,
+    "lcm": 4,
+    "pix2pix": 6,
+    "decoder": 8,
+    "polish": 10,
+    "guidance": 12,
+}
 
 
 class Logger:

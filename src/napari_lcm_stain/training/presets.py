@@ -91,6 +91,12 @@ class TrainPreset:
     # guided distillation: the zero-initialised guidance projection learns at this multiple of
     # the LCM stage's rate (at the transfer rate it barely moved in 400 steps: w had no effect)
     guidance_lr_mult: float = 10.0
+    # > 0: instead of guided consistency distillation (whose bootstrapped target carries the
+    # guided teacher's brightness up the 50-step grid far too slowly: w had no effect in 400
+    # steps), distil the LCM unguided, then teach a guided copy for this many steps to give in
+    # one pass what classifier-free guidance of the LCM itself gives in two, uncond +
+    # w·(cond − uncond) with the qOBM zeroed (guidance distillation, Meng et al. 2023)
+    guidance_distill_steps: int = 0
     # guided distillation: the anchor to the true latent is weighted by (w_max - w) /
     # (w_max - w_min), full at the lowest guidance (the faithful stain it gives without
     # guidance) and none at the highest (the guided teacher's own crisper target). False: the
@@ -213,11 +219,12 @@ TRANSFER["v4"] = TRANSFER["small"] = TRANSFER["default"]  # the same networks
 #: The release recipe: the packaged networks (VAE and decoder kept) trained on the default
 #: preset's data mix, long enough for new data to be learned, not a user's quick transfer.
 #: 0.2.0 (`--stages` all, from 0.1.0): decoder 400, teacher 8000, LCM 2500, polish 800, Pix2Pix
-#: 1200 steps on 768 fields. 0.3.0 (from 0.2.0, `scripts/train_release.sh`): a guided teacher and
-#: LCM (issue #24): condition dropout 0.1 in the teacher, guided consistency distillation with
-#: w ~ U[1, 3], the default guidance picked on validation fields by
-#: `experiments/ablate_teacher.py` (docs/experiments.md); twice the fields, so that the longer
-#: teacher does not memorise them; stages teacher, LCM and polish (decoder and Pix2Pix kept).
+#: 1200 steps on 768 fields. 0.3.0 (from 0.2.0, `scripts/train_release.sh`): guidance (issue
+#: #24): condition dropout 0.1 in the teacher and the LCM (both learn the unconditional branch),
+#: unguided LCD, then guidance distillation into the LCM's guidance input (w ~ U[1, 3]); the
+#: default guidance from validation fields (`experiments/ablate_teacher.py`,
+#: docs/experiments.md); twice the fields; stages teacher, LCM and polish (decoder and Pix2Pix
+#: kept).
 PRESETS["release"] = replace(
     PRESETS["default"],
     name="release",
@@ -227,11 +234,12 @@ PRESETS["release"] = replace(
     guidance_min=1.0,
     guidance_max=3.0,
     guidance_default=1.5,
+    guidance_distill_steps=1500,
 )
 TRANSFER["release"] = dict(
     decoder_steps=400,
-    teacher_steps=8000,
-    lcm_steps=3000,
+    teacher_steps=6000,
+    lcm_steps=2500,
     polish_steps=800,
     pix2pix_steps=1200,
     lr=1e-4,

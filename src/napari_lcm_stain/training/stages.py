@@ -8,6 +8,7 @@ consistency distillation -> decoder polish on LCM latents -> Pix2Pix baseline.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from .data import PairedData
 from .diffusion import (
     consistency,
     drop_condition,
+    guided,
     lcd_target,
     lcm_solver_grid,
     min_snr_weight,
@@ -406,6 +408,15 @@ def distill_lcm(
     distillation, `RealismCritic.for_lcm`); with `p.lcm_pixel_weight` > 0 the decoded estimate
     also gets the pixel reconstruction loss against the true DAPI crop.
     """
+    if p.guidance_embed and p.guidance_distill_steps > 0:  # unguided LCD, then guidance
+        plain = replace(p, guidance_embed=False)
+        if init is not None:  # a guided init (a transfer from a guided release): its LCD part
+            init = {k: v for k, v in init.items() if not k.startswith("guidance_proj.")}
+        lcm_net = distill_lcm(
+            data, teacher, plain, seed, out, quiet, dev, anchor_weight, init=init,
+            decoder=decoder, latent_scale=latent_scale,
+        )  # fmt: skip
+        return distill_guidance(data, lcm_net, p, seed, out, quiet, dev)
     anchor_weight = p.anchor_weight if anchor_weight is None else anchor_weight
     rng = seed_stage("lcm", seed)
     sched = train_scheduler()
@@ -439,6 +450,8 @@ def distill_lcm(
 
     def step_fn(step):
         q, d, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
+        if p.cond_dropout > 0 and not guide:  # the LCM learns the unconditional branch too,
+            q = drop_condition(rng, q, p.cond_dropout)  # for its own guidance (distill_guidance)
         idx = rng.integers(0, len(grid), size=z0.shape[0])
         start_t = torch.from_numpy(grid[idx]).long().to(dev)
         t = torch.clamp(start_t - k, min=0)
@@ -470,6 +483,46 @@ def distill_lcm(
     )  # fmt: skip
     critic.save(out, "lcm")
     return target
+
+
+def distill_guidance(
+    data: PairedData, lcm_net: LatentUNet, p: TrainPreset, seed: int, out: Path, quiet=False,
+    dev=CPU,
+):  # fmt: skip
+    """Guidance distillation of a consistency model (`p.guidance_distill_steps`): a copy of
+    `lcm_net` with a zero-initialised guidance input learns to give, at guidance w, the
+    classifier-free guided consistency output of `lcm_net` itself, f_u + w·(f_c − f_u), with
+    the qOBM zeroed for f_u. A direct regression at the sampler's timesteps (half at t = 999,
+    the one-step query; the rest on the 50-step grid), so it needs no bootstrap through the
+    grid, and w = 1 stays the unguided LCM. Returns the guided network."""
+    rng = seed_stage("guidance", seed)
+    sched, lcm = train_scheduler(), lcm_scheduler()
+    grid, _ = lcm_solver_grid()
+    frozen = lcm_net.to(dev).eval().requires_grad_(False)
+    student = ddp(copy.deepcopy(guided_student(frozen, p)).train().requires_grad_(True))
+    # the stage's full rate (LCD runs at a fifth): a direct regression, no bootstrap to upset
+    opt = torch.optim.AdamW(lcm_param_groups(unwrap(student), p), lr=p.lr, weight_decay=1e-4)
+    c = p.huber_c
+
+    def step_fn(step):
+        q, _, z0 = data.batch(rng, p.batch, p.crop, p.latent_factor, device=dev)
+        n = z0.shape[0]
+        t = np.where(rng.random(n) < 0.5, grid[-1], grid[rng.integers(0, len(grid), size=n)])
+        t = torch.from_numpy(t).long().to(dev)
+        z_t = sched.add_noise(z0, torch.randn_like(z0), t)
+        w = sample_guidance(rng, n, p.guidance_min, p.guidance_max).to(dev)
+        with torch.no_grad():
+            cond = consistency(lcm, sched, frozen, z_t, t, q)
+            uncond = consistency(lcm, sched, frozen, z_t, t, torch.zeros_like(q))
+            target = guided(cond, uncond, w)
+        pred = consistency(lcm, sched, student, z_t, t, q, w)
+        return torch.mean(torch.sqrt((pred - target) ** 2 + c**2) - c)
+
+    optimise(
+        "guidance", p.guidance_distill_steps, opt, step_fn, p, out, quiet,
+        lr=p.lr, warmup=20, clip=student, device=dev,
+    )  # fmt: skip
+    return unwrap(student).eval()
 
 
 def lcm_param_groups(student: LatentUNet, p: TrainPreset) -> list[dict]:
