@@ -381,3 +381,60 @@ def test_guidance_distillation_learns_the_lcms_own_guided_output(data, tmp_path)
     lcm_ckpt = ck.load_checkpoint(paths["lcm"])
     assert "guidance_proj.weight" in lcm_ckpt.sub("unet")
     assert lcm_ckpt.config["guidance"]["max"] == 3.0
+
+
+def test_an_lcm_can_be_guided_classifier_free(every_switch, tmp_path, monkeypatch):
+    """`guidance.method = "cfg"`: the LCM runs both branches (its guidance input at 1) and
+    combines them, as the teacher does; the method is checked by the config schema."""
+    import json
+    import shutil
+
+    for ext in ("safetensors", "json"):
+        shutil.copy(every_switch["lcm"].with_suffix(f".{ext}"), tmp_path / f"lcm.{ext}")
+    cfg = json.loads((tmp_path / "lcm.json").read_text())
+    cfg["guidance"]["method"] = "cfg"
+    (tmp_path / "lcm.json").write_text(json.dumps(cfg))
+    pred = load_predictor(tmp_path / "lcm.safetensors", device="cpu", guidance=2.5)
+    assert pred.guidance_method == "cfg"
+    seen = []
+    real = pred.unet.forward
+
+    def spy(z, t, q, *rest):
+        seen.append((len(z), rest))
+        return real(z, t, q, *rest)
+
+    monkeypatch.setattr(pred.unet, "forward", spy)
+    y = _run(pred)
+    assert seen == [(2, (1.0,))]  # one step, both branches at w = 1
+    with torch.no_grad():
+        noise = torch.randn(
+            1, *pred.noise_shape(64, 64), generator=torch.Generator().manual_seed(0)
+        )
+        q = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+        z, t = noise[:, 0], torch.full((1,), pred.timesteps[0])
+        v_c, v_u = real(z, t, q, 1.0), real(z, t, torch.zeros_like(q), 1.0)
+    v = v_u + 2.5 * (v_c - v_u)
+    x0 = pred.scheduler.step(v, pred.timesteps[0], z).denoised
+    assert torch.allclose(y, pred.decoder(x0 / pred.latent_scale).clamp(0, 1), atol=1e-5)
+    cfg["guidance"]["method"] = "sideways"
+    (tmp_path / "lcm.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match="method"):
+        load_predictor(tmp_path / "lcm.safetensors", device="cpu")
+
+
+def test_set_guidance_changes_the_packaged_default(monkeypatch, tmp_path, every_switch):
+    import shutil
+
+    from napari_lcm_stain.training import packaging
+
+    for ext in ("safetensors", "json"):
+        shutil.copy(every_switch["lcm"].with_suffix(f".{ext}"), tmp_path / f"lcm.{ext}")
+    monkeypatch.setattr(ck, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(ck, "record_packaged_hashes", lambda: None)
+    g = packaging.set_guidance("lcm", default=1.2, method="cfg")
+    assert g == {"min": 1.0, "max": 3.0, "default": 1.2, "method": "cfg"}
+    assert load_predictor(tmp_path / "lcm.safetensors", device="cpu").guidance == 1.2
+    with pytest.raises(ValueError, match="guidance must be 1-3"):
+        packaging.set_guidance("lcm", default=5.0)
+    with pytest.raises(ValueError, match="method must be"):
+        packaging.set_guidance("lcm", method="sideways")

@@ -115,10 +115,10 @@ def guidance_range(config: dict | None) -> dict[str, float] | None:
     g = (config or {}).get("guidance") or None
     if not isinstance(g, dict) or config.get("kind") == "pix2pix":
         return None
-    if config.get("kind") == "lcm":
+    if config.get("kind") == "lcm" and g.get("method") != "cfg":
         unet = (config.get("architecture") or {}).get("unet") or {}
         if not (unet.get("kwargs") or {}).get("guidance_embed", False):
-            return None  # only a guidance input guides a consistency model
+            return None  # a consistency model is guided by its guidance input, or by CFG
     try:
         return {k: float(g.get(k, 1.0)) for k in ("min", "max", "default")}
     except (TypeError, ValueError):

@@ -175,6 +175,9 @@ class _Guidance(_Closed):
     min: _float(0.0, 100.0, lo_open=False) = 1.0
     max: _float(0.0, 100.0, lo_open=False) = 1.0
     default: _float(0.0, 100.0, lo_open=False) = 1.0
+    # how: "embedding" = w is the guided LCM's input (no extra cost); "cfg" = classifier-free,
+    # two branches per step (the qOBM zeroed in one); None = by kind (LCM embedding, teacher cfg)
+    method: Literal["embedding", "cfg"] | None = None
 
     @model_validator(mode="after")
     def _ordered(self):

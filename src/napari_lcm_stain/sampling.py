@@ -245,15 +245,27 @@ class LatentPredictor(Predictor):
         clone.guidance = w
         return clone
 
+    @property
+    def guidance_method(self) -> str:
+        """ "embedding" (w is the guided LCM's input) or "cfg" (classifier-free: the teacher, or
+        an LCM whose config says so), from the config's `guidance.method`, else by mode."""
+        g = self.config.get("guidance") or {}
+        return g.get("method") or ("embedding" if self.mode == "lcm" else "cfg")
+
     def _velocity(self, z, t, x):
-        """The U-Net's v: a guided LCM gets w as an input; a teacher trained with condition
-        dropout is guided classifier-free, uncond + w·(cond − uncond), both branches in one
-        batch (the unconditional one sees a zero qOBM, as in training)."""
+        """The U-Net's v: a guided LCM gets w as an input; classifier-free guidance gives
+        uncond + w·(cond − uncond), both branches in one batch (the unconditional one sees a
+        zero qOBM, as in training; a network with a guidance input runs them at w = 1)."""
         w = self.guidance
-        if self.mode == "lcm" or w is None or w == 1.0:
-            return self.unet(z, t, x) if w is None or self.mode != "lcm" else self.unet(z, t, x, w)
-        both = self.unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([x, torch.zeros_like(x)]))
-        cond, uncond = both.chunk(2)
+        one = (1.0,) if getattr(self.unet, "guidance_embed", False) else ()
+        if w is None:
+            return self.unet(z, t, x)
+        if self.guidance_method == "embedding":
+            return self.unet(z, t, x, w)
+        if w == 1.0:
+            return self.unet(z, t, x, *one)
+        zz, tt = torch.cat([z, z]), torch.cat([t, t])
+        cond, uncond = self.unet(zz, tt, torch.cat([x, torch.zeros_like(x)]), *one).chunk(2)
         return uncond + w * (cond - uncond)
 
     def _forward(self, x, noise, eps):

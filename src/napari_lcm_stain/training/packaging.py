@@ -61,6 +61,29 @@ def stamp_release(version: str | None = None) -> None:
     ckpt.record_packaged_hashes()
 
 
+def set_guidance(name: str, default: float | None = None, method: str | None = None) -> dict:
+    """Set the default guidance (and how it is applied, "embedding" or "cfg") of a packaged
+    latent model after measuring it (experiments/ablate_teacher.py `--pick`), within the range
+    it was trained for; re-hashes the package. Returns the new `guidance` config."""
+    from .._params import check_guidance, guidance_range
+
+    path = ckpt.WEIGHTS_DIR / f"{name}.json"
+    cfg = json.loads(path.read_text())
+    if not cfg.get("guidance"):
+        raise ValueError(f"the packaged {name} has no guidance to set")
+    g = dict(cfg["guidance"])
+    if method is not None:
+        if method not in ("embedding", "cfg"):
+            raise ValueError(f"method must be 'embedding' or 'cfg', got {method!r}")
+        g["method"] = method
+    if default is not None:
+        g["default"] = check_guidance(default, guidance_range({**cfg, "guidance": g}))
+    cfg["guidance"] = g
+    ckpt.atomic_write_bytes(path, json.dumps(cfg, indent=2, sort_keys=True).encode())
+    ckpt.record_packaged_hashes()
+    return g
+
+
 def load_init(spec) -> tuple[dict[str, ckpt.Checkpoint], object, list[str]]:
     """The weights `lcm-stain train --init` starts every stage from (transfer).
 
