@@ -119,8 +119,8 @@ def texture_lcm(path, seed: int = 0):
 
 def guided_lcm(path, seed: int = 0, guidance=None):
     """A small guided LCM checkpoint (a guidance input, issue #24): random, untrained weights,
-    its config accepting `guidance` (default: w from 1 to 3, default 2). The packaged LCM has
-    no guidance control yet, so guidance tests build their own model."""
+    its config accepting `guidance` (default: w from 1 to 3, default 2), so guidance tests do
+    not depend on what the packaged release accepts."""
     return small_lcm(path, seed, guidance=guidance or {"min": 1.0, "max": 3.0, "default": 2.0})
 
 

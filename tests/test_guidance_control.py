@@ -2,9 +2,9 @@
 stain/watch/evaluate --guidance`, `io.stain_files`, `watch.watch_folder` and the Stain dock's
 Guidance box all reach the core's ``guidance=``, and the value used is recorded in provenance.
 
-The packaged LCM has no guidance control yet, so these tests use a small random guided LCM
-checkpoint (`_fake_predictor.guided_lcm`: a guidance input, w from 1 to 3, default 2), loaded by
-the real loader.
+These tests use a small random guided LCM checkpoint (`_fake_predictor.guided_lcm`: a guidance
+input, w from 1 to 3, default 2) and an unguided one (`small_lcm`), loaded by the real loader,
+so they do not depend on what the packaged release accepts (tests/test_quality.py checks that).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from _fake_predictor import FakePredictor, blobs, guided_lcm
+from _fake_predictor import FakePredictor, blobs, guided_lcm, small_lcm
 from napari_lcm_stain import _params, cli, engine, watch
 from napari_lcm_stain._drain import drain
 from napari_lcm_stain._widgets import _jobs
@@ -35,6 +35,12 @@ NO_CONTROL = "this model has no guidance control"
 @pytest.fixture(scope="module")
 def guided(tmp_path_factory):
     return str(guided_lcm(tmp_path_factory.mktemp("ckpt") / "guided.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """An LCM without a guidance control."""
+    return str(small_lcm(tmp_path_factory.mktemp("ckpt") / "plain.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +102,9 @@ def test_engine_refuses_a_non_number_before_loading_the_model(image, monkeypatch
             _stain(image, "lcm", guidance=bad)
 
 
-def test_models_without_guidance_accept_only_none_or_one(image):
+def test_models_without_guidance_accept_only_none_or_one(image, plain):
     fake = FakePredictor()  # a duck-typed predictor: no guidance control
-    for model in ("lcm", "pix2pix", fake):
+    for model in (plain, "pix2pix", fake):
         with pytest.raises(ValueError, match=NO_CONTROL):
             _stain(image[:32, :32], model, guidance=2.0)
     for g in (None, 1.0, 1):
@@ -183,18 +189,18 @@ def test_cli_stain_guidance_reaches_the_file_and_its_provenance(tmp_path, guided
     ("command", "model", "guidance", "message"),
     [
         ("stain", "guided", "5", RANGE),
-        ("stain", "lcm", "2", NO_CONTROL),
+        ("stain", "plain", "2", NO_CONTROL),
         ("stain", "pix2pix", "1.5", NO_CONTROL),
         ("watch", "guided", "0.5", RANGE),
-        ("watch", "lcm", "2", NO_CONTROL),
+        ("watch", "plain", "2", NO_CONTROL),
     ],
 )
-def test_cli_guidance_errors_come_before_torch(tmp_path, guided, command, model, guidance,
-                                               message):  # fmt: skip
+def test_cli_guidance_errors_come_before_torch(tmp_path, guided, plain, command, model,
+                                               guidance, message):  # fmt: skip
     tifffile.imwrite(tmp_path / "q.tif", np.random.default_rng(0).random((32, 32), np.float32))
     (tmp_path / "in").mkdir()
     where = ["q.tif", "-o", "o.tif"] if command == "stain" else ["in", "-o", "out"]
-    name = guided if model == "guided" else model
+    name = {"guided": guided, "plain": plain}.get(model, model)
     last, stderr = _probe(tmp_path, command, *where, "--model", name, "--guidance", guidance)
     assert last == "RC 2 HEAVY -", (last, stderr)
     assert message in stderr, stderr
@@ -225,10 +231,10 @@ def test_cli_evaluate_passes_guidance(monkeypatch, suite):
 # ------------------------------------------------------------------------------------- watch
 
 
-def test_watch_refuses_guidance_at_startup(tmp_path, guided):
+def test_watch_refuses_guidance_at_startup(tmp_path, guided, plain):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    for model, g, message in ((guided, 4.0, re.escape(RANGE)), ("lcm", 2.0, NO_CONTROL),
+    for model, g, message in ((guided, 4.0, re.escape(RANGE)), (plain, 2.0, NO_CONTROL),
                               (guided, "x", "guidance must be a number")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             watch.watch_folder(src, out, model=model, guidance=g, stop=threading.Event(),
@@ -305,9 +311,9 @@ def test_stain_job_gives_guidance_to_its_job_only(guided, image, expected):
 @pytest.mark.gui
 def test_dock_guidance_box_follows_the_model_and_reaches_the_layers(make_napari_viewer, qtbot,
                                                                      guided):  # fmt: skip
-    """Disabled at 1 for the packaged models (none has a guidance control yet); enabled with
-    the checkpoint's range and default for a guided one; the value reaches the stain, live
-    staining and the layers' provenance; Pix2Pix beside it gets none."""
+    """Follows each packaged model's config (its range and default, or disabled at 1 without
+    guidance); enabled with the checkpoint's range and default for a guided one; the value
+    reaches the stain, live staining and the layers' provenance; Pix2Pix beside it gets none."""
     from napari_lcm_stain._widgets._layers import PLUGIN_KEY
     from test_widgets import _click_and_wait, _live_one_frame, _stain_dock
 
@@ -316,16 +322,21 @@ def test_dock_guidance_box_follows_the_model_and_reaches_the_layers(make_napari_
     q = viewer.add_image(img.copy(), name="qOBM phase")
     widget = _stain_dock(viewer)
     box = widget.guidance_spin
-    assert "crisper, bolder nuclei" in box.toolTip() and "Costs nothing" in box.toolTip()
-    for index in (0, 1):  # packaged LCM, packaged teacher
+    for index, name in ((0, "lcm"), (1, "teacher")):  # the packaged models
         widget.model_combo.setCurrentIndex(index)
-        assert not box.isEnabled() and box.value() == 1.0 and widget.guidance() is None
+        accepted = _params.guidance_range(_params.model_config(name))
+        assert "crisper, bolder nuclei" in box.toolTip()
+        if accepted is None:
+            assert not box.isEnabled() and box.value() == 1.0 and widget.guidance() is None
+        else:
+            assert box.isEnabled() and box.value() == pytest.approx(accepted["default"])
+            assert (box.minimum(), box.maximum()) == (accepted["min"], accepted["max"])
 
     widget.add_model("guided", guided)
     assert box.isEnabled()
     assert (box.minimum(), box.maximum(), box.value()) == (1.0, 3.0, 2.0)
     assert box.singleStep() == pytest.approx(0.1)
-    assert "1-3, default 2" in box.toolTip()
+    assert "1-3, default 2; it is an input to the network: no extra time" in box.toolTip()
     box.setValue(2.7)
     assert widget.guidance() == pytest.approx(2.7)
 
@@ -351,5 +362,5 @@ def test_dock_guidance_box_follows_the_model_and_reaches_the_layers(make_napari_
     assert shown.metadata[PLUGIN_KEY]["provenance"]["guidance"] == pytest.approx(2.7)
     np.testing.assert_array_equal(q.data, img)  # the input is never touched
 
-    widget.model_combo.setCurrentIndex(0)  # back to the packaged LCM: no guidance control
+    widget.add_model("plain", plain)  # a model without a guidance control
     assert not box.isEnabled() and box.value() == 1.0 and widget.guidance() is None

@@ -125,6 +125,14 @@ def guidance_range(config: dict | None) -> dict[str, float] | None:
         return None  # a malformed config: loading the checkpoint says what is wrong
 
 
+def guidance_method(config: dict | None) -> str:
+    """How a model applies guidance: "embedding" (a guided LCM's input: no extra time) or
+    "cfg" (classifier-free: both branches, about twice the network's time), from its config's
+    `guidance.method`, else by kind (a teacher: cfg)."""
+    g = (config or {}).get("guidance") or {}
+    return g.get("method") or ("embedding" if (config or {}).get("kind") == "lcm" else "cfg")
+
+
 def guidance_number(guidance) -> float | None:
     """`guidance` as a float (None stays None): the check that needs no model."""
     if guidance is None:

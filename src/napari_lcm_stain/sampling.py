@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from . import checkpoints as ckpt
 from . import normalization
-from ._params import check_guidance, guidance_range
+from ._params import check_guidance, guidance_method, guidance_range
 from .device import inference_dtype, prepare_module, resolve_device, to_device
 from .models import build
 
@@ -247,10 +247,8 @@ class LatentPredictor(Predictor):
 
     @property
     def guidance_method(self) -> str:
-        """ "embedding" (w is the guided LCM's input) or "cfg" (classifier-free: the teacher, or
-        an LCM whose config says so), from the config's `guidance.method`, else by mode."""
-        g = self.config.get("guidance") or {}
-        return g.get("method") or ("embedding" if self.mode == "lcm" else "cfg")
+        """How guidance is applied: `_params.guidance_method` of the config, by this mode."""
+        return guidance_method({**self.config, "kind": self.mode})
 
     def _velocity(self, z, t, x):
         """The U-Net's v: a guided LCM gets w as an input; classifier-free guidance gives

@@ -40,11 +40,12 @@ from ._layers import (
 from ._live import FolderWatch, LiveStain
 from ._qt_helpers import LayerCombo, fit_table_height
 
-#: The Guidance box's tooltip (the model's range and default are added to it).
-GUIDANCE_TIP = (
-    "Lower: faithful and soft; higher: crisper, bolder nuclei. Costs nothing: it is an input to "
-    "the network."
-)
+#: The Guidance box's tooltip (the model's range, default and cost are added to it).
+GUIDANCE_TIP = "Lower: faithful and soft; higher: crisper, bolder nuclei."
+GUIDANCE_COST = {
+    "embedding": "it is an input to the network: no extra time",
+    "cfg": "classifier-free: two passes of the network, about twice its time",
+}
 
 
 @dataclass(frozen=True)
@@ -296,9 +297,10 @@ class StainWidget(DockBase):
         """The Guidance box follows the selected model: its trained range and default (read
         from the checkpoint's config, no weights loaded), or disabled at 1 for a model without
         a guidance control (the packaged models today, Pix2Pix)."""
-        from napari_lcm_stain._params import guidance_range, model_config
+        from napari_lcm_stain._params import guidance_method, guidance_range, model_config
 
-        accepted = guidance_range(model_config(self.model_choice().model))
+        config = model_config(self.model_choice().model)
+        accepted = guidance_range(config)
         box = self.guidance_spin
         box.blockSignals(True)
         if accepted is None:
@@ -309,7 +311,10 @@ class StainWidget(DockBase):
             lo, hi, default = accepted["min"], accepted["max"], accepted["default"]
             box.setRange(lo, hi)
             box.setValue(default)
-            box.setToolTip(f"{GUIDANCE_TIP}\nThis model: {lo:g}-{hi:g}, default {default:g}.")
+            cost = GUIDANCE_COST[guidance_method(config)]
+            box.setToolTip(
+                f"{GUIDANCE_TIP}\nThis model: {lo:g}-{hi:g}, default {default:g}; {cost}."
+            )
         box.blockSignals(False)
         box.setEnabled(accepted is not None)
 
