@@ -372,3 +372,31 @@ def test_cli_option_conflicts_fail_before_training(tmp_path, capsys, monkeypatch
     args = ["finetune", "--data", str(data), "--out", str(tmp_path / "o.safetensors"), *extra]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_guided_lcm_is_finetuned_at_its_guidance_input(tmp_path):
+    """A classifier-free guided LCM (the packaged kind since 0.3.0) is fine-tuned, validated
+    and saved at one operating point: its guidance input at the default w."""
+    import napari_lcm_stain.models as models_mod
+    from _fake_predictor import guided_lcm
+
+    guidance = {"min": 1.0, "max": 3.0, "default": 1.5, "method": "cfg"}
+    path = guided_lcm(tmp_path / "guided.safetensors", guidance=guidance)
+    ck = checkpoints.load_checkpoint(path)
+    vae = VAE(**ck.config["architecture"]["vae"]["kwargs"])
+    modules = {"unet": ck.sub("unet"), "decoder": ck.sub("decoder"), "encoder": vae.encoder}
+    path = checkpoints.save_checkpoint(path, modules, ck.config)  # with an encoder: finetunable
+    seen = []
+    real = models_mod.LatentUNet.forward
+
+    def spy(self, z, t, cond, w=None):
+        seen.append(None if w is None else float(torch.as_tensor(w).flatten()[0]))
+        return real(self, z, t, cond, w)
+
+    pairs = [pair((64, 64), 0), pair((64, 64), 1)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models_mod.LatentUNet, "forward", spy)
+        res = finetune.run_finetune([p[0] for p in pairs], [p[1] for p in pairs],
+                                    model=str(path), steps=2, patch=32, device="cpu")  # fmt: skip
+    assert set(seen) == {1.5}  # training and validation: the input at w = 1.5, one branch
+    assert res.config["guidance"] == {**guidance, "method": "embedding"}

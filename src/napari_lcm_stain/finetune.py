@@ -378,8 +378,14 @@ def iter_finetune(
     unet.to(dev)
     vae.to(dev)
     latent_scale = float(cfg["latent_scale"])
+    if cfg.get("guidance") and unet.guidance_embed:
+        # a guided LCM is fine-tuned, validated and shipped at one operating point: its
+        # guidance input at the default w (classifier-free guidance would extrapolate from an
+        # unconditional branch that fine-tuning does not train)
+        cfg["guidance"] = {**cfg["guidance"], "method": "embedding"}
     # validation runs the engine's forward pass on the very modules being trained (fp32)
     predictor = LatentPredictor(unet, vae.decoder, cfg, dev, "lcm", 1, dtype=torch.float32)
+    w = predictor.guidance if unet.guidance_embed else None  # the w trained at
     px = predictor.pixel_size
     qn = [predictor.normalize(q) for q, _ in pairs]
     dn = [d for d, _ in dapis]
@@ -481,7 +487,7 @@ def iter_finetune(
         t = t.to(dev)
         z_t = sched.add_noise(zb, torch.randn_like(zb), t)
         with mixed_precision(dev):
-            f = consistency(lcm, sched, unet, z_t, t, qb)
+            f = consistency(lcm, sched, unet, z_t, t, qb, w)
             loss = F.l1_loss(f, zb) + F.l1_loss(vae.decoder(f / latent_scale), db)
         opt.zero_grad(set_to_none=True)
         loss.backward()
