@@ -70,6 +70,8 @@ def fake_bench(monkeypatch):
     monkeypatch.setattr(E, "benchmark_fields", fields)
     monkeypatch.setattr(E, "_stain", stub)
     monkeypatch.setattr(E, "vae_reconstruction", no_vae)
+    # FULL_ROWS only: the rows a guided release adds (test_guidance_rows_follow_the_checkpoints)
+    monkeypatch.setattr(E, "guidance_rows", lambda weights_dir=None: ())
     return SimpleNamespace(samples=samples, calls=calls)
 
 

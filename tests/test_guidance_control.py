@@ -331,6 +331,7 @@ def test_dock_guidance_box_follows_the_model_and_reaches_the_layers(make_napari_
         else:
             assert box.isEnabled() and box.value() == pytest.approx(accepted["default"])
             assert (box.minimum(), box.maximum()) == (accepted["min"], accepted["max"])
+            assert widget.guidance() is None  # at its default: the engine applies the model's
 
     widget.add_model("guided", guided)
     assert box.isEnabled()

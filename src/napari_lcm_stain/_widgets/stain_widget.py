@@ -303,6 +303,7 @@ class StainWidget(DockBase):
         accepted = guidance_range(config)
         box = self.guidance_spin
         box.blockSignals(True)
+        self._guidance_default = None if accepted is None else round(accepted["default"], 6)
         if accepted is None:
             box.setRange(1.0, 1.0)
             box.setValue(1.0)
@@ -319,10 +320,13 @@ class StainWidget(DockBase):
         box.setEnabled(accepted is not None)
 
     def guidance(self) -> float | None:
-        """The Guidance box's value, or None (the model's default) while it is disabled."""
+        """The Guidance box's value, or None (the model's default) while it is disabled or at
+        that default: the engine then applies the model's own default, and the layer's
+        provenance records the value used either way."""
         if not self.guidance_spin.isEnabled():
             return None
-        return round(float(self.guidance_spin.value()), 6)
+        value = round(float(self.guidance_spin.value()), 6)
+        return None if value == self._guidance_default else value
 
     def layer_combos(self) -> list[LayerCombo]:
         return [self.layer_combo, self.truth_combo]
