@@ -185,20 +185,17 @@ def guidance_rows(weights_dir: Path | None = None) -> tuple[Row, ...]:
     """Rows at other guidances than the default for the latent models that accept guidance
     (checkpoint config `guidance`): LCM-1/2/4 at the trained range's ends, teacher-50 at one
     more; none for models without guidance (so older weights evaluate as before)."""
-    from . import checkpoints as ck
+    from ._params import guidance_range, model_config
 
     rows: list[Row] = []
     for kind, steps in (("lcm", (1, 2, 4)), ("teacher", (50,))):
-        try:
-            path = _resolve_model(kind, weights_dir)
-            c = ck.load_packaged(path) if path in ck.PACKAGED else ck.load_checkpoint(Path(path))
-        except (FileNotFoundError, ck.CheckpointError):
+        try:  # the JSON config only: no weights loaded for a table's row list
+            g = guidance_range(model_config(_resolve_model(kind, weights_dir)))
+        except FileNotFoundError:
             continue  # its plain rows report why
-        g = c.config.get("guidance")
-        if not g or (kind == "lcm" and not c.config["architecture"]["unet"]["kwargs"].get(
-                "guidance_embed")):  # fmt: skip
+        if g is None:
             continue
-        lo, hi, default = float(g["min"]), float(g["max"]), float(g["default"])
+        lo, hi, default = g["min"], g["max"], g["default"]
         # the teacher (two branches a step at 50 steps: the costly rows) once more: unguided
         # when its default is guided, else at the top of the range
         ends = (lo, hi) if kind == "lcm" else ((lo,) if default != lo else (hi,))
